@@ -1,0 +1,4 @@
+// lowmem/lowmem.hpp — umbrella header: every family header, nothing else.
+#pragma once
+
+#include "core.hpp"

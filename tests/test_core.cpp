@@ -1,0 +1,199 @@
+// Foundation tests: errors and validation, views, workspace, threading, bf16, memory accounting.
+#include <catch2/catch.hpp>
+#include <lowmem/core.hpp>
+
+#include <cmath>
+#include <cstring>
+#include <limits>
+#include <string>
+#include <vector>
+
+#include "reference/common.hpp"
+
+using namespace lowmem;
+
+TEST_CASE("invalid_argument names function, argument, expected and actual", "[core][errors]") {
+  try {
+    require_equal("attention_forward", "K.cols", 64, 32);
+    FAIL("no throw");
+  } catch (const lowmem::invalid_argument& e) {
+    CHECK(std::string(e.what()) ==
+          "lowmem::attention_forward: argument 'K.cols' expected 64, got 32");
+  }
+  CHECK_THROWS_AS(require_positive("f", "lr", -1.0), lowmem::invalid_argument);
+  CHECK_THROWS_AS(require_positive("f", "lr", std::nan("")), lowmem::invalid_argument);
+  CHECK_THROWS_AS(require_positive("f", "eps", std::numeric_limits<double>::infinity()),
+                  lowmem::invalid_argument);
+  CHECK_NOTHROW(require_positive("f", "lr", 1e-3));
+  CHECK_THROWS_WITH(require_in_half_open("adamw", "beta1", 0.0, 1.0, 1.0),
+                    "lowmem::adamw: argument 'beta1' expected in [0, 1), got 1");
+  CHECK_THROWS_WITH(require_multiple_of("quantize", "n", 64, 100),
+                    "lowmem::quantize: argument 'n' expected a multiple of 64, got 100");
+  CHECK_THROWS_AS(require_multiple_of("quantize", "block", 0, 100), lowmem::invalid_argument);
+  CHECK_THROWS_AS(require_data("f", "x", nullptr, 3), lowmem::invalid_argument);
+  CHECK_NOTHROW(require_data("f", "x", nullptr, 0));
+  // it is a std::invalid_argument too
+  CHECK_THROWS_AS(require_non_negative("f", "n", -1), std::invalid_argument);
+}
+
+TEST_CASE("row-major views map Eigen matrices without copies", "[core][eigen]") {
+  RowMatrixXf m(3, 5);
+  for (int i = 0; i < 15; ++i) m.data()[i] = float(i);
+  auto v = view_of(m);
+  CHECK(v.data == m.data());
+  CHECK(v.ld == 5);
+  CHECK(v(2, 1) == 11.f);
+  RowRef<float> block = m.block(1, 1, 2, 3);
+  auto bv = view_of<float>(block);
+  CHECK(bv.data == &m(1, 1));
+  CHECK(bv.ld == 5);
+  CHECK(bv(1, 2) == m(2, 3));
+  auto e = as_eigen(bv);
+  CHECK(e(0, 0) == m(1, 1));
+  CHECK_THROWS_WITH(require_shape("f", "W", v, 3, 4),
+                    "lowmem::f: argument 'W' expected shape [3, 4], got [3, 5]");
+  auto bad = make_view<float>(m.data(), 3, 5, 4);
+  CHECK_THROWS_AS(require_view("f", "W", bad), lowmem::invalid_argument);
+}
+
+TEST_CASE("workspace carves aligned blocks, planner and kernel agree", "[core][workspace]") {
+  auto carve = [](auto& ws, std::size_t n) {
+    ws.template take<float>(n);
+    ws.template take<double>(3);
+    ws.template take<std::uint8_t>(n + 1);
+  };
+  for (std::size_t n : {0u, 1u, 17u, 1000u}) {
+    workspace_planner p;
+    carve(p, n);
+    owned_workspace owned(p.bytes());
+    // the planner's bound holds at any base alignment, so also from an offset start
+    for (std::size_t offset : {0u, 1u, 7u, 63u}) {
+      std::vector<unsigned char> raw(p.bytes() + offset);
+      workspace ws(raw.data() + offset, p.bytes());
+      CHECK_NOTHROW(carve(ws, n));
+      CHECK(ws.used() <= p.bytes());
+    }
+    workspace ws = owned.get();
+    float* f = ws.take<float>(n);
+    CHECK(reinterpret_cast<std::uintptr_t>(f) % workspace_alignment == 0);
+  }
+  std::vector<unsigned char> small(16);
+  workspace ws(small.data(), small.size());
+  CHECK_THROWS_AS(ws.take<float>(100), lowmem::invalid_argument);
+  CHECK_THROWS_AS(require_workspace("f", ws, 1000), lowmem::invalid_argument);
+}
+
+TEST_CASE("parallel_for covers every item once with thread-independent chunks", "[core][threads]") {
+  for (std::ptrdiff_t n : {0, 1, 7, 1000}) {
+    for (int threads : {1, 2, 3}) {
+      std::vector<int> hits(std::size_t(n), 0);
+      parallel_for(
+          0, n, 10,
+          [&](std::ptrdiff_t b, std::ptrdiff_t e, int) {
+            for (std::ptrdiff_t i = b; i < e; ++i) hits[std::size_t(i)] += 1;
+          },
+          threads);
+      for (int h : hits) REQUIRE(h == 1);
+    }
+  }
+  CHECK(chunk_count(1000, 10, 2) == 2);
+  CHECK(chunk_count(5, 10, 2) == 1);
+  CHECK(chunk_count(0, 10, 2) == 0);
+  CHECK(max_threads() >= 1);
+}
+
+TEST_CASE("bf16 round-to-nearest-even and special values", "[core][bf16]") {
+  // exact values survive
+  for (float f : {0.f, -0.f, 1.f, -2.5f, 65280.f, 1.0f / 128}) CHECK(to_float(to_bf16(f)) == f);
+  // ties to even: 1 + 2^-8 is halfway between 1 and 1 + 2^-7 -> 1 (even mantissa)
+  CHECK(to_float(to_bf16(1.0f + 0x1p-8f)) == 1.0f);
+  // 1 + 3·2^-8 is halfway between 1+2^-7 (odd) and 1+2^-6 (even) -> 1 + 2^-6
+  CHECK(to_float(to_bf16(1.0f + 3 * 0x1p-8f)) == 1.0f + 0x1p-6f);
+  // just above halfway rounds up
+  CHECK(to_float(to_bf16(1.0f + 0x1p-8f + 0x1p-20f)) == 1.0f + 0x1p-7f);
+  CHECK(std::isinf(to_float(to_bf16(std::numeric_limits<float>::infinity()))));
+  CHECK(std::isnan(to_float(to_bf16(std::nanf("")))));
+  // a NaN whose payload is only in the low 16 bits must stay NaN, not become Inf
+  CHECK(std::isnan(to_float(to_bf16(bits_float(0x7F800001u)))));
+  CHECK(std::isinf(to_float(to_bf16(std::numeric_limits<float>::max())))); // overflow rounds up
+  // against a double reference of RNE over many random floats
+  random::stream s{3, 0};
+  for (std::uint64_t i = 0; i < 20000; ++i) {
+    const float f = bits_float(s.bits(i) & 0xBFFFFFFFu); // finite, |exp| bounded
+    const float r = to_float(to_bf16(f));
+    const std::uint32_t u = float_bits(f);
+    const float lo = bits_float(u & 0xFFFF0000u), hi = bits_float((u & 0xFFFF0000u) + 0x10000u);
+    const double dlo = std::fabs(double(f) - lo), dhi = std::fabs(double(hi) - f);
+    const float expect = dlo < dhi ? lo : dhi < dlo ? hi : (((u >> 16) & 1u) ? hi : lo);
+    REQUIRE(float_bits(r) == float_bits(expect));
+  }
+}
+
+TEST_CASE("bf16 stochastic rounding is unbiased and reproducible", "[core][bf16]") {
+  random::stream s{11, 5};
+  const float x = 1.0f + 0x1p-9f; // a quarter of the way from 1 to 1 + 2^-7
+  const std::size_t n = 200000;
+  std::vector<float> in(n, x);
+  std::vector<bf16> out(n), again(n);
+  to_bf16_stochastic(in.data(), out.data(), n, s, 0);
+  to_bf16_stochastic(in.data(), again.data(), n, s, 0);
+  double mean = 0;
+  std::size_t ups = 0;
+  for (std::size_t i = 0; i < n; ++i) {
+    const float r = to_float(out[i]);
+    REQUIRE((r == 1.0f || r == 1.0f + 0x1p-7f));
+    ups += r > 1.0f;
+    mean += r;
+    REQUIRE(out[i].bits == again[i].bits);
+  }
+  mean /= double(n);
+  // P(up) = 1/4: binomial sd = sqrt(n p (1-p)) = 194 ups; allow 5 sd.
+  CHECK(std::fabs(double(ups) - 0.25 * n) < 5 * 194);
+  CHECK(std::fabs(mean - double(x)) < 5 * 194.0 / n * 0x1p-7);
+  CHECK(std::isinf(to_float(to_bf16_stochastic(std::numeric_limits<float>::infinity(), 0xFFFFu))));
+  CHECK(std::isnan(to_float(to_bf16_stochastic(std::nanf(""), 0xFFFFu))));
+  CHECK(to_float(to_bf16_stochastic(-3.0f, 0xFFFFu)) == -3.0f); // exact values never move
+}
+
+TEST_CASE("memory regions measure peak heap bytes and count allocations", "[core][memory]") {
+  REQUIRE(memory::tracking_enabled());
+  {
+    memory::region r;
+    std::vector<float> v(1 << 20); // 4 MiB
+    v[0] = 1;
+    CHECK(r.peak_bytes() >= (4 << 20));
+    CHECK(r.allocations() >= 1);
+  }
+  {
+    memory::region r;
+    Eigen::MatrixXf m(512, 512); // Eigen allocates through malloc (hooked unless sanitizing)
+    m.setZero();
+    CHECK(r.allocations() >= 1);
+  }
+  {
+    memory::region r;
+    float acc = 0;
+    for (int i = 0; i < 100; ++i) acc += float(i);
+    CHECK(acc == 4950.f);
+    CHECK(r.allocations() == 0);
+    CHECK(r.peak_bytes() == 0);
+  }
+  {
+    memory::region r;
+    CHECK_THROWS_AS(memory::region(), std::logic_error); // one region at a time
+  }
+}
+
+TEST_CASE("memory ledger tracks declared bytes by category", "[core][memory]") {
+  memory::ledger l;
+  l.add("parameters", 1000);
+  l.add("activations", 500);
+  l.release("activations", 500);
+  l.add("gradients", 200);
+  CHECK(l.total() == 1200);
+  CHECK(l.peak() == 1500);
+  CHECK(l.bytes("parameters") == 1000);
+  CHECK_THROWS_AS(l.release("gradients", 201), lowmem::invalid_argument);
+  CHECK_THROWS_AS(l.add("x", -1), lowmem::invalid_argument);
+  CHECK(l.total() == 1200); // a throwing call changed nothing
+}
