@@ -4,8 +4,13 @@ if(LOWMEM_OPENMP)
   find_package(OpenMP COMPONENTS CXX)
 endif()
 
+find_package(ZLIB REQUIRED) # the Fashion-MNIST loader (examples/common) reads gzip IDX files
+
 function(lowmem_apply_own_flags target)
-  target_link_libraries(${target} PRIVATE lowmem::lowmem)
+  target_link_libraries(${target} PRIVATE lowmem::lowmem ZLIB::ZLIB)
+  # examples/common: user-side helpers shared by examples and real-data tests (data loaders,
+  # generic layers); not part of the installed library.
+  target_include_directories(${target} PRIVATE ${PROJECT_SOURCE_DIR}/examples)
   if(LOWMEM_NATIVE)
     target_compile_options(${target} PRIVATE -march=native)
   endif()

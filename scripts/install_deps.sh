@@ -2,7 +2,8 @@
 # Installs the Debian 12 packages lowmem's build needs, only those missing. Run as root (or with
 # sudo available). Usage: scripts/install_deps.sh [extra package ...]
 set -euo pipefail
-packages=(g++ cmake make libeigen3-dev libxsimd-dev catch2 libbenchmark-dev zlib1g-dev "$@")
+packages=(g++ cmake make libeigen3-dev libxsimd-dev catch2 libbenchmark-dev zlib1g-dev
+          dataset-fashion-mnist "$@")
 missing=()
 for p in "${packages[@]}"; do
   dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q 'install ok installed' || missing+=("$p")

@@ -197,3 +197,19 @@ TEST_CASE("memory ledger tracks declared bytes by category", "[core][memory]") {
   CHECK_THROWS_AS(l.add("x", -1), lowmem::invalid_argument);
   CHECK(l.total() == 1200); // a throwing call changed nothing
 }
+
+#include <common/fashion_mnist.hpp>
+
+TEST_CASE("Fashion-MNIST loader reads the Debian package and rejects bad paths", "[data]") {
+  const auto test = lowmem::data::load_fashion_mnist("t10k", 500);
+  REQUIRE(test.count == 500);
+  REQUIRE(test.images.size() == 500 * 784);
+  int counts[10] = {};
+  for (auto l : test.labels) counts[l] += 1;
+  for (int c : counts) CHECK(c > 20); // every class present in the first 500
+  float mx = 0;
+  for (float p : test.images) mx = std::max(mx, p);
+  CHECK(mx == 1.0f);
+  CHECK_THROWS_WITH(lowmem::data::load_fashion_mnist("t10k", 1, "/nonexistent"),
+                    Catch::Contains("cannot open '/nonexistent/t10k-images-idx3-ubyte.gz'"));
+}
