@@ -26,16 +26,19 @@ struct gradcheck_options {
   std::size_t max_elements = 64; // checks a deterministic subset of large tensors
 };
 
-/// Checks analytic[i] against central differences of `loss` w.r.t. params[i] (params are restored).
-/// Returns the worst |g - a| / (atol + rtol·max(|g|,|a|)) ratio; REQUIREs it to be <= 1.
-inline double gradcheck(const std::function<double()>& loss, float* params, std::size_t n,
-                        const float* analytic, const char* what,
-                        const gradcheck_options& opt = {}) {
+struct gradcheck_result {
+  double worst_ratio = 0; // max over checked i of |g - a| / (atol + rtol·max(|g|,|a|))
+  std::size_t worst_index = 0;
+  double numeric_at_worst = 0;
+};
+
+/// Central differences of `loss` w.r.t. params[i] compared with analytic[i] (params restored).
+inline gradcheck_result gradcheck_compare(const std::function<double()>& loss, float* params,
+                                          std::size_t n, const float* analytic,
+                                          const gradcheck_options& opt = {}) {
+  gradcheck_result res;
   const std::size_t stride =
       n > opt.max_elements ? (n + opt.max_elements - 1) / opt.max_elements : 1;
-  double worst = 0;
-  std::size_t worst_i = 0;
-  double worst_num = 0;
   for (std::size_t i = 0; i < n; i += stride) {
     const float saved = params[i];
     const double h = opt.eps * std::max(1.0, std::fabs(double(saved)));
@@ -50,16 +53,22 @@ inline double gradcheck(const std::function<double()>& loss, float* params, std:
     const double a = analytic[i];
     const double ratio =
         std::fabs(numeric - a) / (opt.atol + opt.rtol * std::max(std::fabs(numeric), std::fabs(a)));
-    if (ratio > worst) {
-      worst = ratio;
-      worst_i = i;
-      worst_num = numeric;
-    }
+    if (ratio > res.worst_ratio) res = {ratio, i, numeric};
   }
-  INFO(what << ": worst element " << worst_i << " numeric " << worst_num << " analytic "
-            << (n ? analytic[worst_i] : 0.0f) << " (ratio " << worst << ")");
-  CHECK(worst <= 1.0);
-  return worst;
+  return res;
+}
+
+/// Checks analytic[i] against central differences of `loss` w.r.t. params[i] (params are restored).
+/// Returns the worst |g - a| / (atol + rtol·max(|g|,|a|)) ratio; CHECKs it to be <= 1.
+inline double gradcheck(const std::function<double()>& loss, float* params, std::size_t n,
+                        const float* analytic, const char* what,
+                        const gradcheck_options& opt = {}) {
+  const gradcheck_result r = gradcheck_compare(loss, params, n, analytic, opt);
+  INFO(what << ": worst element " << r.worst_index << " numeric " << r.numeric_at_worst
+            << " analytic " << (n ? analytic[r.worst_index] : 0.0f) << " (ratio " << r.worst_ratio
+            << ")");
+  CHECK(r.worst_ratio <= 1.0);
+  return r.worst_ratio;
 }
 
 } // namespace lowmem::test

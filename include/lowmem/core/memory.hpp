@@ -39,6 +39,7 @@ struct counters {
   std::atomic<std::int64_t> peak{0};        // max of live since the last region start
   std::atomic<std::int64_t> allocations{0}; // allocation calls since process start
   std::atomic<bool> hooks_installed{false};
+  std::atomic<bool> malloc_hooked{false}; // malloc/free themselves are counted (not under ASan)
   std::atomic<bool> region_open{false};
 };
 inline counters& global() noexcept {
@@ -61,6 +62,10 @@ inline void on_free(std::int64_t bytes) noexcept {
 
 /// True when the program installed <lowmem/core/memory_hooks.hpp>.
 inline bool tracking_enabled() noexcept { return detail::global().hooks_installed.load(); }
+
+/// True when malloc/free are counted too (not only operator new/delete): false in sanitizer
+/// builds, where Eigen's and C-library allocations are invisible to regions.
+inline bool tracking_malloc() noexcept { return detail::global().malloc_hooked.load(); }
 
 /// Bytes currently live on the heap (allocated through the hooks).
 inline std::int64_t live_bytes() noexcept { return detail::global().live.load(); }

@@ -38,6 +38,7 @@
 namespace lowmem::memory::detail {
 inline const bool hooks_registered = [] {
   global().hooks_installed.store(true);
+  global().malloc_hooked.store(LOWMEM_HOOK_MALLOC != 0);
   return true;
 }();
 } // namespace lowmem::memory::detail
