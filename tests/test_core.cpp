@@ -241,3 +241,29 @@ TEST_CASE("gradcheck accepts a correct gradient and rejects a wrong one", "[core
   CHECK(r.worst_ratio > 1.0);
   CHECK(r.worst_index == 2);
 }
+
+#include <lowmem/core/tensor.hpp>
+#include <unsupported/Eigen/CXX11/Tensor>
+
+TEST_CASE("tensor views: dense, token-major, Eigen TensorMap, validation", "[core][tensor]") {
+  std::vector<float> buf(2 * 3 * 4 * 5);
+  for (std::size_t i = 0; i < buf.size(); ++i) buf[i] = float(i);
+  auto dense = dense_view<float, 4>(buf.data(), {2, 3, 4, 5}); // [B, H, N, d]
+  CHECK(dense.stride == std::array<index_t, 4>{60, 20, 5, 1});
+  CHECK(dense(1, 2, 3, 4) == float(1 * 60 + 2 * 20 + 3 * 5 + 4));
+  // the same buffer read as token-major [B, N=3, H=4, d=5]: element (b, h, n, c) at b·60 + n·20 +
+  // h·5 + c
+  auto tm = token_major_view(buf.data(), 2, 3, 4, 5);
+  CHECK(tm.extent == std::array<index_t, 4>{2, 4, 3, 5});
+  CHECK(tm(1, 3, 2, 4) == float(1 * 60 + 2 * 20 + 3 * 5 + 4));
+  Eigen::TensorMap<Eigen::Tensor<float, 4, Eigen::RowMajor>> t(buf.data(), 2, 3, 4, 5);
+  auto tv = view_of_tensor(t);
+  CHECK(tv.data == buf.data());
+  CHECK(tv(1, 2, 3, 4) == t(1, 2, 3, 4));
+  CHECK_NOTHROW(require_extents("f", "Q", dense, {2, 3, 4, 5}));
+  CHECK_THROWS_WITH(require_extents("attention_forward", "K", dense, {2, 3, 4, 6}),
+                    "lowmem::attention_forward: argument 'K.extent[3]' expected 6, got 5");
+  auto bad = dense;
+  bad.stride[3] = 2;
+  CHECK_THROWS_AS(require_tensor("f", "Q", bad), lowmem::invalid_argument);
+}

@@ -6,6 +6,7 @@
 #include "core/eigen.hpp"
 #include "core/errors.hpp"
 #include "core/memory.hpp"
+#include "core/tensor.hpp"
 #include "core/random.hpp"
 #include "core/threading.hpp"
 #include "core/workspace.hpp"
