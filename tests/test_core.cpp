@@ -267,3 +267,21 @@ TEST_CASE("tensor views: dense, token-major, Eigen TensorMap, validation", "[cor
   bad.stride[3] = 2;
   CHECK_THROWS_AS(require_tensor("f", "Q", bad), lowmem::invalid_argument);
 }
+
+TEST_CASE("passing validation checks allocate nothing", "[core][errors][memory]") {
+  RowMatrixXf m(4, 4);
+  auto v = view_of(m);
+  std::vector<unsigned char> raw(256);
+  workspace ws(raw.data(), raw.size());
+  memory::region r;
+  for (int i = 0; i < 100; ++i) {
+    require(i >= 0, "f", "i", "a non-negative index with a long description", i);
+    require_equal("f", "n", 4, int(v.rows));
+    require_positive("f", "lr", 1e-3);
+    require_in_half_open("f", "beta", 0.0, 1.0, 0.9);
+    require_multiple_of("f", "n", 4, 64);
+    require_shape("f", "W", v, 4, 4);
+    require_workspace("f", ws, 128);
+  }
+  CHECK(r.allocations() == 0);
+}

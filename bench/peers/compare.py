@@ -45,6 +45,15 @@ def run_peer(family, threads, smoke):
         return {}
     env = dict(os.environ, LOWMEM_PEER_THREADS=str(threads), OMP_NUM_THREADS=str(threads),
                OPENBLAS_NUM_THREADS=str(threads))
+    # Debian's torch calls the system libblas.so.3: the netlib reference BLAS unless OpenBLAS is
+    # installed (libopenblas0-pthread). Put OpenBLAS first so matmul peers are not flattering.
+    openblas = "/usr/lib/x86_64-linux-gnu/openblas-pthread"
+    if os.path.isdir(openblas):
+        env["LD_LIBRARY_PATH"] = openblas + ":" + env.get("LD_LIBRARY_PATH", "")
+    else:
+        print("warning: OpenBLAS not installed (apt-get install libopenblas0-pthread): PyTorch "
+              "matmuls use the reference BLAS and are far slower than they should be",
+              file=sys.stderr)
     core = cpu_coretype()
     if core:
         env["OPENBLAS_CORETYPE"] = core

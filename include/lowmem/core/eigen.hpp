@@ -84,8 +84,10 @@ template <class T>
 inline void require_view(const char* function, const char* argument, const matrix_view<T>& v) {
   require_non_negative(function, argument, v.rows);
   require_non_negative(function, argument, v.cols);
-  require(v.ld >= v.cols, function, argument,
-          "leading dimension >= cols (" + detail::to_text(v.cols) + ")", v.ld);
+  if (v.ld < v.cols) // message built only on failure: passing checks allocate nothing
+    detail::throw_invalid(function, argument,
+                          "leading dimension >= cols (" + detail::to_text(v.cols) + ")",
+                          detail::to_text(v.ld));
   require_data(function, argument, v.data, static_cast<std::size_t>(v.rows * v.cols));
 }
 

@@ -43,10 +43,13 @@ template <class T> std::string to_text(const T& v) {
 // ---- validation helpers: each throws lowmem::invalid_argument naming function and argument ----
 
 /// Requires `cond`; `expected` describes the condition ("> 0", "a multiple of 64", ...).
-template <class T>
-inline void require(bool cond, const char* function, const char* argument,
-                    const std::string& expected, const T& actual) {
-  if (!cond) detail::throw_invalid(function, argument, expected, detail::to_text(actual));
+/// Nothing is formatted or allocated unless the check fails (pass a string literal, not a
+/// std::string built in the call, to keep passing checks allocation-free in hot paths).
+template <class E, class T>
+inline void require(bool cond, const char* function, const char* argument, const E& expected,
+                    const T& actual) {
+  if (!cond)
+    detail::throw_invalid(function, argument, detail::to_text(expected), detail::to_text(actual));
 }
 
 /// Requires actual == expected (sizes, extents, ranks).

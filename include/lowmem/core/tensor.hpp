@@ -71,8 +71,9 @@ template <class TensorType> auto view_of_tensor(TensorType& t) {
 template <class T, int Rank>
 void require_tensor(const char* function, const char* argument, const tensor_view<T, Rank>& v) {
   for (int k = 0; k < Rank; ++k) require_non_negative(function, argument, v.extent[std::size_t(k)]);
-  require(v.inner_contiguous(), function, argument, "unit stride in the last dimension",
-          "stride " + detail::to_text(v.stride[Rank - 1]));
+  if (!v.inner_contiguous())
+    detail::throw_invalid(function, argument, "unit stride in the last dimension",
+                          "stride " + detail::to_text(v.stride[Rank - 1]));
   require_data(function, argument, v.data, std::size_t(v.size()));
 }
 
