@@ -10,12 +10,12 @@
 //  * One Philox block per 64-bit lane: a round is then vpmuludq (the full 64-bit product: low half
 //    in place, high half one vpsrlq away) + vpsrlq + one 3-way xor (vpternlogd) per multiply, with
 //    no lane shuffles and no vpmulld. The high dword of each lane is scratch; only the low dwords
-//    are packed (one shufps per word) at the end.
+//    are packed (shufps) in the last round.
 //  * Counter words 1-3 are the same for all 16 blocks of a group (hi32(block), the stream id), so
 //    round 0's second multiply and round 1's first are scalar, precomputed once per fill
 //    (philox_plan): 18 instead of 20 vector multiplies per 8 blocks. The round keys are
 //    broadcast once per fill, not per group.
-//  * Two independent 16-block units are interleaved per step (a Philox round is a 5-cycle
+//  * Two to four independent units are interleaved per step (a Philox round is a 5-cycle
 //    dependency chain mul -> shift -> xor).
 //  * Box–Muller uses simd::log_fast, simd::sqrt_fast and simd::sincos_turns (polynomials with
 //    exact range reduction, ~2e-7 relative) instead of xsimd's generic log/sincos.
@@ -40,8 +40,11 @@ namespace kernels {
 
 /// Registers of one Philox output word per group (16 lanes / width).
 template <class Arch> inline constexpr std::size_t regs_per_word = 16 / simd::width<Arch>;
-/// 16-block units evaluated together per step (ILP across independent Philox chains).
-template <class Arch> inline constexpr std::size_t units_in_flight = 2;
+/// Register-wide units (2 registers of W/2 blocks each) evaluated together per step: ILP across
+/// independent Philox chains. Measured on Zen 4: 2 for 512-bit registers (16 state registers of
+/// 32), 4 for 256-bit ones (the extra chains beat the spills).
+template <class Arch>
+inline constexpr std::size_t units_in_flight = simd::width<Arch> >= 16 ? 2 : 4;
 
 /// Per-fill constants of the wide Philox evaluation: round keys as vectors, and the parts of
 /// rounds 0-1 that are the same for every block of a group (counter words 1-3 do not depend on
@@ -50,10 +53,10 @@ template <class Arch> struct philox_plan {
   using U = simd::ubatch<Arch>;
   static constexpr std::size_t W = simd::width<Arch>, R = regs_per_word<Arch>;
   U k0[10], k1[10];
-  U r0_c2; // round 0: c2' = hi(m0 c0) ^ (c3 ^ k1[0])
-  U r1_c0; // round 1: c0'' = hi(m1 c2') ^ (lo(m1 c2) ^ k0[1])
-  U r1_c2; // round 1: c2'' = c3' ^ (hi(m0 c0') ^ k1[1]), c0' scalar
-  U r1_c3; // round 1: c3'' = lo(m0 c0')
+  U r0_c2;      // round 0: c2' = hi(m0 c0) ^ (c3 ^ k1[0])
+  U r1_c0;      // round 1: c0'' = hi(m1 c2') ^ (lo(m1 c2) ^ k0[1])
+  U r1_c2;      // round 1: c2'' = c3' ^ (hi(m0 c0') ^ k1[1]), c0' scalar
+  U r1_c3;      // round 1: c3'' = lo(m0 c0')
   U offs[R][2]; // low-counter lane offsets of unit p, half s (one block per 64-bit lane)
   std::uint32_t block_hi = 0;
 
@@ -128,7 +131,7 @@ inline void philox_units(const philox_plan<Arch>& P, const std::uint64_t (&g)[NU
     }
   }
   LOWMEM_RANDOM_UNROLL
-  for (int r = 2; r < 10; ++r) {
+  for (int r = 2; r < 9; ++r) {
     LOWMEM_RANDOM_UNROLL
     for (std::size_t u = 0; u < NU; ++u) {
       LOWMEM_RANDOM_UNROLL
@@ -142,12 +145,20 @@ inline void philox_units(const philox_plan<Arch>& P, const std::uint64_t (&g)[NU
       }
     }
   }
+  // round 9, fused with packing the low dwords into lanes: the high halves are packed straight
+  // from the products (no shift), and the xors run on packed registers (half as many)
   LOWMEM_RANDOM_UNROLL
   for (std::size_t u = 0; u < NU; ++u) {
-    out[u][0] = simd::pack_low_u64<Arch>(x0[u][0], x0[u][1]);
-    out[u][1] = simd::pack_low_u64<Arch>(x1[u][0], x1[u][1]);
-    out[u][2] = simd::pack_low_u64<Arch>(x2[u][0], x2[u][1]);
-    out[u][3] = simd::pack_low_u64<Arch>(x3[u][0], x3[u][1]);
+    const U m0a = simd::mul_wide_u32<Arch>(x0[u][0], philox_m0);
+    const U m0b = simd::mul_wide_u32<Arch>(x0[u][1], philox_m0);
+    const U m1a = simd::mul_wide_u32<Arch>(x2[u][0], philox_m1);
+    const U m1b = simd::mul_wide_u32<Arch>(x2[u][1], philox_m1);
+    out[u][0] =
+        simd::pack_u64<Arch, true>(m1a, m1b) ^ simd::pack_u64<Arch>(x1[u][0], x1[u][1]) ^ Q.k0[9];
+    out[u][1] = simd::pack_u64<Arch>(m1a, m1b);
+    out[u][2] =
+        simd::pack_u64<Arch, true>(m0a, m0b) ^ simd::pack_u64<Arch>(x3[u][0], x3[u][1]) ^ Q.k1[9];
+    out[u][3] = simd::pack_u64<Arch>(m0a, m0b);
   }
 }
 
@@ -189,58 +200,56 @@ template <class Arch>
 inline void philox_bits(philox_plan<Arch>& P, const stream& s, std::uint64_t g0, std::size_t ng,
                         std::uint32_t* bits) noexcept {
   using U = simd::ubatch<Arch>;
-  constexpr std::size_t R = regs_per_word<Arch>, W = simd::width<Arch>;
-  static_assert(units_in_flight<Arch> == 2, "the loop below pairs units");
+  constexpr std::size_t R = regs_per_word<Arch>, W = simd::width<Arch>, NU = units_in_flight<Arch>;
   const std::uint64_t g1 = g0 + ng;
   std::uint64_t g = g0;
   std::size_t r = 0;
-  // units (g, r) in order; two at a time when they share hi32(block) (all but one pair in 2^28)
+  // units (g, r) in order; NU at a time when they share hi32(block) (all but one step in 2^28)
   while (g < g1) {
-    const std::uint64_t gb = (r + 1 == R) ? g + 1 : g;
-    const std::size_t rb = (r + 1 == R) ? 0 : r + 1;
     const std::uint32_t hi = std::uint32_t((16 * g) >> 32);
     if (hi != P.block_hi) P.set_hi(s, hi);
-    std::uint32_t* da = bits + 64 * (g - g0) + r * W;
-    if (gb < g1 && std::uint32_t((16 * gb) >> 32) == hi) {
-      U w[2][4];
-      philox_units<Arch, 2>(P, {g, gb}, {r, rb}, w);
-      std::uint32_t* db = bits + 64 * (gb - g0) + rb * W;
-      for (int k = 0; k < 4; ++k) {
-        w[0][k].store_aligned(da + 16 * k);
-        w[1][k].store_aligned(db + 16 * k);
-      }
-      g = (rb + 1 == R) ? gb + 1 : gb;
-      r = (rb + 1 == R) ? 0 : rb + 1;
+    std::uint64_t gs[NU];
+    std::size_t rs[NU];
+    std::uint64_t gn = g;
+    std::size_t rn = r, k = 0;
+    for (; k < NU && gn < g1 && std::uint32_t((16 * gn) >> 32) == hi; ++k) {
+      gs[k] = gn, rs[k] = rn;
+      if (++rn == R) rn = 0, ++gn;
+    }
+    if (k == NU) {
+      U w[NU][4];
+      philox_units<Arch, NU>(P, gs, rs, w);
+      for (std::size_t u = 0; u < NU; ++u)
+        for (int j = 0; j < 4; ++j)
+          w[u][j].store_aligned(bits + 64 * (gs[u] - g0) + rs[u] * W + 16 * j);
+      g = gn, r = rn;
     } else {
       U w[1][4];
       philox_units<Arch, 1>(P, {g}, {r}, w);
-      for (int k = 0; k < 4; ++k) w[0][k].store_aligned(da + 16 * k);
-      g = gb;
-      r = rb;
+      for (int j = 0; j < 4; ++j) w[0][j].store_aligned(bits + 64 * (g - g0) + r * W + 16 * j);
+      if (++r == R) r = 0, ++g;
     }
   }
 }
 
-/// out[i] = f(bits[i]) for the 64 ng values of ng full groups (bits 64-byte aligned).
+/// Piece j of the transform of a word buffer: out[i] = f(bits[i]) for one register pair, i.e.
+/// 2 W values (bits 64-byte aligned). Normal: the Box–Muller pair of value 16 w + l is
+/// 16 (w ^ 1) + l of the same group, so piece j is registers (w, w + 1) = (2 k, 2 k + 1) at lane
+/// offset r W of group j / (2 R); uniform and Rademacher: values [2 W j, 2 W (j + 1)).
 template <class Arch, distribution D>
-inline void transform(const std::uint32_t* bits, std::size_t ng, float* out) noexcept {
+inline void transform_piece(const std::uint32_t* bits, float* out, std::size_t j) noexcept {
   using U = simd::ubatch<Arch>;
   using F = simd::fbatch<Arch>;
-  constexpr std::size_t W = simd::width<Arch>;
+  constexpr std::size_t W = simd::width<Arch>, R = regs_per_word<Arch>;
   if constexpr (D == distribution::normal) {
-    // the Box–Muller pair of value 16 w + l is 16 (w ^ 1) + l of the same group
-    for (std::size_t i = 0; i < 64 * ng; i += 32) {
-      LOWMEM_RANDOM_UNROLL
-      for (std::size_t r = 0; r < 16; r += W) {
-        F z0, z1;
-        box_muller<Arch>(U::load_aligned(bits + i + r), U::load_aligned(bits + i + 16 + r), z0,
-                         z1);
-        z0.store_unaligned(out + i + r);
-        z1.store_unaligned(out + i + 16 + r);
-      }
-    }
+    const std::size_t i = 64 * (j / (2 * R)) + 32 * ((j / R) % 2) + (j % R) * W;
+    F z0, z1;
+    box_muller<Arch>(U::load_aligned(bits + i), U::load_aligned(bits + i + 16), z0, z1);
+    z0.store_unaligned(out + i);
+    z1.store_unaligned(out + i + 16);
   } else {
-    for (std::size_t i = 0; i < 64 * ng; i += W) {
+    LOWMEM_RANDOM_UNROLL
+    for (std::size_t i = 2 * W * j; i < 2 * W * (j + 1); i += W) {
       const U b = U::load_aligned(bits + i);
       if constexpr (D == distribution::uniform) {
         (simd::small_uint_to_float<Arch>(b >> 8) * F(0x1p-24f)).store_unaligned(out + i);
@@ -250,6 +259,13 @@ inline void transform(const std::uint32_t* bits, std::size_t ng, float* out) noe
       }
     }
   }
+}
+
+/// out[i] = f(bits[i]) for the 64 ng values of ng full groups (bits 64-byte aligned).
+template <class Arch, distribution D>
+inline void transform(const std::uint32_t* bits, std::size_t ng, float* out) noexcept {
+  constexpr std::size_t pieces_per_group = 32 / simd::width<Arch>;
+  for (std::size_t j = 0; j < pieces_per_group * ng; ++j) transform_piece<Arch, D>(bits, out, j);
 }
 
 /// Writes the 64 values of group g as floats (f = uniform, rademacher or normal) to dst[0..64).
@@ -265,11 +281,7 @@ inline void group_values(const stream& s, std::uint64_t g, float* dst) noexcept 
 template <class Arch, distribution D>
 inline void fill(const stream& s, std::uint64_t begin, float* out, std::size_t n) noexcept {
   if (n == 0) return;
-  // Words are generated for a chunk of groups into an L1-resident buffer, then transformed: two
-  // homogeneous loops keep many independent instructions in the out-of-order window, where one
-  // fused loop would expose the Philox -> Box–Muller dependency chain of every group.
-  constexpr std::size_t chunk = 8; // groups: 2 KiB of words
-  alignas(64) std::uint32_t bits[64 * chunk];
+  alignas(64) std::uint32_t bits[64];
   alignas(64) float tmp[64];
   std::uint64_t i = begin;
   const std::uint64_t end = begin + n;
@@ -284,12 +296,17 @@ inline void fill(const stream& s, std::uint64_t begin, float* out, std::size_t n
     out += stop - i;
     i = stop;
   }
-  // full groups
+  // full groups, a chunk at a time: words into an L1-resident buffer, then transformed. Two
+  // homogeneous loops keep many independent instructions in the out-of-order window; one fused
+  // loop per group would expose the long Philox -> Box–Muller dependency chain. (Splicing the
+  // transform between the Philox rounds was slower: register spills.)
+  constexpr std::size_t chunk = 8; // groups: 2 KiB of words
+  alignas(64) std::uint32_t words[64 * chunk];
   while (i + 64 <= end) {
     const std::uint64_t left = (end - i) / 64;
     const std::size_t ng = left < chunk ? std::size_t(left) : chunk;
-    philox_bits<Arch>(P, s, i / 64, ng, bits);
-    transform<Arch, D>(bits, ng, out);
+    philox_bits<Arch>(P, s, i / 64, ng, words);
+    transform<Arch, D>(words, ng, out);
     out += 64 * ng;
     i += 64 * ng;
   }

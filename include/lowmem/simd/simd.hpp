@@ -191,34 +191,37 @@ template <class Arch> inline ubatch<Arch> high_to_low_u64(const ubatch<Arch>& a)
   }
 }
 
-/// The low dwords of the 64-bit lanes of a and b, interleaved per 128-bit lane:
-/// [a0, a2, b0, b2 | a4, a6, b4, b6 | ...] (dword indices; shufps 0x88).
-template <class Arch> inline ubatch<Arch> pack_low_u64(const ubatch<Arch>& a, const ubatch<Arch>& b) {
+/// The low (High = false) or high dwords of the 64-bit lanes of a and b, interleaved per 128-bit
+/// lane: [a0, a2, b0, b2 | a4, a6, b4, b6 | ...] (dword indices; shufps 0x88), or
+/// [a1, a3, b1, b3 | ...] (shufps 0xDD).
+template <class Arch, bool High = false>
+inline ubatch<Arch> pack_u64(const ubatch<Arch>& a, const ubatch<Arch>& b) {
+  constexpr int imm = High ? 0xDD : 0x88;
 #if XSIMD_WITH_AVX512F
   if constexpr (std::is_base_of<xsimd::avx512f, Arch>::value) {
     return ubatch<Arch>(_mm512_castps_si512(
-        _mm512_shuffle_ps(_mm512_castsi512_ps(a), _mm512_castsi512_ps(b), 0x88)));
+        _mm512_shuffle_ps(_mm512_castsi512_ps(a), _mm512_castsi512_ps(b), imm)));
   } else
 #endif
 #if XSIMD_WITH_AVX2
       if constexpr (std::is_base_of<xsimd::avx2, Arch>::value) {
     return ubatch<Arch>(_mm256_castps_si256(
-        _mm256_shuffle_ps(_mm256_castsi256_ps(a), _mm256_castsi256_ps(b), 0x88)));
+        _mm256_shuffle_ps(_mm256_castsi256_ps(a), _mm256_castsi256_ps(b), imm)));
   } else
 #endif
 #if XSIMD_WITH_SSE2
       if constexpr (std::is_base_of<xsimd::sse2, Arch>::value) {
     return ubatch<Arch>(
-        _mm_castps_si128(_mm_shuffle_ps(_mm_castsi128_ps(a), _mm_castsi128_ps(b), 0x88)));
+        _mm_castps_si128(_mm_shuffle_ps(_mm_castsi128_ps(a), _mm_castsi128_ps(b), imm)));
   } else
 #endif
   {
-    constexpr std::size_t n = ubatch<Arch>::size;
+    constexpr std::size_t n = ubatch<Arch>::size, o = High ? 1 : 0;
     alignas(64) std::uint32_t va[n], vb[n], r[n];
     a.store_aligned(va);
     b.store_aligned(vb);
     for (std::size_t i = 0; i < n; i += 4) {
-      r[i] = va[i], r[i + 1] = va[i + 2], r[i + 2] = vb[i], r[i + 3] = vb[i + 2];
+      r[i] = va[i + o], r[i + 1] = va[i + 2 + o], r[i + 2] = vb[i + o], r[i + 3] = vb[i + 2 + o];
     }
     return ubatch<Arch>::load_aligned(r);
   }
@@ -314,8 +317,8 @@ template <class Arch, bool twice = false> inline fbatch<Arch> sqrt_fast(const fb
   using F = fbatch<Arch>;
   // max() keeps rsqrt finite at x = 0, so s0 = x * y = 0 and the result is exactly 0.
   const F y = rsqrt_approx<Arch>(xsimd::max(x, F(1.17549435e-38f)));
-  const F s0 = x * y;                                // sqrt(x) (1 + e0)
-  const F e = fma<Arch>(-s0, y, F(3.0f));           // 3 - x y^2 = 2 - 2 e0 + O(e0^2)
+  const F s0 = x * y;                     // sqrt(x) (1 + e0)
+  const F e = fma<Arch>(-s0, y, F(3.0f)); // 3 - x y^2 = 2 - 2 e0 + O(e0^2)
   if constexpr (twice) {
     return s0 * e; // 2 sqrt(x) (1 + O(e0^2))
   } else {
@@ -338,10 +341,14 @@ inline fbatch<Arch> log_fast(const fbatch<Arch>& x, int pow2 = 0) {
   const F m = xsimd::bitwise_cast<F>((ix & I(0x007FFFFF)) + I(sqrt_half));
   const F f = m - F(1.0f); // exact
   const F kf = xsimd::batch_cast<float>(k);
-  const F q = detail::horner<Arch>(f, -5.000032355e-01f, 3.333471445e-01f, -2.497122178e-01f,
-                                   1.990690182e-01f, -1.724333243e-01f, 1.618035209e-01f,
-                                   -1.008181563e-01f);
-  const F l1p = fma<Arch>(f * f, q, f); // ln(1 + f)
+  // Estrin's scheme: the same FMA count as Horner plus one multiply, half the dependency chain
+  const F f2 = f * f, f4 = f2 * f2;
+  const F q01 = fma<Arch>(F(3.333471445e-01f), f, F(-5.000032355e-01f));
+  const F q23 = fma<Arch>(F(1.990690182e-01f), f, F(-2.497122178e-01f));
+  const F q45 = fma<Arch>(F(1.618035209e-01f), f, F(-1.724333243e-01f));
+  const F q46 = fma<Arch>(F(-1.008181563e-01f), f2, q45);
+  const F q = fma<Arch>(q46, f4, fma<Arch>(q23, f2, q01));
+  const F l1p = fma<Arch>(f2, q, f); // ln(1 + f)
   const F ln2(0.693147180559945309f);
   if constexpr (negate) {
     return fnms<Arch>(kf, ln2, l1p); // -(k ln2) - ln(1 + f)
@@ -369,11 +376,13 @@ inline void sincos_turns(const ubatch<Arch>& turns, fbatch<Arch>& s, fbatch<Arch
   // t = r 2^-Bits exactly: r added to the mantissa of 1.5 * 2^(-1) ... with ulp 2^-Bits
   const float bias = 0.75f; // 1.5 * 2^-1: ulp 2^-24; for Bits < 24 the shift below rescales r
   const F t = xsimd::bitwise_cast<F>((r << (24 - Bits)) + I(0x3F400000)) - F(bias);
-  const F t2 = t * t;
-  const F sn = t * detail::horner<Arch>(t2, 6.283185220e+00f * scale, -4.134162804e+01f * scale,
-                                        8.158812461e+01f * scale, -7.524006316e+01f * scale);
-  const F cs = detail::horner<Arch>(t2, 9.999999724e-01f * scale, -1.973915223e+01f * scale,
-                                    6.492125284e+01f * scale, -8.359260962e+01f * scale);
+  const F t2 = t * t, t4 = t2 * t2; // Estrin: short dependency chains
+  const F sn =
+      t * fma<Arch>(fma<Arch>(F(-7.524006316e+01f * scale), t2, F(8.158812461e+01f * scale)), t4,
+                    fma<Arch>(F(-4.134162804e+01f * scale), t2, F(6.283185220e+00f * scale)));
+  const F cs =
+      fma<Arch>(fma<Arch>(F(-8.359260962e+01f * scale), t2, F(6.492125284e+01f * scale)), t4,
+                fma<Arch>(F(-1.973915223e+01f * scale), t2, F(9.999999724e-01f * scale)));
   // v >> 30 = q mod 4 (the nearest quarter turn; wrap-around is harmless, 4 = 0 mod 4)
   const U v = turns + U(1u << 29);
   const F s1 = select_by_bit<Arch, 30>(v, cs, sn); // odd q: sin and cos swap
