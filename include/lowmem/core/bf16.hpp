@@ -13,6 +13,8 @@
 #include <cstdint>
 #include <cstring>
 
+#include "../kernels/random.hpp"
+#include "../simd/simd.hpp"
 #include "random.hpp"
 
 namespace lowmem {
@@ -60,16 +62,70 @@ inline bf16 to_bf16_stochastic(float f, const random::stream& s, std::uint64_t i
   return to_bf16_stochastic(f, s.bits(index) >> 16);
 }
 
-/// Array conversions (n elements). RNE; stochastic from values [offset, offset + n) of `s`.
+namespace detail {
+/// RNE (or, with r, stochastic) bf16 bits of W floats: the scalar formulas above, lane-wise.
+template <class Arch, bool Stochastic>
+inline simd::ubatch<Arch> bf16_bits(const simd::ubatch<Arch>& u, const simd::ubatch<Arch>& r) {
+  using U = simd::ubatch<Arch>;
+  using I = simd::ibatch<Arch>;
+  // NaN: |u| > Inf as int32 (the masked value is non-negative)
+  const auto nan = xsimd::bitwise_cast<I>(u & U(0x7FFFFFFFu)) > I(0x7F800000);
+  const U quiet = (u >> 16) | U(0x0040u);
+  U rounded;
+  if constexpr (Stochastic) {
+    rounded = (u + r) >> 16; // Inf + r < next binade: stays Inf, as the scalar special case
+  } else {
+    (void)r;
+    rounded = (u + U(0x7FFFu) + ((u >> 16) & U(1u))) >> 16;
+  }
+  return xsimd::bitwise_cast<U>(
+      xsimd::select(nan, xsimd::bitwise_cast<I>(quiet), xsimd::bitwise_cast<I>(rounded)));
+}
+} // namespace detail
+
+/// Array conversions (n elements), vectorized on Arch (the consumer's instruction set by
+/// default); bitwise equal to the scalar conversions above. RNE; stochastic from values
+/// [offset, offset + n) of `s` (random words generated in L1-sized chunks, no allocation).
+template <class Arch = simd::default_arch>
 inline void to_bf16(const float* in, bf16* out, std::size_t n) noexcept {
-  for (std::size_t i = 0; i < n; ++i) out[i] = to_bf16(in[i]);
+  using U = simd::ubatch<Arch>;
+  constexpr std::size_t W = simd::width<Arch>;
+  static_assert(sizeof(bf16) == sizeof(std::uint16_t), "bf16 is its 16 bits");
+  auto* o = reinterpret_cast<std::uint16_t*>(out);
+  std::size_t i = 0;
+  for (; i + W <= n; i += W) {
+    const U u = simd::as_uint<Arch>(simd::fbatch<Arch>::load_unaligned(in + i));
+    simd::store_low_u16<Arch>(o + i, detail::bf16_bits<Arch, false>(u, u));
+  }
+  for (; i < n; ++i) out[i] = to_bf16(in[i]);
 }
+template <class Arch = simd::default_arch>
 inline void to_float(const bf16* in, float* out, std::size_t n) noexcept {
-  for (std::size_t i = 0; i < n; ++i) out[i] = to_float(in[i]);
+  constexpr std::size_t W = simd::width<Arch>;
+  const auto* p = reinterpret_cast<const std::uint16_t*>(in);
+  std::size_t i = 0;
+  for (; i + W <= n; i += W)
+    simd::as_float<Arch>(simd::load_u16_high<Arch>(p + i)).store_unaligned(out + i);
+  for (; i < n; ++i) out[i] = to_float(in[i]);
 }
+template <class Arch = simd::default_arch>
 inline void to_bf16_stochastic(const float* in, bf16* out, std::size_t n, const random::stream& s,
                                std::uint64_t offset = 0) noexcept {
-  for (std::size_t i = 0; i < n; ++i) out[i] = to_bf16_stochastic(in[i], s, offset + i);
+  using U = simd::ubatch<Arch>;
+  constexpr std::size_t W = simd::width<Arch>, chunk = 512;
+  auto* o = reinterpret_cast<std::uint16_t*>(out);
+  alignas(64) std::uint32_t words[chunk];
+  for (std::size_t c = 0; c < n; c += chunk) {
+    const std::size_t m = n - c < chunk ? n - c : chunk;
+    random::kernels::fill_words<Arch>(s, offset + c, words, m);
+    std::size_t i = 0;
+    for (; i + W <= m; i += W) {
+      const U u = simd::as_uint<Arch>(simd::fbatch<Arch>::load_unaligned(in + c + i));
+      const U r = U::load_aligned(words + i) >> 16;
+      simd::store_low_u16<Arch>(o + c + i, detail::bf16_bits<Arch, true>(u, r));
+    }
+    for (; i < m; ++i) out[c + i] = to_bf16_stochastic(in[c + i], words[i] >> 16);
+  }
 }
 
 } // namespace lowmem

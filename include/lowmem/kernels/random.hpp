@@ -318,6 +318,27 @@ inline void fill(const stream& s, std::uint64_t begin, float* out, std::size_t n
   }
 }
 
+/// Raw words: out[k] = s.bits(begin + k), k < n; serial, no allocation.
+template <class Arch>
+inline void fill_words(const stream& s, std::uint64_t begin, std::uint32_t* out,
+                       std::size_t n) noexcept {
+  if (n == 0) return;
+  constexpr std::size_t chunk = 8; // groups
+  alignas(64) std::uint32_t words[64 * chunk];
+  philox_plan<Arch> P(s, std::uint32_t((16 * (begin / 64)) >> 32));
+  std::uint64_t i = begin;
+  const std::uint64_t end = begin + n;
+  while (i < end) {
+    const std::uint64_t g0 = i / 64, g1 = (end + 63) / 64;
+    const std::size_t ng = std::size_t(g1 - g0 < chunk ? g1 - g0 : chunk);
+    philox_bits<Arch>(P, s, g0, ng, words);
+    const std::uint64_t stop = end < 64 * (g0 + ng) ? end : 64 * (g0 + ng);
+    std::memcpy(out, words + (i - 64 * g0), std::size_t(stop - i) * sizeof(std::uint32_t));
+    out += stop - i;
+    i = stop;
+  }
+}
+
 } // namespace kernels
 
 /// Fills out[k] = s.uniform(begin + k), k < n. Threads over chunks when `parallel`.

@@ -392,6 +392,64 @@ inline void sincos_turns(const ubatch<Arch>& turns, fbatch<Arch>& s, fbatch<Arch
   c = as_float<Arch>(as_uint<Arch>(c1) ^ ((v + U(1u << 30)) & U(0x80000000u)));
 }
 
+// ---- 16-bit payloads (bf16) ------------------------------------------------------------------
+
+/// Stores the low 16 bits of each uint32 lane (values must be < 2^16) as W uint16 to p.
+template <class Arch> inline void store_low_u16(std::uint16_t* p, const ubatch<Arch>& v) {
+#if XSIMD_WITH_AVX512F
+  if constexpr (std::is_base_of<xsimd::avx512f, Arch>::value) {
+    _mm256_storeu_si256(reinterpret_cast<__m256i*>(p), _mm512_cvtepi32_epi16(v));
+    return;
+  }
+#endif
+#if XSIMD_WITH_AVX2
+  if constexpr (std::is_base_of<xsimd::avx2, Arch>::value) {
+    // sign-extend the 16-bit payload so the signed saturating pack keeps it exactly
+    const __m256i t = _mm256_srai_epi32(_mm256_slli_epi32(v, 16), 16);
+    const __m256i packed = _mm256_permute4x64_epi64(_mm256_packs_epi32(t, t), 0x08);
+    _mm_storeu_si128(reinterpret_cast<__m128i*>(p), _mm256_castsi256_si128(packed));
+    return;
+  }
+#endif
+#if XSIMD_WITH_SSE2
+  if constexpr (std::is_base_of<xsimd::sse2, Arch>::value) {
+    const __m128i t = _mm_srai_epi32(_mm_slli_epi32(v, 16), 16);
+    _mm_storel_epi64(reinterpret_cast<__m128i*>(p), _mm_packs_epi32(t, t));
+    return;
+  }
+#endif
+  alignas(64) std::uint32_t lanes[ubatch<Arch>::size];
+  v.store_aligned(lanes);
+  for (std::size_t i = 0; i < ubatch<Arch>::size; ++i) p[i] = std::uint16_t(lanes[i]);
+}
+
+/// Loads W uint16 from p into the high halves of uint32 lanes (lane i = p[i] << 16).
+template <class Arch> inline ubatch<Arch> load_u16_high(const std::uint16_t* p) {
+#if XSIMD_WITH_AVX512F
+  if constexpr (std::is_base_of<xsimd::avx512f, Arch>::value) {
+    return ubatch<Arch>(_mm512_slli_epi32(
+        _mm512_cvtepu16_epi32(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p))), 16));
+  } else
+#endif
+#if XSIMD_WITH_AVX2
+      if constexpr (std::is_base_of<xsimd::avx2, Arch>::value) {
+    return ubatch<Arch>(_mm256_slli_epi32(
+        _mm256_cvtepu16_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p))), 16));
+  } else
+#endif
+#if XSIMD_WITH_SSE2
+      if constexpr (std::is_base_of<xsimd::sse2, Arch>::value) {
+    const __m128i x = _mm_loadl_epi64(reinterpret_cast<const __m128i*>(p));
+    return ubatch<Arch>(_mm_unpacklo_epi16(_mm_setzero_si128(), x));
+  } else
+#endif
+  {
+    alignas(64) std::uint32_t lanes[ubatch<Arch>::size];
+    for (std::size_t i = 0; i < ubatch<Arch>::size; ++i) lanes[i] = std::uint32_t(p[i]) << 16;
+    return ubatch<Arch>::load_aligned(lanes);
+  }
+}
+
 // ---- tails -------------------------------------------------------------------------------------
 
 /// Loads n < width lanes from p, zero-filling the rest (reads only p[0..n)).
