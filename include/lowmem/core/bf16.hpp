@@ -92,21 +92,23 @@ inline void to_bf16(const float* in, bf16* out, std::size_t n) noexcept {
   constexpr std::size_t W = simd::width<Arch>;
   static_assert(sizeof(bf16) == sizeof(std::uint16_t), "bf16 is its 16 bits");
   auto* o = reinterpret_cast<std::uint16_t*>(out);
-  std::size_t i = 0;
-  for (; i + W <= n; i += W) {
-    const U u = simd::as_uint<Arch>(simd::fbatch<Arch>::load_unaligned(in + i));
-    simd::store_low_u16<Arch>(o + i, detail::bf16_bits<Arch, false>(u, u));
+  const std::size_t nv = n - n % (2 * W);
+  for (std::size_t i = 0; i < nv; i += 2 * W) {
+    const U u0 = simd::as_uint<Arch>(simd::fbatch<Arch>::load_unaligned(in + i));
+    const U u1 = simd::as_uint<Arch>(simd::fbatch<Arch>::load_unaligned(in + i + W));
+    simd::store_low_u16<Arch>(o + i, detail::bf16_bits<Arch, false>(u0, u0),
+                              detail::bf16_bits<Arch, false>(u1, u1));
   }
-  for (; i < n; ++i) out[i] = to_bf16(in[i]);
+  for (std::size_t i = nv; i < n; ++i) out[i] = to_bf16(in[i]);
 }
 template <class Arch = simd::default_arch>
 inline void to_float(const bf16* in, float* out, std::size_t n) noexcept {
   constexpr std::size_t W = simd::width<Arch>;
   const auto* p = reinterpret_cast<const std::uint16_t*>(in);
-  std::size_t i = 0;
-  for (; i + W <= n; i += W)
+  const std::size_t nv = n - n % W;
+  for (std::size_t i = 0; i < nv; i += W)
     simd::as_float<Arch>(simd::load_u16_high<Arch>(p + i)).store_unaligned(out + i);
-  for (; i < n; ++i) out[i] = to_float(in[i]);
+  for (std::size_t i = nv; i < n; ++i) out[i] = to_float(in[i]);
 }
 template <class Arch = simd::default_arch>
 inline void to_bf16_stochastic(const float* in, bf16* out, std::size_t n, const random::stream& s,
@@ -118,13 +120,15 @@ inline void to_bf16_stochastic(const float* in, bf16* out, std::size_t n, const 
   for (std::size_t c = 0; c < n; c += chunk) {
     const std::size_t m = n - c < chunk ? n - c : chunk;
     random::kernels::fill_words<Arch>(s, offset + c, words, m);
-    std::size_t i = 0;
-    for (; i + W <= m; i += W) {
-      const U u = simd::as_uint<Arch>(simd::fbatch<Arch>::load_unaligned(in + c + i));
-      const U r = U::load_aligned(words + i) >> 16;
-      simd::store_low_u16<Arch>(o + c + i, detail::bf16_bits<Arch, true>(u, r));
+    const std::size_t mv = m - m % (2 * W);
+    for (std::size_t i = 0; i < mv; i += 2 * W) {
+      const U u0 = simd::as_uint<Arch>(simd::fbatch<Arch>::load_unaligned(in + c + i));
+      const U u1 = simd::as_uint<Arch>(simd::fbatch<Arch>::load_unaligned(in + c + i + W));
+      const U r0 = U::load_aligned(words + i) >> 16, r1 = U::load_aligned(words + i + W) >> 16;
+      simd::store_low_u16<Arch>(o + c + i, detail::bf16_bits<Arch, true>(u0, r0),
+                                detail::bf16_bits<Arch, true>(u1, r1));
     }
-    for (; i < m; ++i) out[c + i] = to_bf16_stochastic(in[c + i], words[i] >> 16);
+    for (std::size_t i = mv; i < m; ++i) out[c + i] = to_bf16_stochastic(in[c + i], words[i] >> 16);
   }
 }
 

@@ -423,6 +423,30 @@ template <class Arch> inline void store_low_u16(std::uint16_t* p, const ubatch<A
   for (std::size_t i = 0; i < ubatch<Arch>::size; ++i) p[i] = std::uint16_t(lanes[i]);
 }
 
+/// Stores the low 16 bits of the uint32 lanes of a then b (values < 2^16) as 2 W uint16 to p:
+/// one two-source word permute (AVX-512BW) or unsigned pack (AVX2) per 2 W values.
+template <class Arch>
+inline void store_low_u16(std::uint16_t* p, const ubatch<Arch>& a, const ubatch<Arch>& b) {
+#if XSIMD_WITH_AVX512BW
+  if constexpr (std::is_base_of<xsimd::avx512bw, Arch>::value) {
+    const __m512i idx =
+        _mm512_set_epi16(62, 60, 58, 56, 54, 52, 50, 48, 46, 44, 42, 40, 38, 36, 34, 32, 30, 28, 26,
+                         24, 22, 20, 18, 16, 14, 12, 10, 8, 6, 4, 2, 0);
+    _mm512_storeu_si512(p, _mm512_permutex2var_epi16(a, idx, b));
+    return;
+  }
+#endif
+#if XSIMD_WITH_AVX2
+  if constexpr (std::is_base_of<xsimd::avx2, Arch>::value) {
+    const __m256i packed = _mm256_permute4x64_epi64(_mm256_packus_epi32(a, b), 0xD8);
+    _mm256_storeu_si256(reinterpret_cast<__m256i*>(p), packed);
+    return;
+  }
+#endif
+  store_low_u16<Arch>(p, a);
+  store_low_u16<Arch>(p + ubatch<Arch>::size, b);
+}
+
 /// Loads W uint16 from p into the high halves of uint32 lanes (lane i = p[i] << 16).
 template <class Arch> inline ubatch<Arch> load_u16_high(const std::uint16_t* p) {
 #if XSIMD_WITH_AVX512F
