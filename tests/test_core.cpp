@@ -9,6 +9,7 @@
 #include <vector>
 
 #include "reference/common.hpp"
+#include "support/arch.hpp"
 
 using namespace lowmem;
 
@@ -153,6 +154,49 @@ TEST_CASE("bf16 stochastic rounding is unbiased and reproducible", "[core][bf16]
   CHECK(std::isinf(to_float(to_bf16_stochastic(std::numeric_limits<float>::infinity(), 0xFFFFu))));
   CHECK(std::isnan(to_float(to_bf16_stochastic(std::nanf(""), 0xFFFFu))));
   CHECK(to_float(to_bf16_stochastic(-3.0f, 0xFFFFu)) == -3.0f); // exact values never move
+}
+
+LOWMEM_ARCH_TEST_CASE("vectorized bf16 array conversions equal the scalar ones bitwise",
+                      "[core][bf16][simd]") {
+  using Arch = TestType;
+  LOWMEM_SKIP_IF_UNSUPPORTED();
+  // specials and rounding boundaries first, then random bit patterns (all exponents, NaNs too)
+  std::vector<float> in;
+  for (std::uint32_t u :
+       {0x7F800001u, 0xFF800001u, 0x7FC00000u, 0x7FFFFFFFu, 0x7F800000u, 0xFF800000u, 0x7F7FFFFFu,
+        0xFF7FFFFFu, 0x7F7F8000u, 0x00000001u, 0x80000000u, 0x00000000u, 0x3F808000u, 0x3F818000u,
+        0x3F808001u, 0x3F80FFFFu, 0x0000FFFFu, 0x00018000u})
+    in.push_back(bits_float(u));
+  const random::stream src{3, 9};
+  for (std::uint64_t i = 0; i < 3000; ++i) in.push_back(bits_float(src.bits(i)));
+  const random::stream s{21, 4};
+  for (std::size_t n : test::tail_sizes<Arch>(in.size() - 3)) {
+    for (std::size_t off : {std::size_t(0), std::size_t(3)}) {
+      std::vector<bf16> out(n + 1, bf16{0xABCD});
+      to_bf16<Arch>(in.data() + off, out.data(), n);
+      for (std::size_t i = 0; i < n; ++i) REQUIRE(out[i].bits == to_bf16(in[off + i]).bits);
+      CHECK(out[n].bits == 0xABCD); // nothing written past n
+      const std::uint64_t offset = 1000 + 7 * off;
+      to_bf16_stochastic<Arch>(in.data() + off, out.data(), n, s, offset);
+      for (std::size_t i = 0; i < n; ++i)
+        REQUIRE(out[i].bits == to_bf16_stochastic(in[off + i], s, offset + i).bits);
+      CHECK(out[n].bits == 0xABCD);
+      std::vector<float> back(n + 1, 5.f);
+      to_float<Arch>(out.data(), back.data(), n);
+      for (std::size_t i = 0; i < n; ++i)
+        REQUIRE(float_bits(back[i]) == float_bits(to_float(out[i])));
+      CHECK(back[n] == 5.f);
+    }
+  }
+  // stochastic: a range converted whole equals the same range converted in pieces (the random
+  // words are value offset + i of the stream whatever the chunking)
+  std::vector<bf16> whole(in.size()), pieces(in.size());
+  to_bf16_stochastic<Arch>(in.data(), whole.data(), in.size(), s, 5);
+  for (std::size_t b = 0; b < in.size(); b += 700) {
+    const std::size_t m = std::min<std::size_t>(700, in.size() - b);
+    to_bf16_stochastic<Arch>(in.data() + b, pieces.data() + b, m, s, 5 + b);
+  }
+  for (std::size_t i = 0; i < in.size(); ++i) REQUIRE(whole[i].bits == pieces[i].bits);
 }
 
 TEST_CASE("memory regions measure peak heap bytes and count allocations", "[core][memory]") {

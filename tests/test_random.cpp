@@ -64,6 +64,122 @@ LOWMEM_ARCH_TEST_CASE("vectorized fills equal the scalar stream at tail sizes an
   }
 }
 
+LOWMEM_ARCH_TEST_CASE("Philox building blocks equal scalar 32x32->64 products", "[random][simd]") {
+  using Arch = TestType;
+  LOWMEM_SKIP_IF_UNSUPPORTED();
+  using U = simd::ubatch<Arch>;
+  constexpr std::size_t W = simd::width<Arch>;
+  const stream src{5, 6};
+  alignas(64) std::uint32_t a[W], b[W], hi[W], lo[W], out[W];
+  for (std::uint64_t rep = 0; rep < 200; ++rep) {
+    for (std::size_t l = 0; l < W; ++l)
+      a[l] = src.bits(rep * 64 + l), b[l] = src.bits(rep * 64 + 32 + l);
+    if (rep == 0) a[0] = 0xFFFFFFFFu, a[W - 1] = 0; // extremes
+    const std::uint32_t m = rep % 2 ? random::philox_m0 : random::philox_m1;
+    U h, lw;
+    simd::mul_hi_lo<Arch>(U::load_aligned(a), m, h, lw);
+    h.store_aligned(hi);
+    lw.store_aligned(lo);
+    simd::mul_wide_u32<Arch>(U::load_aligned(a), m).store_aligned(out);
+    for (std::size_t l = 0; l < W; ++l) {
+      const std::uint64_t p = std::uint64_t(a[l]) * m;
+      REQUIRE(hi[l] == std::uint32_t(p >> 32));
+      REQUIRE(lo[l] == std::uint32_t(p));
+      if (l % 2 == 0) { // 64-bit lanes: full product of the low dword
+        REQUIRE(out[l] == std::uint32_t(p));
+        REQUIRE(out[l + 1] == std::uint32_t(p >> 32));
+      }
+    }
+    simd::high_to_low_u64<Arch>(U::load_aligned(a)).store_aligned(out);
+    for (std::size_t l = 0; l < W; l += 2) CHECK((out[l] == a[l + 1] && out[l + 1] == 0));
+    simd::pack_u64<Arch>(U::load_aligned(a), U::load_aligned(b)).store_aligned(out);
+    simd::pack_u64<Arch, true>(U::load_aligned(a), U::load_aligned(b)).store_aligned(hi);
+    for (std::size_t l = 0; l < W; l += 4) {
+      CHECK((out[l] == a[l] && out[l + 1] == a[l + 2] && out[l + 2] == b[l] &&
+             out[l + 3] == b[l + 2]));
+      CHECK((hi[l] == a[l + 1] && hi[l + 1] == a[l + 3] && hi[l + 2] == b[l + 1] &&
+             hi[l + 3] == b[l + 3]));
+    }
+  }
+  // the wide Philox group evaluation equals the scalar generator, across a 2^32-block boundary
+  const stream s{0x0123456789abcdefull, 0xfedcba9876543210ull};
+  for (std::uint64_t g : {0ull, 1ull, 12345ull, (1ull << 28) - 1, 1ull << 28}) {
+    U w[4][random::kernels::regs_per_word<Arch>];
+    random::kernels::philox_group<Arch>(s, g, w);
+    for (std::size_t r = 0; r < random::kernels::regs_per_word<Arch>; ++r)
+      for (int k = 0; k < 4; ++k) {
+        w[k][r].store_aligned(out);
+        for (std::size_t l = 0; l < W; ++l) REQUIRE(out[l] == s.bits(64 * g + 16 * k + r * W + l));
+      }
+  }
+}
+
+LOWMEM_ARCH_TEST_CASE("fast vector log, sqrt and sincos over the Box–Muller input domain",
+                      "[random][simd]") {
+  using Arch = TestType;
+  LOWMEM_SKIP_IF_UNSUPPORTED();
+  using F = simd::fbatch<Arch>;
+  using U = simd::ubatch<Arch>;
+  constexpr std::size_t W = simd::width<Arch>;
+  alignas(64) float x[W], y[W], c[W];
+  alignas(64) std::uint32_t t[W];
+  // -ln(X 2^-24) for X in [1, 2^24] (u1 of Box–Muller): both ends, every power-of-two boundary
+  // neighbourhood, and a stride through the rest; relative error (exact 0 at X = 2^24)
+  std::vector<std::uint32_t> xs = {1, 2, 3, (1u << 24) - 1, 1u << 24};
+  for (std::uint32_t e = 1; e < 24; ++e)
+    for (std::int32_t d = -3; d <= 3; ++d) xs.push_back(std::uint32_t(std::int64_t(1) << e) + d);
+  for (std::uint32_t X = 5; X < (1u << 24); X += 4099) xs.push_back(X);
+  double log_err = 0, sqrt_err = 0;
+  for (std::size_t i = 0; i < xs.size(); i += W) {
+    for (std::size_t l = 0; l < W; ++l) x[l] = float(xs[std::min(i + l, xs.size() - 1)]);
+    const F L = simd::log_fast<Arch, true>(F::load_aligned(x), 24);
+    L.store_aligned(y);
+    simd::sqrt_fast<Arch>(L).store_aligned(c);
+    for (std::size_t l = 0; l < W; ++l) {
+      const double ref = -std::log(double(x[l]) * 0x1p-24);
+      if (ref == 0) {
+        REQUIRE(y[l] == 0.f);
+        REQUIRE(c[l] == 0.f);
+        continue;
+      }
+      log_err = std::max(log_err, std::fabs(y[l] - ref) / ref);
+      sqrt_err =
+          std::max(sqrt_err, std::fabs(c[l] - std::sqrt(double(y[l]))) / std::sqrt(double(y[l])));
+    }
+  }
+  CHECK(log_err < 4e-7);
+  CHECK(sqrt_err < 4e-7);
+  // plain ln over a few decades
+  double ln_err = 0;
+  for (float v = 1e-30f; v < 1e30f; v *= 1.37f) {
+    simd::log_fast<Arch>(F(v)).store_aligned(y);
+    ln_err = std::max(ln_err, std::fabs(y[0] - std::log(double(v))) /
+                                  std::max(1.0, std::fabs(std::log(double(v)))));
+  }
+  CHECK(ln_err < 4e-7);
+  // sin, cos of 2 pi (b >> 8) 2^-24: quadrant boundaries (with any low 8 bits) and a stride
+  std::vector<std::uint32_t> ts;
+  for (std::uint32_t q = 0; q < 8; ++q)
+    for (std::int32_t d = -2; d <= 2; ++d)
+      ts.push_back((q << 29) + std::uint32_t(d * 256) + (q * 37 & 0xFF));
+  ts.push_back(0xFFFFFFFFu);
+  for (std::uint32_t b = 77; b < 0xFFFFFF00u; b += 104729 * 13) ts.push_back(b);
+  double sc_err = 0;
+  for (std::size_t i = 0; i < ts.size(); i += W) {
+    for (std::size_t l = 0; l < W; ++l) t[l] = ts[std::min(i + l, ts.size() - 1)];
+    F sn, cs;
+    simd::sincos_turns<Arch>(U::load_aligned(t), sn, cs, 2.0f);
+    sn.store_aligned(y);
+    cs.store_aligned(c);
+    for (std::size_t l = 0; l < W; ++l) {
+      const double a = 6.283185307179586 * double(t[l] >> 8) * 0x1p-24;
+      sc_err =
+          std::max({sc_err, std::fabs(y[l] - 2 * std::sin(a)), std::fabs(c[l] - 2 * std::cos(a))});
+    }
+  }
+  CHECK(sc_err < 2 * 2e-7);
+}
+
 TEST_CASE("a range filled whole, in pieces, and on 2 threads is bitwise identical", "[random]") {
   const stream s{2024, 3};
   const std::size_t n = 300001;

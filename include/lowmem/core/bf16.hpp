@@ -7,12 +7,17 @@
 //    E[to_float(result)] = x exactly for finite x whose bf16 neighbours are finite (unbiased);
 //    the bits come from the core counter RNG, value `index` of `stream`, so results are
 //    reproducible and independent of threading.
+// The array conversions are vectorized on an xsimd arch (default: the consumer's flags) and are
+// bitwise equal to the scalar ones (tested on every arch); the stochastic one draws its words
+// with the vectorized Philox (random::kernels::fill_words), ~25x faster than word-by-word.
 #pragma once
 
 #include <cstddef>
 #include <cstdint>
 #include <cstring>
 
+#include "../kernels/random.hpp"
+#include "../simd/simd.hpp"
 #include "random.hpp"
 
 namespace lowmem {
@@ -60,16 +65,74 @@ inline bf16 to_bf16_stochastic(float f, const random::stream& s, std::uint64_t i
   return to_bf16_stochastic(f, s.bits(index) >> 16);
 }
 
-/// Array conversions (n elements). RNE; stochastic from values [offset, offset + n) of `s`.
+namespace detail {
+/// RNE (or, with r, stochastic) bf16 bits of W floats: the scalar formulas above, lane-wise.
+template <class Arch, bool Stochastic>
+inline simd::ubatch<Arch> bf16_bits(const simd::ubatch<Arch>& u, const simd::ubatch<Arch>& r) {
+  using U = simd::ubatch<Arch>;
+  using I = simd::ibatch<Arch>;
+  // NaN: |u| > Inf as int32 (the masked value is non-negative)
+  const auto nan = xsimd::bitwise_cast<I>(u & U(0x7FFFFFFFu)) > I(0x7F800000);
+  const U quiet = (u >> 16) | U(0x0040u);
+  U rounded;
+  if constexpr (Stochastic) {
+    rounded = (u + r) >> 16; // Inf + r < next binade: stays Inf, as the scalar special case
+  } else {
+    (void)r;
+    rounded = (u + U(0x7FFFu) + ((u >> 16) & U(1u))) >> 16;
+  }
+  return xsimd::bitwise_cast<U>(
+      xsimd::select(nan, xsimd::bitwise_cast<I>(quiet), xsimd::bitwise_cast<I>(rounded)));
+}
+} // namespace detail
+
+/// Array conversions (n elements), vectorized on Arch (the consumer's instruction set by
+/// default); bitwise equal to the scalar conversions above. RNE; stochastic from values
+/// [offset, offset + n) of `s` (random words generated in L1-sized chunks, no allocation).
+template <class Arch = simd::default_arch>
 inline void to_bf16(const float* in, bf16* out, std::size_t n) noexcept {
-  for (std::size_t i = 0; i < n; ++i) out[i] = to_bf16(in[i]);
+  using U = simd::ubatch<Arch>;
+  constexpr std::size_t W = simd::width<Arch>;
+  static_assert(sizeof(bf16) == sizeof(std::uint16_t), "bf16 is its 16 bits");
+  auto* o = reinterpret_cast<std::uint16_t*>(out);
+  const std::size_t nv = n - n % (2 * W);
+  for (std::size_t i = 0; i < nv; i += 2 * W) {
+    const U u0 = simd::as_uint<Arch>(simd::fbatch<Arch>::load_unaligned(in + i));
+    const U u1 = simd::as_uint<Arch>(simd::fbatch<Arch>::load_unaligned(in + i + W));
+    simd::store_low_u16<Arch>(o + i, detail::bf16_bits<Arch, false>(u0, u0),
+                              detail::bf16_bits<Arch, false>(u1, u1));
+  }
+  for (std::size_t i = nv; i < n; ++i) out[i] = to_bf16(in[i]);
 }
+template <class Arch = simd::default_arch>
 inline void to_float(const bf16* in, float* out, std::size_t n) noexcept {
-  for (std::size_t i = 0; i < n; ++i) out[i] = to_float(in[i]);
+  constexpr std::size_t W = simd::width<Arch>;
+  const auto* p = reinterpret_cast<const std::uint16_t*>(in);
+  const std::size_t nv = n - n % W;
+  for (std::size_t i = 0; i < nv; i += W)
+    simd::as_float<Arch>(simd::load_u16_high<Arch>(p + i)).store_unaligned(out + i);
+  for (std::size_t i = nv; i < n; ++i) out[i] = to_float(in[i]);
 }
+template <class Arch = simd::default_arch>
 inline void to_bf16_stochastic(const float* in, bf16* out, std::size_t n, const random::stream& s,
                                std::uint64_t offset = 0) noexcept {
-  for (std::size_t i = 0; i < n; ++i) out[i] = to_bf16_stochastic(in[i], s, offset + i);
+  using U = simd::ubatch<Arch>;
+  constexpr std::size_t W = simd::width<Arch>, chunk = 512;
+  auto* o = reinterpret_cast<std::uint16_t*>(out);
+  alignas(64) std::uint32_t words[chunk];
+  for (std::size_t c = 0; c < n; c += chunk) {
+    const std::size_t m = n - c < chunk ? n - c : chunk;
+    random::kernels::fill_words<Arch>(s, offset + c, words, m);
+    const std::size_t mv = m - m % (2 * W);
+    for (std::size_t i = 0; i < mv; i += 2 * W) {
+      const U u0 = simd::as_uint<Arch>(simd::fbatch<Arch>::load_unaligned(in + c + i));
+      const U u1 = simd::as_uint<Arch>(simd::fbatch<Arch>::load_unaligned(in + c + i + W));
+      const U r0 = U::load_aligned(words + i) >> 16, r1 = U::load_aligned(words + i + W) >> 16;
+      simd::store_low_u16<Arch>(o + c + i, detail::bf16_bits<Arch, true>(u0, r0),
+                                detail::bf16_bits<Arch, true>(u1, r1));
+    }
+    for (std::size_t i = mv; i < m; ++i) out[c + i] = to_bf16_stochastic(in[c + i], words[i] >> 16);
+  }
 }
 
 } // namespace lowmem

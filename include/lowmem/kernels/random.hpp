@@ -2,10 +2,30 @@
 //
 // out[k] = f(value begin + k of stream s) for k in [0, n), f = uniform / normal / rademacher /
 // bits, with the value -> counter mapping of core/random.hpp. One group of 64 values is 16 Philox
-// blocks run side by side in SIMD lanes (16/width registers per Philox word). Ranges that start or
-// end inside a group compute that group into a stack buffer and copy the needed part, so any
-// slice equals the same slice of a whole-range fill, bit for bit (test: whole vs pieces vs
-// threads). No heap allocation.
+// blocks run side by side in SIMD lanes. Ranges that start or end inside a group compute that group
+// into a stack buffer and copy the needed part, so any slice equals the same slice of a whole-range
+// fill, bit for bit (test: whole vs pieces vs threads). No heap allocation.
+//
+// Why it is fast (one AVX-512 core; see bench/bench_core.cpp):
+//  * One Philox block per 64-bit lane: a round is then vpmuludq (the full 64-bit product: low half
+//    in place, high half one vpsrlq away) + vpsrlq + one 3-way xor (vpternlogd) per multiply, with
+//    no lane shuffles and no vpmulld. The high dword of each lane is scratch; only the low dwords
+//    are packed (shufps) in the last round.
+//  * Counter words 1-3 are the same for all 16 blocks of a group (hi32(block), the stream id), so
+//    round 0's second multiply and round 1's first are scalar, precomputed once per fill
+//    (philox_plan): 18 instead of 20 vector multiplies per 8 blocks. The round keys are
+//    broadcast once per fill, not per group.
+//  * Two to four independent units are interleaved per step (a Philox round is a 5-cycle
+//    dependency chain mul -> shift -> xor).
+//  * Words for 8 groups go to an L1 buffer, then a separate loop transforms them: Box–Muller's long
+//    dependency chain would otherwise stall behind Philox's in every group. (Splicing the two at
+//    round or step granularity was measured slower: register spills / no gain.)
+//  * Box–Muller uses simd::log_fast, simd::sqrt_fast and simd::sincos_turns (polynomials with
+//    exact range reduction, ~2e-7 relative; Estrin evaluation) instead of xsimd's generic
+//    log/sincos, and rsqrt + one Newton step instead of vsqrtps.
+// Measured on one Zen 4 core (AVX-512 double-pumped; 3.65 GHz): Philox ~1.05 cycles/value (the
+// mul -> shift -> xor triples issue at ~1.7 cycles per 512-bit triple; 36 triples per 64 values),
+// normal transform ~0.85 cycles/value (~24 FMA-pipe ops per 32 values), uniform ~0.15.
 #pragma once
 
 #include <cstddef>
@@ -16,105 +36,313 @@
 #include "../core/threading.hpp"
 #include "../simd/simd.hpp"
 
+#if defined(__GNUC__) || defined(__clang__)
+#define LOWMEM_RANDOM_UNROLL _Pragma("GCC unroll 16")
+#else
+#define LOWMEM_RANDOM_UNROLL
+#endif
+
 namespace lowmem::random {
 namespace kernels {
 
+/// Registers of one Philox output word per group (16 lanes / width).
 template <class Arch> inline constexpr std::size_t regs_per_word = 16 / simd::width<Arch>;
+/// Register-wide units (2 registers of W/2 blocks each) evaluated together per step: ILP across
+/// independent Philox chains. Measured on Zen 4: 2 for 512-bit registers (16 state registers of
+/// 32), 4 for 256-bit ones (the extra chains beat the spills).
+template <class Arch>
+inline constexpr std::size_t units_in_flight = simd::width<Arch> >= 16 ? 2 : 4;
+
+/// Per-fill constants of the wide Philox evaluation: round keys as vectors, and the parts of
+/// rounds 0-1 that are the same for every block of a group (counter words 1-3 do not depend on
+/// the lane). Valid for the groups whose blocks share hi32(block) == `block_hi`.
+template <class Arch> struct philox_plan {
+  using U = simd::ubatch<Arch>;
+  static constexpr std::size_t W = simd::width<Arch>, R = regs_per_word<Arch>;
+  U k0[10], k1[10];
+  U r0_c2;      // round 0: c2' = hi(m0 c0) ^ (c3 ^ k1[0])
+  U r1_c0;      // round 1: c0'' = hi(m1 c2') ^ (lo(m1 c2) ^ k0[1])
+  U r1_c2;      // round 1: c2'' = c3' ^ (hi(m0 c0') ^ k1[1]), c0' scalar
+  U r1_c3;      // round 1: c3'' = lo(m0 c0')
+  U offs[R][2]; // low-counter lane offsets of unit p, half s (one block per 64-bit lane)
+  std::uint32_t block_hi = 0;
+
+  philox_plan(const stream& s, std::uint32_t hi) {
+    const key_t key = s.key();
+    std::uint32_t a = key[0], b = key[1];
+    for (int r = 0; r < 10; ++r, a += philox_w0, b += philox_w1) k0[r] = U(a), k1[r] = U(b);
+    // pack_low_u64(v0, v1) puts v_s's 64-bit lane q = 2l + i into packed lane 4l + 2s + i
+    alignas(64) std::uint32_t lanes[W];
+    for (std::size_t p = 0; p < R; ++p)
+      for (std::size_t sh = 0; sh < 2; ++sh) {
+        for (std::size_t q = 0; q < W / 2; ++q) {
+          lanes[2 * q] = std::uint32_t(p * W + 4 * (q / 2) + 2 * sh + q % 2);
+          lanes[2 * q + 1] = 0;
+        }
+        offs[p][sh] = U::load_aligned(lanes);
+      }
+    set_hi(s, hi);
+  }
+
+  void set_hi(const stream& s, std::uint32_t hi) {
+    const key_t key = s.key();
+    block_hi = hi;
+    const std::uint32_t c2 = std::uint32_t(s.id), c3 = std::uint32_t(s.id >> 32);
+    const std::uint64_t p1 = std::uint64_t(philox_m1) * c2;
+    const std::uint32_t c0r1 = std::uint32_t(p1 >> 32) ^ hi ^ key[0]; // round-0 c0' (scalar)
+    const std::uint32_t c1r1 = std::uint32_t(p1);                     // round-0 c1'
+    const std::uint64_t p0 = std::uint64_t(philox_m0) * c0r1;
+    r0_c2 = U(c3 ^ key[1]);
+    r1_c0 = U(c1r1 ^ (key[0] + philox_w0));
+    r1_c2 = U(std::uint32_t(p0 >> 32) ^ (key[1] + philox_w1));
+    r1_c3 = U(std::uint32_t(p0));
+  }
+};
+
+/// Philox4x32-10 of NU units. Unit u is register p[u] of group g[u] (blocks 16 g + p W + lane);
+/// all groups must share hi32(block) == P.block_hi. out[u][w] = word w, packed (lane = block).
+template <class Arch, std::size_t NU>
+inline void philox_units(const philox_plan<Arch>& P, const std::uint64_t (&g)[NU],
+                         const std::size_t (&p)[NU], simd::ubatch<Arch> (&out)[NU][4]) noexcept {
+  using U = simd::ubatch<Arch>;
+  // The 20 round-key vectors are loop-invariant for the caller's group loop; hoisted into
+  // registers next to the 8 NU state registers they force spills of the state. An opaque copy of
+  // the plan pointer keeps them as memory operands (loads are cheap, the ALU pipes are not).
+  const philox_plan<Arch>* pp = &P;
+#if defined(__GNUC__) || defined(__clang__)
+  __asm__("" : "+r"(pp));
+#endif
+  const philox_plan<Arch>& Q = *pp;
+  U x0[NU][2], x1[NU][2], x2[NU][2], x3[NU][2];
+  // round 0 (c1..c3 are lane-independent: only c0's product is a vector)
+  LOWMEM_RANDOM_UNROLL
+  for (std::size_t u = 0; u < NU; ++u) {
+    const U base(std::uint32_t(16 * g[u]));
+    LOWMEM_RANDOM_UNROLL
+    for (std::size_t s = 0; s < 2; ++s) {
+      const U m0 = simd::mul_wide_u32<Arch>(Q.offs[p[u]][s] + base, philox_m0);
+      x2[u][s] = simd::high_to_low_u64<Arch>(m0) ^ Q.r0_c2;
+      x3[u][s] = m0;
+    }
+  }
+  // round 1 (c0 is lane-independent: only c2's product is a vector)
+  LOWMEM_RANDOM_UNROLL
+  for (std::size_t u = 0; u < NU; ++u) {
+    LOWMEM_RANDOM_UNROLL
+    for (std::size_t s = 0; s < 2; ++s) {
+      const U m1 = simd::mul_wide_u32<Arch>(x2[u][s], philox_m1);
+      x0[u][s] = simd::high_to_low_u64<Arch>(m1) ^ Q.r1_c0;
+      x1[u][s] = m1;
+      x2[u][s] = x3[u][s] ^ Q.r1_c2;
+      x3[u][s] = Q.r1_c3;
+    }
+  }
+  LOWMEM_RANDOM_UNROLL
+  for (int r = 2; r < 9; ++r) {
+    LOWMEM_RANDOM_UNROLL
+    for (std::size_t u = 0; u < NU; ++u) {
+      LOWMEM_RANDOM_UNROLL
+      for (std::size_t s = 0; s < 2; ++s) {
+        const U m0 = simd::mul_wide_u32<Arch>(x0[u][s], philox_m0);
+        const U m1 = simd::mul_wide_u32<Arch>(x2[u][s], philox_m1);
+        x0[u][s] = simd::high_to_low_u64<Arch>(m1) ^ x1[u][s] ^ Q.k0[r];
+        x1[u][s] = m1;
+        x2[u][s] = simd::high_to_low_u64<Arch>(m0) ^ x3[u][s] ^ Q.k1[r];
+        x3[u][s] = m0;
+      }
+    }
+  }
+  // round 9, fused with packing the low dwords into lanes: the high halves are packed straight
+  // from the products (no shift), and the xors run on packed registers (half as many)
+  LOWMEM_RANDOM_UNROLL
+  for (std::size_t u = 0; u < NU; ++u) {
+    const U m0a = simd::mul_wide_u32<Arch>(x0[u][0], philox_m0);
+    const U m0b = simd::mul_wide_u32<Arch>(x0[u][1], philox_m0);
+    const U m1a = simd::mul_wide_u32<Arch>(x2[u][0], philox_m1);
+    const U m1b = simd::mul_wide_u32<Arch>(x2[u][1], philox_m1);
+    out[u][0] =
+        simd::pack_u64<Arch, true>(m1a, m1b) ^ simd::pack_u64<Arch>(x1[u][0], x1[u][1]) ^ Q.k0[9];
+    out[u][1] = simd::pack_u64<Arch>(m1a, m1b);
+    out[u][2] =
+        simd::pack_u64<Arch, true>(m0a, m0b) ^ simd::pack_u64<Arch>(x3[u][0], x3[u][1]) ^ Q.k1[9];
+    out[u][3] = simd::pack_u64<Arch>(m0a, m0b);
+  }
+}
 
 /// Words [4][16] of the 16 Philox blocks of group g, as registers: w[word][r] holds lanes
 /// r*width .. r*width+width-1.
 template <class Arch>
 inline void philox_group(const stream& s, std::uint64_t g,
                          simd::ubatch<Arch> (&w)[4][regs_per_word<Arch>]) noexcept {
-  using U = simd::ubatch<Arch>;
-  constexpr std::size_t W = simd::width<Arch>, R = regs_per_word<Arch>;
-  alignas(64) std::uint32_t lane_ids[16];
-  for (std::uint32_t l = 0; l < 16; ++l) lane_ids[l] = l;
-  const std::uint64_t block0 = 16 * g; // blocks 16g .. 16g+15: the low word never wraps inside
-  const key_t key = s.key();
-  for (std::size_t r = 0; r < R; ++r) {
-    U c0 = U::load_aligned(lane_ids + r * W) + U(std::uint32_t(block0));
-    U c1(std::uint32_t(block0 >> 32));
-    U c2(std::uint32_t(s.id));
-    U c3(std::uint32_t(s.id >> 32));
-    std::uint32_t k0 = key[0], k1 = key[1];
-    for (int round = 0; round < 10; ++round) {
-      U hi0, lo0, hi1, lo1;
-      simd::mul_hi_lo<Arch>(c0, philox_m0, hi0, lo0);
-      simd::mul_hi_lo<Arch>(c2, philox_m1, hi1, lo1);
-      c0 = hi1 ^ c1 ^ U(k0);
-      c1 = lo1;
-      c2 = hi0 ^ c3 ^ U(k1);
-      c3 = lo0;
-      k0 += philox_w0;
-      k1 += philox_w1;
-    }
-    w[0][r] = c0;
-    w[1][r] = c1;
-    w[2][r] = c2;
-    w[3][r] = c3;
+  const philox_plan<Arch> P(s, std::uint32_t((16 * g) >> 32));
+  for (std::size_t r = 0; r < regs_per_word<Arch>; ++r) {
+    simd::ubatch<Arch> out[1][4];
+    philox_units<Arch, 1>(P, {g}, {r}, out);
+    for (int k = 0; k < 4; ++k) w[k][r] = out[0][k];
   }
 }
 
-/// Writes the 64 values of group g as floats (f = uniform, rademacher or normal) to dst[0..64).
 enum class distribution { uniform, normal, rademacher };
 
+/// Box–Muller on one word pair: z_even = r cos(2 pi u2), z_odd = r sin(2 pi u2),
+/// r = sqrt(-2 ln u1), u1 = ((a >> 8) + 1) 2^-24, u2 = (b >> 8) 2^-24 (core/random.hpp).
+template <class Arch>
+inline void box_muller(const simd::ubatch<Arch>& a, const simd::ubatch<Arch>& b,
+                       simd::fbatch<Arch>& z_even, simd::fbatch<Arch>& z_odd) noexcept {
+  using U = simd::ubatch<Arch>;
+  using F = simd::fbatch<Arch>;
+  // -ln(u1) = -ln(X 2^-24), X in [1, 2^24] exact as float; the 2^-24 folds into the exponent.
+  const F x = simd::small_uint_to_float<Arch>((a >> 8) + U(1u));
+  // 2 sqrt(-ln u1) = sqrt(2) r: the factor sqrt(2)/2 goes into the sin/cos coefficients
+  const F r2 = simd::sqrt_fast<Arch, true>(simd::log_fast<Arch, true>(x, 24));
+  F sn, cs;
+  simd::sincos_turns<Arch, 24>(b, sn, cs, 0.70710678118654752f);
+  z_even = r2 * cs;
+  z_odd = r2 * sn;
+}
+
+/// Random words of the full groups [g0, g0 + ng) to bits[0 .. 64 ng), in value order
+/// (bits[64 (g - g0) + 16 w + l] = word w of block 16 g + l). `bits` is 64-byte aligned.
+template <class Arch>
+inline void philox_bits(philox_plan<Arch>& P, const stream& s, std::uint64_t g0, std::size_t ng,
+                        std::uint32_t* bits) noexcept {
+  using U = simd::ubatch<Arch>;
+  constexpr std::size_t R = regs_per_word<Arch>, W = simd::width<Arch>, NU = units_in_flight<Arch>;
+  const std::uint64_t g1 = g0 + ng;
+  std::uint64_t g = g0;
+  std::size_t r = 0;
+  // units (g, r) in order; NU at a time when they share hi32(block) (all but one step in 2^28)
+  while (g < g1) {
+    const std::uint32_t hi = std::uint32_t((16 * g) >> 32);
+    if (hi != P.block_hi) P.set_hi(s, hi);
+    std::uint64_t gs[NU];
+    std::size_t rs[NU];
+    std::uint64_t gn = g;
+    std::size_t rn = r, k = 0;
+    for (; k < NU && gn < g1 && std::uint32_t((16 * gn) >> 32) == hi; ++k) {
+      gs[k] = gn, rs[k] = rn;
+      if (++rn == R) rn = 0, ++gn;
+    }
+    if (k == NU) {
+      U w[NU][4];
+      philox_units<Arch, NU>(P, gs, rs, w);
+      for (std::size_t u = 0; u < NU; ++u)
+        for (int j = 0; j < 4; ++j)
+          w[u][j].store_aligned(bits + 64 * (gs[u] - g0) + rs[u] * W + 16 * j);
+      g = gn, r = rn;
+    } else {
+      U w[1][4];
+      philox_units<Arch, 1>(P, {g}, {r}, w);
+      for (int j = 0; j < 4; ++j) w[0][j].store_aligned(bits + 64 * (g - g0) + r * W + 16 * j);
+      if (++r == R) r = 0, ++g;
+    }
+  }
+}
+
+/// Piece j of the transform of a word buffer: out[i] = f(bits[i]) for one register pair, i.e.
+/// 2 W values (bits 64-byte aligned). Normal: the Box–Muller pair of value 16 w + l is
+/// 16 (w ^ 1) + l of the same group, so piece j is registers (w, w + 1) = (2 k, 2 k + 1) at lane
+/// offset r W of group j / (2 R); uniform and Rademacher: values [2 W j, 2 W (j + 1)).
 template <class Arch, distribution D>
-inline void group_values(const stream& s, std::uint64_t g, float* dst) noexcept {
+inline void transform_piece(const std::uint32_t* bits, float* out, std::size_t j) noexcept {
   using U = simd::ubatch<Arch>;
   using F = simd::fbatch<Arch>;
   constexpr std::size_t W = simd::width<Arch>, R = regs_per_word<Arch>;
-  U w[4][R];
-  philox_group<Arch>(s, g, w);
-  const F scale(0x1p-24f);
-  for (std::size_t r = 0; r < R; ++r) {
-    if constexpr (D == distribution::uniform) {
-      for (int k = 0; k < 4; ++k)
-        (simd::small_uint_to_float<Arch>(w[k][r] >> 8) * scale)
-            .store_unaligned(dst + 16 * k + r * W);
-    } else if constexpr (D == distribution::rademacher) {
-      for (int k = 0; k < 4; ++k) {
+  if constexpr (D == distribution::normal) {
+    const std::size_t i = 64 * (j / (2 * R)) + 32 * ((j / R) % 2) + (j % R) * W;
+    F z0, z1;
+    box_muller<Arch>(U::load_aligned(bits + i), U::load_aligned(bits + i + 16), z0, z1);
+    z0.store_unaligned(out + i);
+    z1.store_unaligned(out + i + 16);
+  } else {
+    LOWMEM_RANDOM_UNROLL
+    for (std::size_t i = 2 * W * j; i < 2 * W * (j + 1); i += W) {
+      const U b = U::load_aligned(bits + i);
+      if constexpr (D == distribution::uniform) {
+        (simd::small_uint_to_float<Arch>(b >> 8) * F(0x1p-24f)).store_unaligned(out + i);
+      } else {
         // +1.0f is 0x3F800000; OR-ing the top bit of the random word gives -1.0f.
-        U sign = w[k][r] & U(0x80000000u);
-        U v = sign | U(0x3F800000u);
-        simd::as_float<Arch>(v).store_unaligned(dst + 16 * k + r * W);
-      }
-    } else {
-      const F two_pi(6.28318530717958647692f);
-      for (int p = 0; p < 2; ++p) {
-        const U a = w[2 * p][r], b = w[2 * p + 1][r];
-        const F u1 = (simd::small_uint_to_float<Arch>(a >> 8) + F(1.0f)) * scale;
-        const F u2 = simd::small_uint_to_float<Arch>(b >> 8) * scale;
-        const F rad = xsimd::sqrt(F(-2.0f) * xsimd::log(u1));
-        F sn, cs;
-        std::tie(sn, cs) = xsimd::sincos(two_pi * u2);
-        (rad * cs).store_unaligned(dst + 16 * (2 * p) + r * W);
-        (rad * sn).store_unaligned(dst + 16 * (2 * p + 1) + r * W);
+        simd::as_float<Arch>((b & U(0x80000000u)) | U(0x3F800000u)).store_unaligned(out + i);
       }
     }
   }
+}
+
+/// out[i] = f(bits[i]) for the 64 ng values of ng full groups (bits 64-byte aligned).
+template <class Arch, distribution D>
+inline void transform(const std::uint32_t* bits, std::size_t ng, float* out) noexcept {
+  constexpr std::size_t pieces_per_group = 32 / simd::width<Arch>;
+  for (std::size_t j = 0; j < pieces_per_group * ng; ++j) transform_piece<Arch, D>(bits, out, j);
+}
+
+/// Writes the 64 values of group g as floats (f = uniform, rademacher or normal) to dst[0..64).
+template <class Arch, distribution D>
+inline void group_values(const stream& s, std::uint64_t g, float* dst) noexcept {
+  philox_plan<Arch> P(s, std::uint32_t((16 * g) >> 32));
+  alignas(64) std::uint32_t bits[64];
+  philox_bits<Arch>(P, s, g, 1, bits);
+  transform<Arch, D>(bits, 1, dst);
 }
 
 /// Fills out[0..n) with values [begin, begin + n) of s; serial.
 template <class Arch, distribution D>
 inline void fill(const stream& s, std::uint64_t begin, float* out, std::size_t n) noexcept {
   if (n == 0) return;
+  alignas(64) std::uint32_t bits[64];
+  alignas(64) float tmp[64];
   std::uint64_t i = begin;
   const std::uint64_t end = begin + n;
-  alignas(64) float tmp[64];
+  philox_plan<Arch> P(s, std::uint32_t((16 * (i / 64)) >> 32));
   // head: partial first group
   if (i % 64 != 0) {
     const std::uint64_t g = i / 64;
-    group_values<Arch, D>(s, g, tmp);
+    philox_bits<Arch>(P, s, g, 1, bits);
+    transform<Arch, D>(bits, 1, tmp);
     const std::uint64_t stop = end < 64 * (g + 1) ? end : 64 * (g + 1);
     std::memcpy(out, tmp + (i - 64 * g), (stop - i) * sizeof(float));
     out += stop - i;
     i = stop;
   }
-  for (; i + 64 <= end; i += 64, out += 64) group_values<Arch, D>(s, i / 64, out);
+  // full groups, a chunk at a time: words into an L1-resident buffer, then transformed. Two
+  // homogeneous loops keep many independent instructions in the out-of-order window; one fused
+  // loop per group would expose the long Philox -> Box–Muller dependency chain. (Splicing the
+  // transform between the Philox rounds was slower: register spills.)
+  constexpr std::size_t chunk = 8; // groups: 2 KiB of words
+  alignas(64) std::uint32_t words[64 * chunk];
+  while (i + 64 <= end) {
+    const std::uint64_t left = (end - i) / 64;
+    const std::size_t ng = left < chunk ? std::size_t(left) : chunk;
+    philox_bits<Arch>(P, s, i / 64, ng, words);
+    transform<Arch, D>(words, ng, out);
+    out += 64 * ng;
+    i += 64 * ng;
+  }
+  // tail: partial last group
   if (i < end) {
-    group_values<Arch, D>(s, i / 64, tmp);
+    philox_bits<Arch>(P, s, i / 64, 1, bits);
+    transform<Arch, D>(bits, 1, tmp);
     std::memcpy(out, tmp, (end - i) * sizeof(float));
+  }
+}
+
+/// Raw words: out[k] = s.bits(begin + k), k < n; serial, no allocation.
+template <class Arch>
+inline void fill_words(const stream& s, std::uint64_t begin, std::uint32_t* out,
+                       std::size_t n) noexcept {
+  if (n == 0) return;
+  constexpr std::size_t chunk = 8; // groups
+  alignas(64) std::uint32_t words[64 * chunk];
+  philox_plan<Arch> P(s, std::uint32_t((16 * (begin / 64)) >> 32));
+  std::uint64_t i = begin;
+  const std::uint64_t end = begin + n;
+  while (i < end) {
+    const std::uint64_t g0 = i / 64, g1 = (end + 63) / 64;
+    const std::size_t ng = std::size_t(g1 - g0 < chunk ? g1 - g0 : chunk);
+    philox_bits<Arch>(P, s, g0, ng, words);
+    const std::uint64_t stop = end < 64 * (g0 + ng) ? end : 64 * (g0 + ng);
+    std::memcpy(out, words + (i - 64 * g0), std::size_t(stop - i) * sizeof(std::uint32_t));
+    out += stop - i;
+    i = stop;
   }
 }
 
