@@ -93,6 +93,9 @@ struct attention_options {
   float dropout = 0.f;                               ///< attention dropout probability p in [0, 1)
   random::stream dropout_rng{0, 0}; ///< mask element (b,h,i,j) = uniform(((b·Hq+h)·Nk+j)·Nq+i)>=p
   int threads = 0;                  ///< thread budget; <= 0: max_threads()
+  /// Backward schedule: true forces the two-pass schedule, bitwise identical for any thread
+  /// count; false (default) may pick the faster single pass (see attention_backward).
+  bool deterministic = false;
 };
 
 namespace attention_detail {
@@ -204,9 +207,9 @@ template <class X> using identity_t = typename identity<X>::type;
 } // namespace attention_detail
 
 /// Workspace bytes attention_forward and attention_backward need for head dimension d and a
-/// thread budget (<= 0: max_threads()): per thread, four d × 64 fp32 tiles (packed operands and
-/// accumulators), three 64 × 64 score tiles and a few 64-vectors — about 16·d + 48 KiB per thread,
-/// independent of the sequence length.
+/// thread budget (<= 0: max_threads()): per thread, five d × 64 fp32 tiles (packed operands and
+/// accumulators), three 64 × 64 score tiles and a few 64-vectors — about (1.25·d + 49) KiB per
+/// thread (129 KiB at d = 64), independent of the sequence length.
 inline std::size_t attention_workspace_bytes(std::ptrdiff_t d, int threads = 0) {
   require_positive("attention_workspace_bytes", "d", d);
   return std::size_t(attention_detail::thread_budget(threads)) *
@@ -273,12 +276,19 @@ void attention_forward(const attention_tensor<Tq>& q,
 ///
 /// Shapes: as attention_forward; o, dout like q; dq (fp32) like q, dk, dv (fp32) like k, v.
 /// Memory: no allocation; `ws` as for the forward.
-/// Threads and determinism: two passes — dK/dV parallel over (batch, kv head, key tile), each
-/// tile looping over its query heads and query tiles in a fixed order; then dQ parallel over
-/// (batch, head, query tile) looping over key tiles in order. Every gradient element is summed by
-/// one thread in a fixed order, so the result is bitwise identical for any thread count and
-/// across runs (there is no faster non-deterministic mode; the price is recomputing S and P in
-/// both passes, 14 instead of 10 N²d flops).
+/// Threads and determinism — two schedules, each summing every gradient element on one thread in
+/// a fixed order (so each is reproducible run to run):
+///  * single pass (FA-2's 10·N²·d flops), parallel over (batch, kv head): each work item loops
+///    over its query heads and query tiles, and for each over the key tiles it sees; dQ is summed
+///    per query tile, dK/dV rows straight into the caller's buffers. Used when
+///    opt.deterministic is false, B·Hkv >= threads and d is a multiple of the SIMD width.
+///  * two passes (14·N²·d flops: S and P are recomputed in both), used otherwise: dK/dV
+///    parallel over (batch, kv head, key tile), each tile looping over its query heads and query
+///    tiles; then dQ parallel over (batch, head, query tile) looping over key tiles. One sequence
+///    of one head uses every core.
+/// Since the default picks the schedule from the thread count, its bits may differ between
+/// thread counts; with opt.deterministic = true the result is bitwise identical for any thread
+/// count (and across runs).
 /// Numerics: fp32 accumulation; relative error vs a double reference ~1e-5.
 /// Preconditions: as attention_forward, plus matching shapes of o, dout, dq, dk, dv.
 template <class Arch = simd::default_arch, class Tq, class T = std::remove_const_t<Tq>>
@@ -318,7 +328,7 @@ void attention_backward(const attention_tensor<Tq>& q,
                                   dq.stride_seq,    dk.data,         dk.stride_batch,
                                   dk.stride_head,   dk.stride_seq,   dv.data,
                                   dv.stride_batch,  dv.stride_head,  dv.stride_seq};
-  attention_kernels::backward<Arch>(p, io, threads, base);
+  attention_kernels::backward<Arch>(p, io, threads, opt.deterministic, base);
 }
 
 /// Convenience overload: allocates the workspace once for this call (not for hot loops).

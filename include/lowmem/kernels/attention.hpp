@@ -22,6 +22,7 @@
 #include <cstddef>
 #include <cstdint>
 #include <limits>
+#include <type_traits>
 
 #include "../core/bf16.hpp"
 #include "../core/random.hpp"
@@ -104,15 +105,22 @@ template <class Arch> inline constexpr int nb_regs = simd::width<Arch> >= 16 ? 4
 inline constexpr int mr_rows = 6;
 
 /// C(m, 0..NB·W) (+)= Σ_p A(m, p) B(p, 0..NB·W) for m < MR; A(m, p) = a[m·sm + p·sp].
-template <class Arch, int MR, int NB, bool Accumulate, class TA>
+/// B rows are aligned; C rows aligned (packed buffers) or not (rows of the caller's gradients).
+template <class Arch, int MR, int NB, bool Accumulate, bool AlignedC, class TA>
 inline void gemm_block(const TA* a, index_t sm, index_t sp, index_t P, const float* b, index_t ldb,
                        float* c, index_t ldc) noexcept {
   using F = simd::fbatch<Arch>;
   constexpr index_t W = index_t(simd::width<Arch>);
   F acc[MR][NB];
   for (int m = 0; m < MR; ++m)
-    for (int v = 0; v < NB; ++v)
-      acc[m][v] = Accumulate ? F::load_aligned(c + m * ldc + v * W) : F(0.f);
+    for (int v = 0; v < NB; ++v) {
+      if constexpr (!Accumulate)
+        acc[m][v] = F(0.f);
+      else if constexpr (AlignedC)
+        acc[m][v] = F::load_aligned(c + m * ldc + v * W);
+      else
+        acc[m][v] = F::load_unaligned(c + m * ldc + v * W);
+    }
   for (index_t p = 0; p < P; ++p) {
     F bv[NB];
     for (int v = 0; v < NB; ++v) bv[v] = F::load_aligned(b + p * ldb + v * W);
@@ -122,16 +130,35 @@ inline void gemm_block(const TA* a, index_t sm, index_t sp, index_t P, const flo
     }
   }
   for (int m = 0; m < MR; ++m)
-    for (int v = 0; v < NB; ++v) acc[m][v].store_aligned(c + m * ldc + v * W);
+    for (int v = 0; v < NB; ++v) {
+      if constexpr (AlignedC)
+        acc[m][v].store_aligned(c + m * ldc + v * W);
+      else
+        acc[m][v].store_unaligned(c + m * ldc + v * W);
+    }
 }
 
-template <class Arch, int MR, int NB, bool Accumulate, class TA>
+template <class Arch, int MR, int NB, bool Accumulate, bool AlignedC, class TA>
 inline void gemm_tail(index_t rows, const TA* a, index_t sm, index_t sp, index_t P, const float* b,
                       index_t ldb, float* c, index_t ldc) noexcept {
   if constexpr (MR > 0) {
-    if (rows == MR) return gemm_block<Arch, MR, NB, Accumulate>(a, sm, sp, P, b, ldb, c, ldc);
-    gemm_tail<Arch, MR - 1, NB, Accumulate>(rows, a, sm, sp, P, b, ldb, c, ldc);
+    if (rows == MR)
+      return gemm_block<Arch, MR, NB, Accumulate, AlignedC>(a, sm, sp, P, b, ldb, c, ldc);
+    gemm_tail<Arch, MR - 1, NB, Accumulate, AlignedC>(rows, a, sm, sp, P, b, ldb, c, ldc);
   }
+}
+
+/// C(m, 0..NB·W) for all m < M, in blocks of mr_rows rows.
+template <class Arch, int NB, bool Accumulate, bool AlignedC, class TA>
+inline void gemm_cols(const TA* a, index_t sm, index_t sp, index_t M, index_t P, const float* b,
+                      index_t ldb, float* c, index_t ldc) noexcept {
+  index_t m = 0;
+  for (; m + mr_rows <= M; m += mr_rows)
+    gemm_block<Arch, mr_rows, NB, Accumulate, AlignedC>(a + m * sm, sm, sp, P, b, ldb, c + m * ldc,
+                                                        ldc);
+  if (m < M)
+    gemm_tail<Arch, mr_rows - 1, NB, Accumulate, AlignedC>(M - m, a + m * sm, sm, sp, P, b, ldb,
+                                                           c + m * ldc, ldc);
 }
 
 /// C (M × 64, ld ldc) (+)= A (M × P, strides sm, sp) · B (P × 64, ld ldb); B, C 64-byte aligned.
@@ -140,15 +167,29 @@ inline void gemm(const TA* a, index_t sm, index_t sp, index_t M, index_t P, cons
                  index_t ldb, float* c, index_t ldc) noexcept {
   constexpr int NB = nb_regs<Arch>;
   constexpr index_t step = NB * index_t(simd::width<Arch>);
-  for (index_t v0 = 0; v0 < tile; v0 += step) {
-    index_t m = 0;
-    for (; m + mr_rows <= M; m += mr_rows)
-      gemm_block<Arch, mr_rows, NB, Accumulate>(a + m * sm, sm, sp, P, b + v0, ldb,
-                                                c + m * ldc + v0, ldc);
-    if (m < M)
-      gemm_tail<Arch, mr_rows - 1, NB, Accumulate>(M - m, a + m * sm, sm, sp, P, b + v0, ldb,
-                                                   c + m * ldc + v0, ldc);
+  for (index_t v0 = 0; v0 < tile; v0 += step)
+    gemm_cols<Arch, NB, Accumulate, true>(a, sm, sp, M, P, b + v0, ldb, c + v0, ldc);
+}
+
+template <class Arch, int NB, class TA>
+inline void gemm_rows_rest(index_t vecs, const TA* a, index_t sm, index_t sp, index_t M, index_t P,
+                           const float* b, index_t ldb, float* c, index_t ldc) noexcept {
+  if constexpr (NB > 0) {
+    if (vecs == NB) return gemm_cols<Arch, NB, true, false>(a, sm, sp, M, P, b, ldb, c, ldc);
+    gemm_rows_rest<Arch, NB - 1>(vecs, a, sm, sp, M, P, b, ldb, c, ldc);
   }
+}
+
+/// C (M × n, unaligned rows, ld ldc) += A (M × P) · B (P × n, aligned rows, ld ldb); n % W == 0.
+template <class Arch, class TA>
+inline void gemm_acc_rows(const TA* a, index_t sm, index_t sp, index_t M, index_t P, const float* b,
+                          index_t ldb, float* c, index_t ldc, index_t n) noexcept {
+  constexpr int NB = nb_regs<Arch>;
+  constexpr index_t W = index_t(simd::width<Arch>);
+  index_t v0 = 0;
+  for (; v0 + NB * W <= n; v0 += NB * W)
+    gemm_cols<Arch, NB, true, false>(a, sm, sp, M, P, b + v0, ldb, c + v0, ldc);
+  if (v0 < n) gemm_rows_rest<Arch, NB - 1>((n - v0) / W, a, sm, sp, M, P, b + v0, ldb, c + v0, ldc);
 }
 
 // ---- score transform: z = scale·s (→ softcap) + alibi + bias, masked --------------------------
@@ -235,11 +276,18 @@ inline void pack_transposed(const T* x, index_t sn, index_t rows, index_t d, flo
   }
 }
 
+/// Packs rows [0, rows) of x (row stride sn) into X (rows × d, ld d) as fp32.
+template <class T>
+inline void pack_rows(const T* x, index_t sn, index_t rows, index_t d, float* out) noexcept {
+  for (index_t c = 0; c < rows; ++c)
+    for (index_t k = 0; k < d; ++k) out[c * d + k] = load(x + c * sn + k);
+}
+
 // ---- workspace ---------------------------------------------------------------------------------
 
 struct buffers {
-  float *a, *b, *acc1, *acc2; // d × 64 each: packed operands and accumulators
-  float *s, *dp;              // 64 × 64 tiles
+  float *a, *b, *e, *acc1, *acc2; // d × 64 each: packed operands and accumulators
+  float *s, *dp;                  // 64 × 64 tiles
   float *m, *l, *dvec, *lvec, *drop_row;
   float* drop_tile; // 64 × 64
 };
@@ -249,6 +297,7 @@ template <class WS> inline buffers carve(WS& ws, index_t d) {
   const std::size_t dt = std::size_t(d * tile), tt = std::size_t(tile * tile);
   b.a = ws.template take<float>(dt);
   b.b = ws.template take<float>(dt);
+  b.e = ws.template take<float>(dt);
   b.acc1 = ws.template take<float>(dt);
   b.acc2 = ws.template take<float>(dt);
   b.s = ws.template take<float>(tt);
@@ -386,10 +435,22 @@ template <class T> struct bwd_io {
   index_t dv_sb, dv_sh, dv_sn;
 };
 
-/// D_i = Σ_k dO_ik O_ik (fp32).
-template <class T> inline float row_dot(const T* a, const T* b, index_t d) noexcept {
+/// D_i = Σ_k dO_ik O_ik (fp32; SIMD for fp32 rows, the order is fixed so results are
+/// reproducible).
+template <class Arch, class T> inline float row_dot(const T* a, const T* b, index_t d) noexcept {
+  index_t k = 0;
   float s = 0;
-  for (index_t k = 0; k < d; ++k) s += load(a + k) * load(b + k);
+  if constexpr (std::is_same<T, float>::value) {
+    using F = simd::fbatch<Arch>;
+    constexpr index_t W = index_t(simd::width<Arch>);
+    if (d >= W) {
+      F acc(0.f);
+      for (; k + W <= d; k += W)
+        acc = simd::fma<Arch>(F::load_unaligned(a + k), F::load_unaligned(b + k), acc);
+      s = simd::reduce_add(acc);
+    }
+  }
+  for (; k < d; ++k) s += load(a + k) * load(b + k);
   return s;
 }
 /// log-sum-exp with fully masked rows (-inf) mapped to +inf, so exp(z - L) = 0 there.
@@ -440,7 +501,7 @@ void backward_kv_tile(const problem<T>& p, const bwd_io<T>& io, index_t s, index
               w.drop_tile + c * tile, std::size_t(nr));
       for (index_t r = 0; r < nr; ++r) {
         const index_t i = i0 + r;
-        const float Di = row_dot(doh + i * io.do_sn, oh + i * io.o_sn, d);
+        const float Di = row_dot<Arch>(doh + i * io.do_sn, oh + i * io.o_sn, d);
         const F L(safe_lse(lh[i]));
         const float rel0 = float(i + off - j0);
         const float* brow = bias0 ? bias0 + i * p.bias_si : nullptr;
@@ -502,7 +563,7 @@ void backward_q_tile(const problem<T>& p, const bwd_io<T>& io, index_t s, index_
   std::fill(dqt, dqt + d * tile, 0.f);
   std::fill(w.drop_row, w.drop_row + tile, 0.f);
   for (index_t c = 0; c < tile; ++c) {
-    w.dvec[c] = c < nrows ? row_dot(dob + c * io.do_sn, ob + c * io.o_sn, d) : 0.f;
+    w.dvec[c] = c < nrows ? row_dot<Arch>(dob + c * io.do_sn, ob + c * io.o_sn, d) : 0.f;
     w.lvec[c] = c < nrows ? safe_lse(lb[c]) : std::numeric_limits<float>::infinity();
   }
   index_t jlo, jhi;
@@ -538,6 +599,86 @@ void backward_q_tile(const problem<T>& p, const bwd_io<T>& io, index_t s, index_
     for (index_t k = 0; k < d; ++k) dqb[c * io.dq_sn + k] += dqt[k * tile + c];
 }
 
+/// Single-pass backward (FA-2 flop count) of one (segment, kv head): loops over its query heads
+/// and query tiles; for each, over the key tiles it sees (queries in lanes). dQ is accumulated per
+/// query tile in a buffer; dK and dV rows are accumulated straight into the caller's gradients,
+/// which only this work item touches. Requires d % W == 0 (aligned packed rows).
+template <class Arch, class T>
+void backward_group(const problem<T>& p, const bwd_io<T>& io, index_t s, index_t hk,
+                    const buffers& w) {
+  using F = simd::fbatch<Arch>;
+  constexpr index_t W = index_t(simd::width<Arch>), NV = tile / W;
+  const segment sg = get_segment(p, s);
+  const index_t d = p.d, off = sg.nk - sg.nq, group = p.hq / p.hkv;
+  const T* kb = p.k + sg.b * p.k_sb + hk * p.k_sh + sg.k_begin * p.k_sn;
+  const T* vb = p.v + sg.b * p.v_sb + hk * p.v_sh + sg.k_begin * p.v_sn;
+  float* dkb = io.dk + sg.b * io.dk_sb + hk * io.dk_sh + sg.k_begin * io.dk_sn;
+  float* dvb = io.dv + sg.b * io.dv_sb + hk * io.dv_sh + sg.k_begin * io.dv_sn;
+  float *qt = w.a, *dot = w.b, *qp = w.e, *dop = w.acc2, *dqt = w.acc1, *S = w.s, *dP = w.dp;
+  std::fill(w.drop_row, w.drop_row + tile, 0.f);
+  for (index_t h = hk * group; h < (hk + 1) * group; ++h) {
+    const scorer<Arch> sc = make_scorer<Arch>(p, h);
+    for (index_t i0 = 0; i0 < sg.nq; i0 += tile) {
+      const index_t nrows = std::min(tile, sg.nq - i0);
+      const T* qb = p.q + sg.b * p.q_sb + h * p.q_sh + (sg.q_begin + i0) * p.q_sn;
+      const T* ob = io.o + sg.b * io.o_sb + h * io.o_sh + (sg.q_begin + i0) * io.o_sn;
+      const T* dob = io.dout + sg.b * io.do_sb + h * io.do_sh + (sg.q_begin + i0) * io.do_sn;
+      const float* lb = io.lse + (sg.b * p.hq + h) * p.nq + sg.q_begin + i0;
+      const float* bias0 = p.bias ? p.bias + sg.b * p.bias_sb + h * p.bias_sh +
+                                        (sg.q_begin + i0) * p.bias_si + sg.k_begin
+                                  : nullptr;
+      pack_transposed(qb, p.q_sn, nrows, d, qt);
+      pack_transposed(dob, io.do_sn, nrows, d, dot);
+      pack_rows(qb, p.q_sn, nrows, d, qp);
+      pack_rows(dob, io.do_sn, nrows, d, dop);
+      std::fill(dqt, dqt + d * tile, 0.f);
+      for (index_t c = 0; c < tile; ++c) {
+        w.dvec[c] = c < nrows ? row_dot<Arch>(dob + c * io.do_sn, ob + c * io.o_sn, d) : 0.f;
+        w.lvec[c] = c < nrows ? safe_lse(lb[c]) : std::numeric_limits<float>::infinity();
+      }
+      index_t jlo, jhi;
+      key_range(i0, i0 + nrows, off, p.wl, p.wr, sg.nk, jlo, jhi);
+      for (index_t j0 = jlo; j0 < jhi; j0 += tile) {
+        const index_t nc = std::min(tile, jhi - j0);
+        const bool masked =
+            nrows < tile || !tile_full(i0, i0 + nrows, j0, j0 + nc, off, p.wl, p.wr);
+        gemm<Arch, false>(kb + j0 * p.k_sn, p.k_sn, 1, nc, d, qt, tile, S, tile);
+        gemm<Arch, false>(vb + j0 * p.v_sn, p.v_sn, 1, nc, d, dot, tile, dP, tile);
+        for (index_t r = 0; r < nc; ++r) {
+          const index_t j = j0 + r;
+          const float rel0 = float(i0 + off - j);
+          const float* brow = bias0 ? bias0 + j : nullptr;
+          if (p.dropout > 0)
+            random::kernels::fill<Arch, random::kernels::distribution::uniform>(
+                p.rng, drop_index(p, sg.b, h, sg.q_begin + i0, sg.k_begin + j), w.drop_row,
+                std::size_t(nrows));
+          float *srow = S + r * tile, *dprow = dP + r * tile;
+          for (index_t v = 0; v < NV; ++v) {
+            F g;
+            const F z = sc.template score<true>(F::load_aligned(srow + v * W), v, rel0, 1.f, nrows,
+                                                masked, brow, p.bias_si, g);
+            const F P = simd::exp<Arch>(z - F::load_aligned(w.lvec + v * W));
+            F dpd = F::load_aligned(dprow + v * W), Pd = P;
+            if (p.dropout > 0) {
+              const F f = sc.drop_factor(F::load_aligned(w.drop_row + v * W));
+              Pd = P * f;
+              dpd = dpd * f;
+            }
+            Pd.store_aligned(srow + v * W);
+            (P * (dpd - F::load_aligned(w.dvec + v * W)) * g).store_aligned(dprow + v * W);
+          }
+        }
+        gemm<Arch, true>(kb + j0 * p.k_sn, 1, p.k_sn, d, nc, dP, tile, dqt, tile);
+        gemm_acc_rows<Arch>(S, tile, 1, nc, nrows, dop, d, dvb + j0 * io.dv_sn, io.dv_sn, d);
+        gemm_acc_rows<Arch>(dP, tile, 1, nc, nrows, qp, d, dkb + j0 * io.dk_sn, io.dk_sn, d);
+      }
+      float* dqb = io.dq + sg.b * io.dq_sb + h * io.dq_sh + (sg.q_begin + i0) * io.dq_sn;
+      for (index_t c = 0; c < nrows; ++c)
+        for (index_t k = 0; k < d; ++k) dqb[c * io.dq_sn + k] += dqt[k * tile + c];
+    }
+  }
+}
+
 // ---- drivers -----------------------------------------------------------------------------------
 
 template <class T> inline index_t query_tiles(const problem<T>& p) {
@@ -570,8 +711,21 @@ void forward(const problem<T>& p, const fwd_out<T>& out, int threads, void* ws) 
   });
 }
 
+/// True when the backward runs the single-pass schedule (see attention_backward's comment).
 template <class Arch, class T>
-void backward(const problem<T>& p, const bwd_io<T>& io, int threads, void* ws) {
+inline bool single_pass(const problem<T>& p, int threads, bool deterministic) noexcept {
+  return !deterministic && p.d % index_t(simd::width<Arch>) == 0 &&
+         p.nseg * p.hkv >= index_t(threads);
+}
+
+template <class Arch, class T>
+void backward(const problem<T>& p, const bwd_io<T>& io, int threads, bool deterministic, void* ws) {
+  if (single_pass<Arch>(p, threads, deterministic)) {
+    run_items(p.nseg * p.hkv, p.d, threads, ws, [&](index_t item, const buffers& w) {
+      backward_group<Arch>(p, io, item / p.hkv, item % p.hkv, w);
+    });
+    return;
+  }
   const index_t ntk = key_tiles(p);
   run_items(p.nseg * p.hkv * ntk, p.d, threads, ws, [&](index_t item, const buffers& w) {
     const index_t t = item % ntk, sh = item / ntk;
