@@ -81,6 +81,7 @@ void BM_naive(benchmark::State& state, bool backward) {
   const float scale = 1.f / std::sqrt(float(d));
   using CMap = Eigen::Map<const RowMatrixXf>;
   using MMap = Eigen::Map<RowMatrixXf>;
+  Eigen::setNbThreads(1); // one thread, like the lowmem cases it is compared with
   lowmem::bench::peak_memory peak;
   for (auto _ : state) {
     RowMatrixXf S(N, N), dP;

@@ -146,6 +146,9 @@ LOWMEM_ARCH_TEST_CASE("attention matches the reference: plain, causal, GQA, odd 
     check_against_reference<Arch>({1, 4, 2, 128, 128, 64}, *opt, name);     // GQA, tile multiple
     check_against_reference<Arch>({2, 3, 1, 65, 65, 24, true}, *opt, name); // MQA, token-major
     check_against_reference<Arch>({1, 1, 1, 1, 200, 7}, *opt, name);        // decode row
+    check_against_reference<Arch>({1, 2, 1, 70, 70, 80}, *opt, name);       // d = 80
+    check_against_reference<Arch>({1, 2, 2, 40, 50, 48}, *opt, name);       // d = 48
+    check_against_reference<Arch>({1, 1, 1, 65, 65, 256}, *opt, name);      // d = 256
   }
 }
 
