@@ -2,9 +2,11 @@
 1.13: S = scale·Q Kᵀ, masked_fill for causal, softmax, P V; autograd for the backward; GQA by
 repeat_interleave of K and V). Prints JSON lines {"name", "seconds", "peak_rss_MiB"} with names
 matching bench_attention's (BM_attention_<op>/pytorch/N:../d:../causal:../hkv:../threads:..).
-N = 8192 (6.6 GB per fwd+bwd) only with --full."""
+N = 8192 (6.6 GB per fwd+bwd) only with --full; LOWMEM_PEER_MAX_N=<n> caps N (PyTorch linked with
+the reference netlib BLAS needs minutes per case at N = 4096)."""
 import json
 import math
+import os
 import sys
 
 import torch
@@ -32,6 +34,9 @@ def main():
     smoke = "--smoke" in sys.argv
     full = "--full" in sys.argv
     sizes = [512] if smoke else ([512, 1024, 2048, 4096] + ([8192] if full else []))
+    max_n = int(os.environ.get("LOWMEM_PEER_MAX_N", "0"))
+    if max_n > 0:
+        sizes = [n for n in sizes if n <= max_n]
     torch.manual_seed(0)
     for n in sizes:
         for d in (64, 128):
