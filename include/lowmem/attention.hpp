@@ -207,9 +207,10 @@ template <class X> using identity_t = typename identity<X>::type;
 } // namespace attention_detail
 
 /// Workspace bytes attention_forward and attention_backward need for head dimension d and a
-/// thread budget (<= 0: max_threads()): per thread, five d × 64 fp32 tiles (packed operands and
-/// accumulators), three 64 × 64 score tiles and a few 64-vectors — about (1.25·d + 49) KiB per
-/// thread (129 KiB at d = 64), independent of the sequence length.
+/// thread budget (<= 0: max_threads()): per thread, 64 × d fp32 tiles for packed operands and
+/// accumulators of a group of up to 4 query tiles (256 queries at d <= 64, 128 at d = 128, 64 at
+/// d >= 256), three 64 × 64 score tiles and a few 64-vectors: 450 KiB at d = 64, at most 768 KiB
+/// for d <= 256, independent of the sequence length.
 inline std::size_t attention_workspace_bytes(std::ptrdiff_t d, int threads = 0) {
   require_positive("attention_workspace_bytes", "d", d);
   return std::size_t(attention_detail::thread_budget(threads)) *

@@ -290,7 +290,15 @@ struct buffers {
   float *s, *dp;                  // 64 × 64 tiles
   float *m, *l, *dvec, *lvec, *drop_row;
   float* drop_tile; // 64 × 64
+  float* grp;       // per-query-tile state of a group of q_group(d) query tiles
 };
+
+/// Query tiles processed together against each key tile: K and V tiles are then read from
+/// memory once per group (not once per query tile), which keeps long sequences compute-bound.
+/// 4 tiles (256 queries) at d <= 64, fewer for larger d so the group's state stays ~128 KiB.
+inline index_t q_group(index_t d) noexcept {
+  return std::max<index_t>(1, std::min<index_t>(4, 256 / std::max<index_t>(d, 1)));
+}
 
 template <class WS> inline buffers carve(WS& ws, index_t d) {
   buffers b{};
@@ -308,6 +316,7 @@ template <class WS> inline buffers carve(WS& ws, index_t d) {
   b.lvec = ws.template take<float>(tile);
   b.drop_row = ws.template take<float>(tile);
   b.drop_tile = ws.template take<float>(tt);
+  b.grp = ws.template take<float>(std::size_t(q_group(d) * (5 * d * tile + 2 * tile)));
   return b;
 }
 
@@ -332,90 +341,111 @@ template <class T> struct fwd_out {
   float* lse;
 };
 
-/// One query tile of one head of one segment: online softmax over the key tiles it may see.
+/// A group of up to q_group(d) query tiles of one head of one segment: online softmax over the
+/// key tiles each may see; key tiles on the 64-aligned grid are shared by the group's tiles.
 template <class Arch, class T>
-void forward_tile(const problem<T>& p, const fwd_out<T>& out, index_t s, index_t h, index_t t,
-                  const buffers& w) {
+void forward_group(const problem<T>& p, const fwd_out<T>& out, index_t s, index_t h, index_t tg,
+                   const buffers& w) {
   using F = simd::fbatch<Arch>;
   constexpr index_t W = index_t(simd::width<Arch>), NV = tile / W;
   const segment sg = get_segment(p, s);
-  const index_t i0 = t * tile;
-  if (i0 >= sg.nq) return;
-  const index_t nrows = std::min(tile, sg.nq - i0), d = p.d;
+  const index_t d = p.d, G = q_group(d);
+  const index_t ibeg = tg * G * tile;
+  if (ibeg >= sg.nq) return;
+  const index_t ng = std::min(G, (sg.nq - ibeg + tile - 1) / tile);
   const index_t hk = h / (p.hq / p.hkv), off = sg.nk - sg.nq;
-  const T* qb = p.q + sg.b * p.q_sb + h * p.q_sh + (sg.q_begin + i0) * p.q_sn;
   const T* kb = p.k + sg.b * p.k_sb + hk * p.k_sh + sg.k_begin * p.k_sn;
   const T* vb = p.v + sg.b * p.v_sb + hk * p.v_sh + sg.k_begin * p.v_sn;
-  scorer<Arch> sc = make_scorer<Arch>(p, h);
-  const float* bias0 = p.bias ? p.bias + sg.b * p.bias_sb + h * p.bias_sh +
-                                    (sg.q_begin + i0) * p.bias_si + sg.k_begin
-                              : nullptr;
-
-  float *qt = w.a, *ot = w.acc1, *S = w.s;
-  pack_transposed(qb, p.q_sn, nrows, d, qt);
-  std::fill(ot, ot + d * tile, 0.f);
-  std::fill(w.m, w.m + tile, -std::numeric_limits<float>::infinity());
-  std::fill(w.l, w.l + tile, 0.f);
+  const scorer<Arch> sc = make_scorer<Arch>(p, h);
+  const F ninf(-std::numeric_limits<float>::infinity());
+  float* S = w.s;
   std::fill(w.drop_row, w.drop_row + tile, 0.f);
 
-  index_t jlo, jhi;
-  key_range(i0, i0 + nrows, off, p.wl, p.wr, sg.nk, jlo, jhi);
-  const F ninf(-std::numeric_limits<float>::infinity());
-  for (index_t j0 = jlo; j0 < jhi; j0 += tile) {
-    const index_t nc = std::min(tile, jhi - j0);
-    const bool masked = nrows < tile || !tile_full(i0, i0 + nrows, j0, j0 + nc, off, p.wl, p.wr);
-    gemm<Arch, false>(kb + j0 * p.k_sn, p.k_sn, 1, nc, d, qt, tile, S, tile); // Sᵀ rows = keys
-    F tmax[NV];
-    for (index_t v = 0; v < NV; ++v) tmax[v] = ninf;
-    F g;
-    for (index_t r = 0; r < nc; ++r) {
-      const index_t j = j0 + r;
-      const float rel0 = float(i0 + off - j);
-      const float* brow = bias0 ? bias0 + j : nullptr;
-      float* row = S + r * tile;
-      for (index_t v = 0; v < NV; ++v) {
-        const F z = sc.template score<false>(F::load_aligned(row + v * W), v, rel0, 1.f, nrows,
-                                             masked, brow, p.bias_si, g);
-        z.store_aligned(row + v * W);
-        tmax[v] = xsimd::max(tmax[v], z);
-      }
+  index_t jlo_g[4], jhi_g[4], jstart = sg.nk, jend = 0;
+  for (index_t g = 0; g < ng; ++g) {
+    const index_t i0 = ibeg + g * tile, nrows = std::min(tile, sg.nq - i0);
+    float *qt = w.grp + g * d * tile, *ot = w.grp + (G + g) * d * tile;
+    float *m = w.grp + 2 * G * d * tile + g * tile, *l = m + G * tile;
+    pack_transposed(p.q + sg.b * p.q_sb + h * p.q_sh + (sg.q_begin + i0) * p.q_sn, p.q_sn, nrows, d,
+                    qt);
+    std::fill(ot, ot + d * tile, 0.f);
+    std::fill(m, m + tile, -std::numeric_limits<float>::infinity());
+    std::fill(l, l + tile, 0.f);
+    key_range(i0, i0 + nrows, off, p.wl, p.wr, sg.nk, jlo_g[g], jhi_g[g]);
+    if (jlo_g[g] < jhi_g[g]) {
+      jstart = std::min(jstart, jlo_g[g] / tile * tile);
+      jend = std::max(jend, jhi_g[g]);
     }
-    F mu[NV], alpha[NV], rs[NV];
-    for (index_t v = 0; v < NV; ++v) {
-      const F mold = F::load_aligned(w.m + v * W);
-      const F mnew = xsimd::max(mold, tmax[v]);
-      mu[v] = xsimd::select(mnew == ninf, F(0.f), mnew);
-      alpha[v] = simd::exp<Arch>(mold - mu[v]);
-      mnew.store_aligned(w.m + v * W);
-      rs[v] = F(0.f);
-    }
-    for (index_t r = 0; r < nc; ++r) {
-      float* row = S + r * tile;
-      if (p.dropout > 0)
-        random::kernels::fill<Arch, random::kernels::distribution::uniform>(
-            p.rng, drop_index(p, sg.b, h, sg.q_begin + i0, sg.k_begin + j0 + r), w.drop_row,
-            std::size_t(nrows));
-      for (index_t v = 0; v < NV; ++v) {
-        F P = simd::exp<Arch>(F::load_aligned(row + v * W) - mu[v]);
-        rs[v] = rs[v] + P;
-        if (p.dropout > 0) P = P * sc.drop_factor(F::load_aligned(w.drop_row + v * W));
-        P.store_aligned(row + v * W);
-      }
-    }
-    for (index_t v = 0; v < NV; ++v)
-      (alpha[v] * F::load_aligned(w.l + v * W) + rs[v]).store_aligned(w.l + v * W);
-    for (index_t k = 0; k < d; ++k)
-      for (index_t v = 0; v < NV; ++v)
-        (F::load_aligned(ot + k * tile + v * W) * alpha[v]).store_aligned(ot + k * tile + v * W);
-    gemm<Arch, true>(vb + j0 * p.v_sn, 1, p.v_sn, d, nc, S, tile, ot, tile); // Oᵀ += Vᵀ Pᵀ
   }
-  T* ob = out.o + sg.b * out.o_sb + h * out.o_sh + (sg.q_begin + i0) * out.o_sn;
-  float* lse = out.lse + (sg.b * p.hq + h) * p.nq + sg.q_begin + i0;
-  for (index_t c = 0; c < nrows; ++c) {
-    const float l = w.l[c];
-    const float inv = l > 0 ? 1.f / l : 0.f;
-    for (index_t k = 0; k < d; ++k) store(ob + c * out.o_sn + k, ot[k * tile + c] * inv);
-    lse[c] = l > 0 ? w.m[c] + std::log(l) : -std::numeric_limits<float>::infinity();
+  for (index_t j0 = jstart; j0 < jend; j0 += tile) {
+    const index_t nc = std::min(tile, sg.nk - j0);
+    for (index_t g = 0; g < ng; ++g) {
+      if (j0 + nc <= jlo_g[g] || j0 >= jhi_g[g]) continue;
+      const index_t i0 = ibeg + g * tile, nrows = std::min(tile, sg.nq - i0);
+      float *qt = w.grp + g * d * tile, *ot = w.grp + (G + g) * d * tile;
+      float *mv = w.grp + 2 * G * d * tile + g * tile, *lv = mv + G * tile;
+      const float* bias0 = p.bias ? p.bias + sg.b * p.bias_sb + h * p.bias_sh +
+                                        (sg.q_begin + i0) * p.bias_si + sg.k_begin
+                                  : nullptr;
+      const bool masked = nrows < tile || !tile_full(i0, i0 + nrows, j0, j0 + nc, off, p.wl, p.wr);
+      gemm<Arch, false>(kb + j0 * p.k_sn, p.k_sn, 1, nc, d, qt, tile, S, tile); // Sᵀ rows = keys
+      F tmax[NV];
+      for (index_t v = 0; v < NV; ++v) tmax[v] = ninf;
+      F gdummy;
+      for (index_t r = 0; r < nc; ++r) {
+        const index_t j = j0 + r;
+        const float rel0 = float(i0 + off - j);
+        const float* brow = bias0 ? bias0 + j : nullptr;
+        float* row = S + r * tile;
+        for (index_t v = 0; v < NV; ++v) {
+          const F z = sc.template score<false>(F::load_aligned(row + v * W), v, rel0, 1.f, nrows,
+                                               masked, brow, p.bias_si, gdummy);
+          z.store_aligned(row + v * W);
+          tmax[v] = xsimd::max(tmax[v], z);
+        }
+      }
+      F mu[NV], alpha[NV], rs[NV];
+      for (index_t v = 0; v < NV; ++v) {
+        const F mold = F::load_aligned(mv + v * W);
+        const F mnew = xsimd::max(mold, tmax[v]);
+        mu[v] = xsimd::select(mnew == ninf, F(0.f), mnew);
+        alpha[v] = simd::exp<Arch>(mold - mu[v]);
+        mnew.store_aligned(mv + v * W);
+        rs[v] = F(0.f);
+      }
+      for (index_t r = 0; r < nc; ++r) {
+        float* row = S + r * tile;
+        if (p.dropout > 0)
+          random::kernels::fill<Arch, random::kernels::distribution::uniform>(
+              p.rng, drop_index(p, sg.b, h, sg.q_begin + i0, sg.k_begin + j0 + r), w.drop_row,
+              std::size_t(nrows));
+        for (index_t v = 0; v < NV; ++v) {
+          F P = simd::exp<Arch>(F::load_aligned(row + v * W) - mu[v]);
+          rs[v] = rs[v] + P;
+          if (p.dropout > 0) P = P * sc.drop_factor(F::load_aligned(w.drop_row + v * W));
+          P.store_aligned(row + v * W);
+        }
+      }
+      for (index_t v = 0; v < NV; ++v)
+        (alpha[v] * F::load_aligned(lv + v * W) + rs[v]).store_aligned(lv + v * W);
+      for (index_t k = 0; k < d; ++k)
+        for (index_t v = 0; v < NV; ++v)
+          (F::load_aligned(ot + k * tile + v * W) * alpha[v]).store_aligned(ot + k * tile + v * W);
+      gemm<Arch, true>(vb + j0 * p.v_sn, 1, p.v_sn, d, nc, S, tile, ot, tile); // Oᵀ += Vᵀ Pᵀ
+    }
+  }
+  for (index_t g = 0; g < ng; ++g) {
+    const index_t i0 = ibeg + g * tile, nrows = std::min(tile, sg.nq - i0);
+    const float *ot = w.grp + (G + g) * d * tile, *mv = w.grp + 2 * G * d * tile + g * tile,
+                *lv = mv + G * tile;
+    T* ob = out.o + sg.b * out.o_sb + h * out.o_sh + (sg.q_begin + i0) * out.o_sn;
+    float* lse = out.lse + (sg.b * p.hq + h) * p.nq + sg.q_begin + i0;
+    for (index_t c = 0; c < nrows; ++c) {
+      const float l = lv[c];
+      const float inv = l > 0 ? 1.f / l : 0.f;
+      for (index_t k = 0; k < d; ++k) store(ob + c * out.o_sn + k, ot[k * tile + c] * inv);
+      lse[c] = l > 0 ? mv[c] + std::log(l) : -std::numeric_limits<float>::infinity();
+    }
   }
 }
 
@@ -609,72 +639,95 @@ void backward_group(const problem<T>& p, const bwd_io<T>& io, index_t s, index_t
   using F = simd::fbatch<Arch>;
   constexpr index_t W = index_t(simd::width<Arch>), NV = tile / W;
   const segment sg = get_segment(p, s);
-  const index_t d = p.d, off = sg.nk - sg.nq, group = p.hq / p.hkv;
+  const index_t d = p.d, off = sg.nk - sg.nq, group = p.hq / p.hkv, G = q_group(d);
+  const index_t dt = d * tile, stride_g = 5 * dt + 2 * tile;
   const T* kb = p.k + sg.b * p.k_sb + hk * p.k_sh + sg.k_begin * p.k_sn;
   const T* vb = p.v + sg.b * p.v_sb + hk * p.v_sh + sg.k_begin * p.v_sn;
   float* dkb = io.dk + sg.b * io.dk_sb + hk * io.dk_sh + sg.k_begin * io.dk_sn;
   float* dvb = io.dv + sg.b * io.dv_sb + hk * io.dv_sh + sg.k_begin * io.dv_sn;
-  float *qt = w.a, *dot = w.b, *qp = w.e, *dop = w.acc2, *dqt = w.acc1, *S = w.s, *dP = w.dp;
+  float *S = w.s, *dP = w.dp;
   std::fill(w.drop_row, w.drop_row + tile, 0.f);
   for (index_t h = hk * group; h < (hk + 1) * group; ++h) {
     const scorer<Arch> sc = make_scorer<Arch>(p, h);
-    for (index_t i0 = 0; i0 < sg.nq; i0 += tile) {
-      const index_t nrows = std::min(tile, sg.nq - i0);
-      const T* qb = p.q + sg.b * p.q_sb + h * p.q_sh + (sg.q_begin + i0) * p.q_sn;
-      const T* ob = io.o + sg.b * io.o_sb + h * io.o_sh + (sg.q_begin + i0) * io.o_sn;
-      const T* dob = io.dout + sg.b * io.do_sb + h * io.do_sh + (sg.q_begin + i0) * io.do_sn;
-      const float* lb = io.lse + (sg.b * p.hq + h) * p.nq + sg.q_begin + i0;
-      const float* bias0 = p.bias ? p.bias + sg.b * p.bias_sb + h * p.bias_sh +
-                                        (sg.q_begin + i0) * p.bias_si + sg.k_begin
-                                  : nullptr;
-      pack_transposed(qb, p.q_sn, nrows, d, qt);
-      pack_transposed(dob, io.do_sn, nrows, d, dot);
-      pack_rows(qb, p.q_sn, nrows, d, qp);
-      pack_rows(dob, io.do_sn, nrows, d, dop);
-      std::fill(dqt, dqt + d * tile, 0.f);
-      for (index_t c = 0; c < tile; ++c) {
-        w.dvec[c] = c < nrows ? row_dot<Arch>(dob + c * io.do_sn, ob + c * io.o_sn, d) : 0.f;
-        w.lvec[c] = c < nrows ? safe_lse(lb[c]) : std::numeric_limits<float>::infinity();
-      }
-      index_t jlo, jhi;
-      key_range(i0, i0 + nrows, off, p.wl, p.wr, sg.nk, jlo, jhi);
-      for (index_t j0 = jlo; j0 < jhi; j0 += tile) {
-        const index_t nc = std::min(tile, jhi - j0);
-        const bool masked =
-            nrows < tile || !tile_full(i0, i0 + nrows, j0, j0 + nc, off, p.wl, p.wr);
-        gemm<Arch, false>(kb + j0 * p.k_sn, p.k_sn, 1, nc, d, qt, tile, S, tile);
-        gemm<Arch, false>(vb + j0 * p.v_sn, p.v_sn, 1, nc, d, dot, tile, dP, tile);
-        for (index_t r = 0; r < nc; ++r) {
-          const index_t j = j0 + r;
-          const float rel0 = float(i0 + off - j);
-          const float* brow = bias0 ? bias0 + j : nullptr;
-          if (p.dropout > 0)
-            random::kernels::fill<Arch, random::kernels::distribution::uniform>(
-                p.rng, drop_index(p, sg.b, h, sg.q_begin + i0, sg.k_begin + j), w.drop_row,
-                std::size_t(nrows));
-          float *srow = S + r * tile, *dprow = dP + r * tile;
-          for (index_t v = 0; v < NV; ++v) {
-            F g;
-            const F z = sc.template score<true>(F::load_aligned(srow + v * W), v, rel0, 1.f, nrows,
-                                                masked, brow, p.bias_si, g);
-            const F P = simd::exp<Arch>(z - F::load_aligned(w.lvec + v * W));
-            F dpd = F::load_aligned(dprow + v * W), Pd = P;
-            if (p.dropout > 0) {
-              const F f = sc.drop_factor(F::load_aligned(w.drop_row + v * W));
-              Pd = P * f;
-              dpd = dpd * f;
-            }
-            Pd.store_aligned(srow + v * W);
-            (P * (dpd - F::load_aligned(w.dvec + v * W)) * g).store_aligned(dprow + v * W);
-          }
+    const T* qh = p.q + sg.b * p.q_sb + h * p.q_sh + sg.q_begin * p.q_sn;
+    const T* oh = io.o + sg.b * io.o_sb + h * io.o_sh + sg.q_begin * io.o_sn;
+    const T* doh = io.dout + sg.b * io.do_sb + h * io.do_sh + sg.q_begin * io.do_sn;
+    const float* lh = io.lse + (sg.b * p.hq + h) * p.nq + sg.q_begin;
+    for (index_t ibeg = 0; ibeg < sg.nq; ibeg += G * tile) {
+      const index_t ng = std::min(G, (sg.nq - ibeg + tile - 1) / tile);
+      index_t jlo_g[4], jhi_g[4], jstart = sg.nk, jend = 0;
+      for (index_t g = 0; g < ng; ++g) {
+        const index_t i0 = ibeg + g * tile, nrows = std::min(tile, sg.nq - i0);
+        float* base = w.grp + g * stride_g;
+        float *qt = base, *dot = base + dt, *qp = base + 2 * dt, *dop = base + 3 * dt,
+              *dqt = base + 4 * dt, *dvec = base + 5 * dt, *lvec = dvec + tile;
+        pack_transposed(qh + i0 * p.q_sn, p.q_sn, nrows, d, qt);
+        pack_transposed(doh + i0 * io.do_sn, io.do_sn, nrows, d, dot);
+        pack_rows(qh + i0 * p.q_sn, p.q_sn, nrows, d, qp);
+        pack_rows(doh + i0 * io.do_sn, io.do_sn, nrows, d, dop);
+        std::fill(dqt, dqt + dt, 0.f);
+        for (index_t c = 0; c < tile; ++c) {
+          const index_t i = i0 + c;
+          dvec[c] = c < nrows ? row_dot<Arch>(doh + i * io.do_sn, oh + i * io.o_sn, d) : 0.f;
+          lvec[c] = c < nrows ? safe_lse(lh[i]) : std::numeric_limits<float>::infinity();
         }
-        gemm<Arch, true>(kb + j0 * p.k_sn, 1, p.k_sn, d, nc, dP, tile, dqt, tile);
-        gemm_acc_rows<Arch>(S, tile, 1, nc, nrows, dop, d, dvb + j0 * io.dv_sn, io.dv_sn, d);
-        gemm_acc_rows<Arch>(dP, tile, 1, nc, nrows, qp, d, dkb + j0 * io.dk_sn, io.dk_sn, d);
+        key_range(i0, i0 + nrows, off, p.wl, p.wr, sg.nk, jlo_g[g], jhi_g[g]);
+        if (jlo_g[g] < jhi_g[g]) {
+          jstart = std::min(jstart, jlo_g[g] / tile * tile);
+          jend = std::max(jend, jhi_g[g]);
+        }
       }
-      float* dqb = io.dq + sg.b * io.dq_sb + h * io.dq_sh + (sg.q_begin + i0) * io.dq_sn;
-      for (index_t c = 0; c < nrows; ++c)
-        for (index_t k = 0; k < d; ++k) dqb[c * io.dq_sn + k] += dqt[k * tile + c];
+      for (index_t j0 = jstart; j0 < jend; j0 += tile) {
+        const index_t nc = std::min(tile, sg.nk - j0);
+        for (index_t g = 0; g < ng; ++g) {
+          if (j0 + nc <= jlo_g[g] || j0 >= jhi_g[g]) continue;
+          const index_t i0 = ibeg + g * tile, nrows = std::min(tile, sg.nq - i0);
+          float* base = w.grp + g * stride_g;
+          float *qt = base, *dot = base + dt, *qp = base + 2 * dt, *dop = base + 3 * dt,
+                *dqt = base + 4 * dt, *dvec = base + 5 * dt, *lvec = dvec + tile;
+          const float* bias0 = p.bias ? p.bias + sg.b * p.bias_sb + h * p.bias_sh +
+                                            (sg.q_begin + i0) * p.bias_si + sg.k_begin
+                                      : nullptr;
+          const bool masked =
+              nrows < tile || !tile_full(i0, i0 + nrows, j0, j0 + nc, off, p.wl, p.wr);
+          gemm<Arch, false>(kb + j0 * p.k_sn, p.k_sn, 1, nc, d, qt, tile, S, tile);
+          gemm<Arch, false>(vb + j0 * p.v_sn, p.v_sn, 1, nc, d, dot, tile, dP, tile);
+          for (index_t r = 0; r < nc; ++r) {
+            const index_t j = j0 + r;
+            const float rel0 = float(i0 + off - j);
+            const float* brow = bias0 ? bias0 + j : nullptr;
+            if (p.dropout > 0)
+              random::kernels::fill<Arch, random::kernels::distribution::uniform>(
+                  p.rng, drop_index(p, sg.b, h, sg.q_begin + i0, sg.k_begin + j), w.drop_row,
+                  std::size_t(nrows));
+            float *srow = S + r * tile, *dprow = dP + r * tile;
+            for (index_t v = 0; v < NV; ++v) {
+              F g2;
+              const F z = sc.template score<true>(F::load_aligned(srow + v * W), v, rel0, 1.f,
+                                                  nrows, masked, brow, p.bias_si, g2);
+              const F P = simd::exp<Arch>(z - F::load_aligned(lvec + v * W));
+              F dpd = F::load_aligned(dprow + v * W), Pd = P;
+              if (p.dropout > 0) {
+                const F f = sc.drop_factor(F::load_aligned(w.drop_row + v * W));
+                Pd = P * f;
+                dpd = dpd * f;
+              }
+              Pd.store_aligned(srow + v * W);
+              (P * (dpd - F::load_aligned(dvec + v * W)) * g2).store_aligned(dprow + v * W);
+            }
+          }
+          gemm<Arch, true>(kb + j0 * p.k_sn, 1, p.k_sn, d, nc, dP, tile, dqt, tile);
+          gemm_acc_rows<Arch>(S, tile, 1, nc, nrows, dop, d, dvb + j0 * io.dv_sn, io.dv_sn, d);
+          gemm_acc_rows<Arch>(dP, tile, 1, nc, nrows, qp, d, dkb + j0 * io.dk_sn, io.dk_sn, d);
+        }
+      }
+      for (index_t g = 0; g < ng; ++g) {
+        const index_t i0 = ibeg + g * tile, nrows = std::min(tile, sg.nq - i0);
+        const float* dqt = w.grp + g * stride_g + 4 * dt;
+        float* dqb = io.dq + sg.b * io.dq_sb + h * io.dq_sh + (sg.q_begin + i0) * io.dq_sn;
+        for (index_t c = 0; c < nrows; ++c)
+          for (index_t k = 0; k < d; ++k) dqb[c * io.dq_sn + k] += dqt[k * tile + c];
+      }
     }
   }
 }
@@ -704,10 +757,10 @@ template <class Fn> inline void run_items(index_t n, index_t d, int threads, voi
 
 template <class Arch, class T>
 void forward(const problem<T>& p, const fwd_out<T>& out, int threads, void* ws) {
-  const index_t nt = query_tiles(p);
+  const index_t G = q_group(p.d), nt = (query_tiles(p) + G - 1) / G;
   run_items(p.nseg * p.hq * nt, p.d, threads, ws, [&](index_t item, const buffers& w) {
     const index_t t = item % nt, sh = item / nt;
-    forward_tile<Arch>(p, out, sh / p.hq, sh % p.hq, balanced_tile(t, nt), w);
+    forward_group<Arch>(p, out, sh / p.hq, sh % p.hq, balanced_tile(t, nt), w);
   });
 }
 
