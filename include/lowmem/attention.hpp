@@ -227,7 +227,8 @@ inline std::size_t attention_workspace_bytes(std::ptrdiff_t d, int threads = 0) 
 /// fp32 accumulation).
 /// Memory: no allocation; scratch is `ws` (attention_workspace_bytes(d, opt.threads)), carved per
 /// thread into 64-query × 64-key tiles: O(threads · 64 · d), never O(N²).
-/// Threads: parallel over batch × heads × query tiles; results do not depend on the thread count.
+/// Threads: parallel over batch × heads × groups of up to 4 query tiles of 64 (each group reads a
+/// K/V tile once for all its queries); results do not depend on the thread count.
 /// Numerics: fp32 accumulation; online softmax with per-tile rescaling; relative error vs a double
 /// reference ~1e-6 for fp32 inputs.
 /// Preconditions (lowmem::invalid_argument, thrown before anything is written): matching
