@@ -6,14 +6,17 @@
 // place, transposed or not, with any token/head layout) and B / C as 64-lane rows of a packed
 // fp32 buffer. Orientation is chosen so that no tile is ever transposed inside the tile loop:
 //
-//  * forward and the dQ pass keep *queries in lanes*: Qt = Qᵀ (d × 64) is packed once per query
-//    tile; Sᵀ = K·Qt, Oᵀ += Vᵀ·Pᵀ, dQᵀ += Kᵀ·dSᵀ; the online-softmax statistics (m, l) are vectors.
-//  * the dK/dV pass keeps *keys in lanes*: Kt, Vt packed once per key tile; S = Q·Kt,
+//  * the forward, the single-pass backward and the dQ pass keep *queries in lanes*: Qt = Qᵀ
+//    (d × 64) is packed once per query tile; Sᵀ = K·Qt, Oᵀ += Vᵀ·Pᵀ, dQᵀ += Kᵀ·dSᵀ (and, single
+//    pass, dK += dSᵀ·Q, dV += Pᵀ·dO into the caller's rows); the online-softmax statistics (m, l)
+//    are vectors. Groups of up to 4 query tiles share each K/V tile (read once per 256 queries).
+//  * the two-pass dK/dV pass keeps *keys in lanes*: Kt, Vt packed once per key tile; S = Q·Kt,
 //    dP = dO·Vt, dVᵀ += dOᵀ·P, dKᵀ += Qᵀ·dS.
 //
-// The backward is two passes (dK/dV over key tiles, then dQ over query tiles); each output element
-// is accumulated by exactly one work item in a fixed order, so the backward is deterministic
-// (bitwise identical for any thread count) at the price of recomputing S and P twice.
+// Backward schedules: single pass over (segment, kv head) work items (FA-2's flop count), or two
+// passes (dK/dV over key tiles, then dQ over query tiles: parallel even for one head, and
+// bitwise identical for any thread count, at the price of recomputing S and P twice). In both,
+// each gradient element is accumulated by exactly one work item in a fixed order.
 // Papers: FlashAttention arXiv:2205.14135, FlashAttention-2 arXiv:2307.08691.
 #pragma once
 
