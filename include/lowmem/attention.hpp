@@ -283,7 +283,8 @@ void attention_forward(const attention_tensor<Tq>& q,
 ///  * single pass (FA-2's 10·N²·d flops), parallel over (batch, kv head): each work item loops
 ///    over its query heads and query tiles, and for each over the key tiles it sees; dQ is summed
 ///    per query tile, dK/dV rows straight into the caller's buffers. Used when
-///    opt.deterministic is false, B·Hkv >= threads and d is a multiple of the SIMD width.
+///    opt.deterministic is false, d is a multiple of the SIMD width and the B·Hkv items keep
+///    the threads evenly busy (a multiple of the thread count, or >= 4 per thread).
 ///  * two passes (14·N²·d flops: S and P are recomputed in both), used otherwise: dK/dV
 ///    parallel over (batch, kv head, key tile), each tile looping over its query heads and query
 ///    tiles; then dQ parallel over (batch, head, query tile) looping over key tiles. One sequence

@@ -770,8 +770,11 @@ void forward(const problem<T>& p, const fwd_out<T>& out, int threads, void* ws) 
 /// True when the backward runs the single-pass schedule (see attention_backward's comment).
 template <class Arch, class T>
 inline bool single_pass(const problem<T>& p, int threads, bool deterministic) noexcept {
-  return !deterministic && p.d % index_t(simd::width<Arch>) == 0 &&
-         p.nseg * p.hkv >= index_t(threads);
+  // Work items (segment, kv head) must keep every thread busy: an exact multiple of the thread
+  // count of equal items, or enough items (4 per thread) that the imbalance is small.
+  const index_t items = p.nseg * p.hkv, t = index_t(threads);
+  const bool balanced = items >= 4 * t || (!p.cu_q && items >= t && items % t == 0);
+  return !deterministic && p.d % index_t(simd::width<Arch>) == 0 && balanced;
 }
 
 template <class Arch, class T>
