@@ -266,6 +266,25 @@ TEST_CASE("attention forward and backward are bitwise identical on 1 and 2 threa
   for (std::size_t i = 0; i < a.dk.size(); ++i) REQUIRE(b.dk[i] == 2 * a.dk[i]);
 }
 
+TEST_CASE("the default single-pass backward is bitwise identical on 1 and 2 threads",
+          "[attention][determinism]") {
+  // B·Hkv = 2 work items: the single-pass schedule for both thread counts
+  attention_options opt;
+  opt.causal = true;
+  const shape sh{1, 4, 2, 150, 150, 32};
+  problem_data<> a(sh), b(sh);
+  for (int t : {1, 2}) {
+    auto& P = t == 1 ? a : b;
+    opt.threads = t;
+    attention_forward(P.Q(), P.K(), P.V(), P.O(), P.lse.data(), opt);
+    attention_backward(P.Q(), P.K(), P.V(), P.Oc(), P.dO(), P.lse.data(), P.dQ(), P.dK(), P.dV(),
+                       opt);
+  }
+  CHECK(ref::bitwise_equal(a.dq.data(), b.dq.data(), a.dq.size()));
+  CHECK(ref::bitwise_equal(a.dk.data(), b.dk.data(), a.dk.size()));
+  CHECK(ref::bitwise_equal(a.dv.data(), b.dv.data(), a.dv.size()));
+}
+
 TEST_CASE("attention allocates nothing with a caller workspace", "[attention][memory]") {
   if (!memory::tracking_enabled()) return;
   attention_options opt;
