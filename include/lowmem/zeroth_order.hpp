@@ -473,8 +473,9 @@ private:
   // Runs fn(span, begin, n) over blocks of at most block_elements of every active span.
   template <class Fn> void for_blocks(Fn&& fn) {
     const parameters& p = params_;
+    // grain 4 chunks: a model under 64 Ki parameters per thread is not worth a parallel region
     parallel_for(
-        0, std::ptrdiff_t(p.chunk_count()), 1,
+        0, std::ptrdiff_t(p.chunk_count()), 4,
         [&](std::ptrdiff_t cb, std::ptrdiff_t ce, int) {
           for (std::ptrdiff_t c = cb; c < ce; ++c) {
             const std::size_t k = p.span_of_chunk(std::size_t(c));
