@@ -151,6 +151,60 @@ TEST_CASE("sign, momentum and Adam updates match the naive loop", "[zo]") {
   }
 }
 
+TEST_CASE("directional-derivative clipping and the lower bound match the naive loop", "[zo]") {
+  zo::options o;
+  o.lr = 1e-2f;
+  o.grad_clip = 0.5f;
+  o.lower_bound = -0.3f;
+  o.seed = 8;
+  compare_with_reference(o, 3, true, 2);
+}
+
+TEST_CASE("QZO: ZO-SGD on the scales of a blockwise int8 tensor, codes frozen", "[zo][qzo]") {
+  // W[o, k] = code[o, k] * scale[o, k / 32]; only the scales are registered. The target is the
+  // same codes with other scales; the loss compares outputs on fixed inputs.
+  const std::size_t out = 16, in = 64, block = 32, rows = 32;
+  std::vector<std::int8_t> code(out * in);
+  const auto u = ref::uniform_data(out * in, 50);
+  for (std::size_t i = 0; i < code.size(); ++i) code[i] = std::int8_t(std::lround(u[i] * 127));
+  const std::size_t nscale = out * in / block;
+  std::vector<float> scale(nscale, 0.01f), target(nscale);
+  const auto v = ref::uniform_data(nscale, 51);
+  for (std::size_t i = 0; i < nscale; ++i) target[i] = 0.01f * (1.f + 0.5f * v[i]);
+  const auto x = ref::uniform_data(rows * in, 52);
+  auto outputs = [&](const std::vector<float>& s) {
+    std::vector<double> y(rows * out, 0.0);
+    for (std::size_t r = 0; r < rows; ++r)
+      for (std::size_t o2 = 0; o2 < out; ++o2)
+        for (std::size_t k = 0; k < in; ++k)
+          y[r * out + o2] += double(x[r * in + k]) * code[o2 * in + k] * s[(o2 * in + k) / block];
+    return y;
+  };
+  const auto y_target = outputs(target);
+  auto loss = [&] {
+    const auto y = outputs(scale);
+    double l = 0;
+    for (std::size_t i = 0; i < y.size(); ++i) l += (y[i] - y_target[i]) * (y[i] - y_target[i]);
+    return l / double(y.size());
+  };
+  zo::parameters params;
+  params.add(0, scale.data(), scale.size());
+  zo::options o;
+  o.lr = 2e-6f;
+  o.epsilon = 1e-4f;
+  o.grad_clip = 50.f;
+  o.lower_bound = 0.f;
+  zo::optimizer opt(params, o);
+  const auto code_before = code;
+  const double l0 = loss();
+  for (int t = 0; t < 300; ++t) opt.step(loss);
+  const double l1 = loss();
+  INFO("QZO loss " << l0 << " -> " << l1);
+  CHECK(l1 < 0.1 * l0);
+  for (float s : scale) CHECK(s >= 0.f);
+  CHECK(code == code_before);
+}
+
 TEST_CASE("restore: +eps, -2eps, +eps returns to theta within the documented bound", "[zo]") {
   const std::size_t n = 200003;
   for (float eps : {1e-3f, 1e-2f}) {

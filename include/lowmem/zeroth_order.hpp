@@ -44,6 +44,9 @@
 //   momentum:    m ← β₁·m + g;  θ ← a·θ − η·m               (4 bytes of fp32 state per parameter)
 //   adam:        m ← β₁·m + (1−β₁)·g;  v ← β₂·v + (1−β₂)·g²;
 //                θ ← a·θ − η/(1−β₁ᵗ) · m / (sqrt(v/(1−β₂ᵗ)) + eps)   (8 bytes fp32 per parameter)
+// QZO (Shang et al. arXiv:2505.13430): register the per-block scales of a quantized tensor as the
+// spans (codes stay frozen), set grad_clip = C (ĝ clipped to [−C, C]) and lower_bound = 0
+// (θ ← max(θ, 0) after each update).
 // Sparse MeZO: a span with a finite threshold τ (parameters::set_threshold) perturbs and updates
 // only elements with |θ| < τ; the mask is recomputed on the fly in every sweep from the
 // reconstruction t = θ − o·z of the unperturbed value (o the current offset), never stored.
@@ -269,8 +272,11 @@ struct options {
   float adam_eps = 1e-8f;     // Adam, > 0
   double active_fraction = 1; // block-coordinate: probability a span takes part in a step, (0, 1]
   bool cyclic = false;        // layer-wise: exactly one span per step, in registration order
-  std::uint64_t seed = 0;     // base seed; the step's seeds are step_seed(seed, t, j)
-  int threads = 0;            // 0: lowmem::max_threads()
+  float grad_clip = 0;        // C > 0: clip each ĝ to [−C, C] (QZO's directional-derivative
+                              // clipping); 0: no clipping
+  float lower_bound = -INFINITY; // projection θ ← max(θ, lower_bound) after the update (QZO: 0)
+  std::uint64_t seed = 0;        // base seed; the step's seeds are step_seed(seed, t, j)
+  int threads = 0;               // 0: lowmem::max_threads()
 };
 
 /// What a finished step reports.
@@ -367,12 +373,12 @@ public:
         sweep_to(-opt_.epsilon);
         phase_ = phase::need_minus;
       } else {
-        ghat_[j_] = (plus_ - base_) / eps;
+        ghat_[j_] = clip((plus_ - base_) / eps);
         next_perturbation();
       }
       break;
     case phase::need_minus:
-      ghat_[j_] = (plus_ - loss) / (2 * eps);
+      ghat_[j_] = clip((plus_ - loss) / (2 * eps));
       if (opt_.rule != method::cons) loss_sum_ += 0.5 * (plus_ + loss);
       next_perturbation();
       break;
@@ -428,6 +434,9 @@ private:
     require(o.active_fraction > 0 && o.active_fraction <= 1, f, "active_fraction", "in (0, 1]",
             o.active_fraction);
     require(o.threads >= 0, f, "threads", ">= 0", o.threads);
+    require_non_negative(f, "grad_clip", o.grad_clip);
+    require(!std::isnan(o.lower_bound) && o.lower_bound < INFINITY, f, "lower_bound",
+            "< +inf (or -inf: none)", o.lower_bound);
     if (o.rule == method::cons) {
       require(o.q == 1, f, "q", "1 for method::cons", o.q);
       require(o.weight_decay == 0.f, f, "weight_decay", "0 for method::cons", o.weight_decay);
@@ -439,6 +448,10 @@ private:
           f, "params", "the span layout (ids and sizes) the optimizer was built with",
           "a changed layout (" + std::to_string(params_.count()) + " spans, " +
               std::to_string(params_.total_size()) + " elements)");
+  }
+  double clip(double g) const noexcept {
+    const double c = opt_.grad_clip;
+    return c > 0 ? std::min(c, std::max(-c, g)) : g;
   }
   std::uint64_t seed_of(int j) const noexcept {
     return step_seed(opt_.seed, step_, std::uint64_t(j));
@@ -529,6 +542,7 @@ private:
     sc.step_size = float(double(opt_.lr) / (1.0 - std::pow(double(opt_.beta1), t)));
     sc.inv_sqrt_bc2 = float(1.0 / std::sqrt(1.0 - std::pow(double(opt_.beta2), t)));
     sc.adam_eps = opt_.adam_eps;
+    sc.lower = opt_.lower_bound;
     const std::uint64_t s_last = seed_of(j_);
     for_blocks([&](std::size_t, const parameters::span& s, std::size_t b, std::size_t n) {
       alignas(64) float z[block_elements], zj[block_elements], g[block_elements];

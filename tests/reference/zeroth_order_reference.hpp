@@ -9,6 +9,7 @@
 #include <lowmem/kernels/random.hpp>
 #include <lowmem/zeroth_order.hpp>
 
+#include <algorithm>
 #include <cmath>
 #include <cstdint>
 #include <functional>
@@ -56,6 +57,10 @@ inline double zo_step(std::vector<zo_span>& spans, const zo::options& o, std::ui
     }
   };
   auto keep = [&](std::size_t k, float t) { return std::fabs(t) < spans[k].threshold; };
+  auto clip = [&](double x) {
+    const double c = o.grad_clip;
+    return c > 0 ? std::min(c, std::max(-c, x)) : x;
+  };
   std::vector<double> g(static_cast<std::size_t>(q), 0.0);
   float off = 0;
   double base = 0;
@@ -82,9 +87,9 @@ inline double zo_step(std::vector<zo_span>& spans, const zo::options& o, std::ui
       });
       off = -eps;
       const double lm = loss();
-      g[std::size_t(j)] = (lp - lm) / (2 * double(eps));
+      g[std::size_t(j)] = clip((lp - lm) / (2 * double(eps)));
     } else {
-      g[std::size_t(j)] = (lp - base) / double(eps);
+      g[std::size_t(j)] = clip((lp - base) / double(eps));
     }
   }
   const double t_step = double(step + 1);
@@ -130,6 +135,7 @@ inline double zo_step(std::vector<zo_span>& spans, const zo::options& o, std::ui
       th = std::fma(a, t, -o.lr * gv);
       break;
     }
+    th = std::max(th, o.lower_bound);
   });
   double s = 0;
   for (double x : g) s += x;

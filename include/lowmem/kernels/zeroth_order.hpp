@@ -117,7 +117,8 @@ struct update_scalars {
   float step_size = 0;   // Adam: η / (1 − β₁ᵗ)
   float inv_sqrt_bc2 = 1; // Adam: 1 / sqrt(1 − β₂ᵗ)
   float adam_eps = 1e-8f;
-  float tau = INFINITY; // sparsity threshold
+  float tau = INFINITY;    // sparsity threshold
+  float lower = -INFINITY; // projection θ ← max(θ, lower) (QZO keeps scales >= 0)
 };
 
 /// Final sweep on one block: restore and update, fused.
@@ -128,13 +129,13 @@ struct update_scalars {
 ///   momentum: m ← fma(β₁, m, gv);  θ ← fma(a, t, −η·m)
 ///   adam:     m ← fma(β₁, m, (1−β₁)·gv);  v ← fma(β₂, v, (1−β₂)·gv²)
 ///             θ ← fma(a, t, −s·m / (sqrt(v)·κ + eps))     s = η/(1−β₁ᵗ), κ = 1/sqrt(1−β₂ᵗ)
-/// Elements with |t| >= tau keep θ (and their state) unchanged.
+///   then θ ← max(θ, lower). Elements with |t| >= tau keep θ (and their state) unchanged.
 template <class Arch, rule R>
 inline void update(float* theta, const float* z, const float* grad, float* m1, float* m2,
                    std::size_t n, const update_scalars& s) {
   using F = simd::fbatch<Arch>;
-  const F vno(-s.o), vg(s.g), va(s.decay), vnlr(-s.lr), vtau(s.tau);
-  const bool masked = !std::isinf(s.tau);
+  const F vno(-s.o), vg(s.g), va(s.decay), vnlr(-s.lr), vtau(s.tau), vlow(s.lower);
+  const bool masked = !std::isinf(s.tau), bounded = !std::isinf(s.lower);
   for_lanes<Arch>(n, [&](std::size_t i, std::size_t m) {
     const F th = load<Arch>(theta + i, m), zz = load<Arch>(z + i, m);
     const F t = simd::fma<Arch>(vno, zz, th);
@@ -164,6 +165,7 @@ inline void update(float* theta, const float* z, const float* grad, float* m1, f
       store<Arch>(m1 + i, mm, m);
       store<Arch>(m2 + i, vv, m);
     }
+    if (bounded) r = xsimd::max(r, vlow);
     if (masked) r = xsimd::select(xsimd::abs(t) < vtau, r, th);
     store<Arch>(theta + i, r, m);
   });

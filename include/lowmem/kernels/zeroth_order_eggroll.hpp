@@ -71,31 +71,57 @@ inline void gemm_nt(const float* x, std::ptrdiff_t ldx, const float* w, std::ptr
   }
 }
 
+/// R rows × a 4-register column chunk [k, k + kn) of W += B·A (kn <= 4·width).
+template <class Arch, int R>
+inline void add_low_rank_tile(float* w, std::ptrdiff_t ldw, const float* b, std::ptrdiff_t ldb,
+                              const float* a, std::ptrdiff_t lda, std::ptrdiff_t k,
+                              std::ptrdiff_t kn, std::ptrdiff_t T) {
+  using F = simd::fbatch<Arch>;
+  constexpr std::ptrdiff_t Wd = std::ptrdiff_t(simd::width<Arch>);
+  const int V = int((kn + Wd - 1) / Wd);
+  auto ld = [&](const float* p, int v) {
+    const std::ptrdiff_t m = std::min(Wd, kn - v * Wd);
+    return m == Wd ? F::load_unaligned(p + v * Wd)
+                   : simd::load_partial<Arch>(p + v * Wd, std::size_t(m));
+  };
+  F acc[R][4];
+  for (int r = 0; r < R; ++r)
+    for (int v = 0; v < V; ++v) acc[r][v] = ld(w + r * ldw + k, v);
+  for (std::ptrdiff_t t = 0; t < T; ++t) {
+    F av[4];
+    for (int v = 0; v < V; ++v) av[v] = ld(a + t * lda + k, v);
+    for (int r = 0; r < R; ++r) {
+      const F bv(b[r * ldb + t]);
+      for (int v = 0; v < V; ++v) acc[r][v] = simd::fma<Arch>(bv, av[v], acc[r][v]);
+    }
+  }
+  for (int r = 0; r < R; ++r)
+    for (int v = 0; v < V; ++v) {
+      const std::ptrdiff_t m = std::min(Wd, kn - v * Wd);
+      float* p = w + r * ldw + k + v * Wd;
+      if (m == Wd)
+        acc[r][v].store_unaligned(p);
+      else
+        simd::store_partial<Arch>(p, acc[r][v], std::size_t(m));
+    }
+}
+
 /// W[o, :] += Σ_{t<T} B[o, t]·A[t, :] for o in [o0, o1): W O×K (ld ldw), B O×T (ld ldb),
-/// A T×K (ld lda), row-major. Sum over t in order, one fma per term.
+/// A T×K (ld lda), row-major. Each element gets the terms in t order, one fma each, so the
+/// blocking (4 rows × 4 registers; column chunks outer so a T×4·width slice of A stays in L1)
+/// does not change any bit.
 template <class Arch>
 inline void add_low_rank(float* w, std::ptrdiff_t ldw, const float* b, std::ptrdiff_t ldb,
                          const float* a, std::ptrdiff_t lda, std::ptrdiff_t o0, std::ptrdiff_t o1,
                          std::ptrdiff_t K, std::ptrdiff_t T) {
-  using F = simd::fbatch<Arch>;
-  constexpr std::ptrdiff_t Wd = std::ptrdiff_t(simd::width<Arch>);
-  for (std::ptrdiff_t o = o0; o < o1; ++o) {
-    float* wr = w + o * ldw;
-    const float* br = b + o * ldb;
-    for (std::ptrdiff_t k = 0; k < K; k += Wd) {
-      const std::ptrdiff_t m = std::min(Wd, K - k);
-      F acc =
-          m == Wd ? F::load_unaligned(wr + k) : simd::load_partial<Arch>(wr + k, std::size_t(m));
-      for (std::ptrdiff_t t = 0; t < T; ++t) {
-        const float* ar = a + t * lda + k;
-        const F av = m == Wd ? F::load_unaligned(ar) : simd::load_partial<Arch>(ar, std::size_t(m));
-        acc = simd::fma<Arch>(F(br[t]), av, acc);
-      }
-      if (m == Wd)
-        acc.store_unaligned(wr + k);
-      else
-        simd::store_partial<Arch>(wr + k, acc, std::size_t(m));
-    }
+  constexpr std::ptrdiff_t chunk = 4 * std::ptrdiff_t(simd::width<Arch>);
+  for (std::ptrdiff_t k = 0; k < K; k += chunk) {
+    const std::ptrdiff_t kn = std::min(chunk, K - k);
+    std::ptrdiff_t o = o0;
+    for (; o + 4 <= o1; o += 4)
+      add_low_rank_tile<Arch, 4>(w + o * ldw, ldw, b + o * ldb, ldb, a, lda, k, kn, T);
+    for (; o < o1; ++o)
+      add_low_rank_tile<Arch, 1>(w + o * ldw, ldw, b + o * ldb, ldb, a, lda, k, kn, T);
   }
 }
 
