@@ -205,6 +205,92 @@ TEST_CASE("QZO: ZO-SGD on the scales of a blockwise int8 tensor, codes frozen", 
   CHECK(code == code_before);
 }
 
+TEST_CASE("bf16 spans: naive emulation bitwise, 1 == 2 threads, restore on the bf16 grid",
+          "[zo][bf16]") {
+  const std::size_t n = 70001;
+  const auto init = ref::uniform_data(n, 31);
+  auto make = [&] {
+    std::vector<bf16> v(n);
+    to_bf16(init.data(), v.data(), n);
+    return v;
+  };
+  std::vector<bf16> a = make(), b = make(), c = make();
+  std::vector<float> f32(init); // a float span next to the bf16 one
+  auto loss_of = [&](const std::vector<bf16>& v) {
+    double s = 0;
+    for (std::size_t i = 0; i < n; ++i) {
+      const double d = double(to_float(v[i])) - 0.1 * std::sin(0.01 * double(i));
+      s += d * d;
+    }
+    return s;
+  };
+  zo::options o;
+  o.lr = 1e-4f;
+  o.epsilon = 1e-2f;
+  o.weight_decay = 0.1f;
+  o.threads = 1;
+  zo::parameters pa, pb;
+  pa.add(5, a.data(), n);
+  pa.add(6, f32.data(), n);
+  pb.add(5, b.data(), n);
+  std::vector<float> f32b(init);
+  pb.add(6, f32b.data(), n);
+  zo::optimizer oa(pa, o);
+  o.threads = 2;
+  zo::optimizer ob(pb, o);
+  // naive emulation of one two-sided SGD step on the bf16 span
+  auto rb16 = [](float x) { return to_float(to_bf16(x)); };
+  for (int t = 0; t < 3; ++t) {
+    const auto z = ref::zo_noise(o.dist, zo::step_seed(o.seed, std::uint64_t(t), 0), 5, n);
+    for (std::size_t i = 0; i < n; ++i) c[i] = to_bf16(std::fma(o.epsilon, z[i], to_float(c[i])));
+    const double lp = loss_of(c);
+    for (std::size_t i = 0; i < n; ++i) {
+      const float tt = rb16(std::fma(-o.epsilon, z[i], to_float(c[i])));
+      c[i] = to_bf16(std::fma(-o.epsilon, z[i], tt));
+    }
+    const double lm = loss_of(c);
+    const double g = (lp - lm) / (2 * double(o.epsilon));
+    const float dec = float(1.0 - double(o.lr) * o.weight_decay);
+    for (std::size_t i = 0; i < n; ++i) {
+      const float tt = rb16(std::fma(o.epsilon, z[i], to_float(c[i])));
+      c[i] = to_bf16(std::fma(dec, tt, -o.lr * (float(g) * z[i])));
+    }
+    oa.step([&] { return loss_of(a); });
+    ob.step([&] { return loss_of(b); });
+  }
+  auto bits = [](const std::vector<bf16>& v) {
+    std::vector<std::uint16_t> u(v.size());
+    for (std::size_t i = 0; i < v.size(); ++i) u[i] = v[i].bits;
+    return u;
+  };
+  CHECK(bits(a) == bits(b));
+  CHECK(bits(a) == bits(c));
+  CHECK(ref::bitwise_equal(f32.data(), f32b.data(), n));
+  // restore with lr = 0: back on the original bf16 value for almost every element
+  std::vector<bf16> r = make(), orig = make();
+  zo::parameters pr;
+  pr.add(1, r.data(), n);
+  zo::options o0;
+  o0.lr = 0;
+  o0.epsilon = 1e-2f;
+  zo::optimizer opt(pr, o0);
+  opt.step([] { return 0.0; });
+  const auto z = ref::zo_noise(o0.dist, zo::step_seed(0, 0, 0), 1, n);
+  std::size_t exact = 0, off_by_more = 0;
+  for (std::size_t i = 0; i < n; ++i) {
+    exact += r[i].bits == orig[i].bits;
+    // where |θ| >= 4ε|z| (so no sign change or binade jump by the perturbation): within 1 unit
+    off_by_more += std::abs(int(r[i].bits) - int(orig[i].bits)) > 1 &&
+                   std::fabs(to_float(orig[i])) >= 4 * o0.epsilon * std::fabs(z[i]);
+  }
+  INFO("bf16 restore: " << exact << " / " << n << " bitwise");
+  CHECK(double(exact) >= 0.9 * double(n));
+  CHECK(off_by_more == 0);
+  memory::region reg; // a bf16 step allocates nothing either
+  opt.step([] { return 0.0; });
+  CHECK(reg.allocations() == 0);
+}
+
 TEST_CASE("restore: +eps, -2eps, +eps returns to theta within the documented bound", "[zo]") {
   const std::size_t n = 200003;
   for (float eps : {1e-3f, 1e-2f}) {
@@ -400,7 +486,8 @@ TEST_CASE("bad input throws before touching theta", "[zo][errors]") {
     zo::parameters params;
     params.add(1, p.data[0].data(), p.data[0].size());
     CHECK_THROWS_AS(params.add(1, p.data[1].data(), p.data[1].size()), lowmem::invalid_argument);
-    CHECK_THROWS_AS(params.add(2, nullptr, 10), lowmem::invalid_argument);
+    CHECK_THROWS_AS(params.add(2, static_cast<float*>(nullptr), 10), lowmem::invalid_argument);
+    CHECK_THROWS_AS(params.add(2, static_cast<bf16*>(nullptr), 10), lowmem::invalid_argument);
     CHECK_THROWS_AS(params.add(2, p.data[1].data(), 0), lowmem::invalid_argument);
     CHECK(params.count() == 1);
   }

@@ -54,19 +54,30 @@ template <class Arch> inline void store(float* p, const simd::fbatch<Arch>& v, s
     simd::store_partial<Arch>(p, v, m);
 }
 
+/// x rounded to the nearest bf16 value (ties to even), kept in fp32: the reconstruction of a bf16
+/// parameter is rounded back onto the bf16 grid so a restore undoes one bf16 rounding exactly
+/// (NaN inputs are not preserved; parameters are finite).
+template <class Arch> inline simd::fbatch<Arch> round_bf16(const simd::fbatch<Arch>& x) {
+  using U = simd::ubatch<Arch>;
+  const U u = simd::as_uint<Arch>(x);
+  return simd::as_float<Arch>((u + U(0x7FFFu) + ((u >> 16) & U(1u))) & U(0xFFFF0000u));
+}
+
 /// Perturbation move on one block, from offset o to offset o_new along the same z:
 ///   t = fma(-o, z, θ)            reconstruction of the unperturbed value (θ ≈ θ₀ + o·z)
 ///   θ ← fma(o_new, z, t)         where |t| < tau (all elements when tau = +inf)
 /// Going through t (rather than θ + (o_new − o)·z) makes each restore undo a single rounding,
 /// so t == θ₀ except at rounding ties and binade crossings. o = 0 makes t = θ exactly.
 template <class Arch>
-inline void move(float* theta, const float* z, std::size_t n, float o_new, float o, float tau) {
+inline void move(float* theta, const float* z, std::size_t n, float o_new, float o, float tau,
+                 bool bf16_grid = false) {
   using F = simd::fbatch<Arch>;
   const F vc(o_new), vno(-o), vtau(tau);
   const bool masked = !std::isinf(tau);
   for_lanes<Arch>(n, [&](std::size_t i, std::size_t m) {
     const F th = load<Arch>(theta + i, m), zz = load<Arch>(z + i, m);
-    const F t = simd::fma<Arch>(vno, zz, th);
+    F t = simd::fma<Arch>(vno, zz, th);
+    if (bf16_grid) t = round_bf16<Arch>(t);
     F r = simd::fma<Arch>(vc, zz, t);
     if (masked) r = xsimd::select(xsimd::abs(t) < vtau, r, th);
     store<Arch>(theta + i, r, m);
@@ -74,16 +85,17 @@ inline void move(float* theta, const float* z, std::size_t n, float o_new, float
 }
 
 /// Switch from perturbation z_old (θ ≈ θ₀ + o·z_old) to z_new:
-///   t = fma(-o, z_old, θ);  θ ← fma(c, z_new, t)  where |t| < tau.
+///   t = fma(-o, z_old, θ);  θ ← fma(c, z_new, t)  where |t| < tau  (bf16_grid: as in move).
 template <class Arch>
 inline void switch_move(float* theta, const float* z_old, const float* z_new, std::size_t n,
-                        float o, float c, float tau) {
+                        float o, float c, float tau, bool bf16_grid = false) {
   using F = simd::fbatch<Arch>;
   const F vc(c), vno(-o), vtau(tau);
   const bool masked = !std::isinf(tau);
   for_lanes<Arch>(n, [&](std::size_t i, std::size_t m) {
     const F th = load<Arch>(theta + i, m);
-    const F t = simd::fma<Arch>(vno, load<Arch>(z_old + i, m), th);
+    F t = simd::fma<Arch>(vno, load<Arch>(z_old + i, m), th);
+    if (bf16_grid) t = round_bf16<Arch>(t);
     F r = simd::fma<Arch>(vc, load<Arch>(z_new + i, m), t);
     if (masked) r = xsimd::select(xsimd::abs(t) < vtau, r, th);
     store<Arch>(theta + i, r, m);
@@ -129,16 +141,18 @@ struct update_scalars {
 ///   momentum: m ← fma(β₁, m, gv);  θ ← fma(a, t, −η·m)
 ///   adam:     m ← fma(β₁, m, (1−β₁)·gv);  v ← fma(β₂, v, (1−β₂)·gv²)
 ///             θ ← fma(a, t, −s·m / (sqrt(v)·κ + eps))     s = η/(1−β₁ᵗ), κ = 1/sqrt(1−β₂ᵗ)
-///   then θ ← max(θ, lower). Elements with |t| >= tau keep θ (and their state) unchanged.
+///   then θ ← max(θ, lower) (bf16_grid: t rounded as in move). Elements with |t| >= tau keep θ (and
+///   their state) unchanged.
 template <class Arch, rule R>
 inline void update(float* theta, const float* z, const float* grad, float* m1, float* m2,
-                   std::size_t n, const update_scalars& s) {
+                   std::size_t n, const update_scalars& s, bool bf16_grid = false) {
   using F = simd::fbatch<Arch>;
   const F vno(-s.o), vg(s.g), va(s.decay), vnlr(-s.lr), vtau(s.tau), vlow(s.lower);
   const bool masked = !std::isinf(s.tau), bounded = !std::isinf(s.lower);
   for_lanes<Arch>(n, [&](std::size_t i, std::size_t m) {
     const F th = load<Arch>(theta + i, m), zz = load<Arch>(z + i, m);
-    const F t = simd::fma<Arch>(vno, zz, th);
+    F t = simd::fma<Arch>(vno, zz, th);
+    if (bf16_grid) t = round_bf16<Arch>(t);
     const F gv = grad ? load<Arch>(grad + i, m) : vg * zz;
     F r;
     if constexpr (R == rule::sgd) {
