@@ -3,3 +3,4 @@
 
 #include "core.hpp"
 #include "attention.hpp"
+#include "zeroth_order.hpp"
