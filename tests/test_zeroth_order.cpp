@@ -658,6 +658,7 @@ TEST_CASE("EGGROLL forward: threads, bad shapes, no allocation", "[zo][eggroll]"
   owned_workspace ws(zo::eggroll_forward_workspace_bytes(in, out, rank, rows));
   zo::eggroll_forward(make_view(x.data(), pop * rows, in), make_view(w.data(), out, in), pop, 0.1f,
                       rank, 1, 0, make_view(y1.data(), pop * rows, out), ws.get(), 1);
+  warm_up_threads(2); // the OpenMP runtime allocates its team on first use
   {
     memory::region r;
     zo::eggroll_forward(make_view(x.data(), pop * rows, in), make_view(w.data(), out, in), pop,

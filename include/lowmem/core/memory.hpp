@@ -16,7 +16,8 @@
 // Byte counts are the allocator's usable sizes (malloc_usable_size), so they can exceed the
 // requested sizes by a few bytes per block. Counters are process-wide atomics: allocations by
 // other threads during the region count too (that is what a peak-memory claim must include).
-// One region at a time (a second concurrent region throws).
+// One region at a time (a second concurrent region throws). The OpenMP runtime allocates its
+// thread team on first use: call lowmem::warm_up_threads() before a region that runs threads.
 //
 // `ledger` is the other kind of accounting: bytes a trainer *declares* per category (parameters,
 // gradients, optimizer state, activations), with a running total and peak, independent of hooks.

@@ -34,6 +34,21 @@ inline bool in_parallel() noexcept {
 #endif
 }
 
+/// Starts the OpenMP thread team (up to `threads`, default max_threads()) so that its one-time
+/// allocations happen here and not inside a measured region: the OpenMP runtime allocates its
+/// team on the first parallel region of a given size. A no-op without OpenMP.
+inline void warm_up_threads(int threads = 0) noexcept {
+#if defined(_OPENMP)
+  if (threads <= 0) threads = omp_get_max_threads();
+  for (int t = 1; t <= threads; ++t) {
+#pragma omp parallel num_threads(t)
+    { (void)omp_get_thread_num(); }
+  }
+#else
+  (void)threads;
+#endif
+}
+
 /// Number of chunks parallel_for uses for n items with the given grain and thread budget.
 inline std::ptrdiff_t chunk_count(std::ptrdiff_t n, std::ptrdiff_t grain, int threads) noexcept {
   if (n <= 0) return 0;
