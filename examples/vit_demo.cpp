@@ -57,15 +57,17 @@ double mib(std::int64_t b) { return double(b) / (1024.0 * 1024.0); }
 void write_csv(const std::vector<demo::method_result>& rs, const std::string& path) {
   std::FILE* f = std::fopen(path.c_str(), "w");
   if (!f) throw std::runtime_error("cannot write " + path);
-  std::fprintf(f, "method,trainable_params,param_bytes,grad_bytes,optimizer_state_bytes,"
-                  "activation_bytes,tracked_training_bytes,peak_rss_kib,heap_peak_bytes,steps,"
-                  "sec_per_step,test_accuracy\n");
+  std::fprintf(
+      f, "method,trainable_params,param_bytes,grad_bytes,optimizer_state_bytes,"
+         "activation_bytes,tracked_training_bytes,peak_rss_kib,start_rss_kib,heap_peak_bytes,steps,"
+         "sec_per_step,test_accuracy\n");
   for (const auto& r : rs)
-    std::fprintf(f, "\"%s\",%lld,%lld,%lld,%lld,%lld,%lld,%ld,%lld,%ld,%.6f,%.4f\n", r.name.c_str(),
-                 (long long)r.trainable_params, (long long)r.param_bytes, (long long)r.grad_bytes,
-                 (long long)r.optimizer_bytes, (long long)r.activation_bytes,
-                 (long long)r.tracked_bytes, r.peak_rss_kib, (long long)r.heap_peak_bytes,
-                 long(r.steps), r.sec_per_step, r.accuracy);
+    std::fprintf(f, "\"%s\",%lld,%lld,%lld,%lld,%lld,%lld,%ld,%ld,%lld,%ld,%.6f,%.4f\n",
+                 r.name.c_str(), (long long)r.trainable_params, (long long)r.param_bytes,
+                 (long long)r.grad_bytes, (long long)r.optimizer_bytes,
+                 (long long)r.activation_bytes, (long long)r.tracked_bytes, r.peak_rss_kib,
+                 r.start_rss_kib, (long long)r.heap_peak_bytes, long(r.steps), r.sec_per_step,
+                 r.accuracy);
   std::fclose(f);
 }
 
@@ -87,7 +89,7 @@ std::string xml_escape(const std::string& s) {
 /// Hand-written SVG scatter: x = tracked training memory (MiB, linear from 0), y = accuracy (%).
 void write_svg(const std::vector<demo::method_result>& rs, const std::string& path,
                const std::string& title) {
-  const double W = 720, H = 460, L = 70, R = 230, T = 40, Bm = 50;
+  const double W = 900, H = 460, L = 70, R = 380, T = 40, Bm = 50;
   double xmax = 0;
   double ymin = 100, ymax = 0;
   for (const auto& r : rs) {
@@ -254,18 +256,22 @@ int main(int argc, char** argv) {
                 long(cfg.batch), pst.seconds, long(ft_train.count), long(cfg.finetune_steps),
                 long(cfg.batch), long(ft_test.count));
     std::printf("| method | trainable params | optimizer state | tracked training memory "
-                "(params + grads + opt + acts) | peak RSS | time/step | test accuracy |\n"
+                "(params + grads + opt + acts) | peak RSS (growth) | time/step | test accuracy |\n"
                 "|---|---:|---:|---:|---:|---:|---:|\n");
     for (const auto& r : results)
-      std::printf("| %s | %lld | %.3f MiB | %.3f MiB (%.3f + %.3f + %.3f + %.3f) | %.1f MiB | "
-                  "%s | %.2f%% |\n",
-                  r.name.c_str(), (long long)r.trainable_params, mib(r.optimizer_bytes),
-                  mib(r.tracked_bytes), mib(r.param_bytes), mib(r.grad_bytes),
-                  mib(r.optimizer_bytes), mib(r.activation_bytes), double(r.peak_rss_kib) / 1024.0,
-                  r.steps ? (std::to_string(int(1e3 * r.sec_per_step + 0.5)) + " ms").c_str() : "-",
-                  100 * r.accuracy);
+      std::printf(
+          "| %s | %lld | %.3f MiB | %.3f MiB (%.3f + %.3f + %.3f + %.3f) | %.1f MiB (+%.1f) | "
+          "%s | %.2f%% |\n",
+          r.name.c_str(), (long long)r.trainable_params, mib(r.optimizer_bytes),
+          mib(r.tracked_bytes), mib(r.param_bytes), mib(r.grad_bytes), mib(r.optimizer_bytes),
+          mib(r.activation_bytes), double(r.peak_rss_kib) / 1024.0,
+          double(r.peak_rss_kib - r.start_rss_kib) / 1024.0,
+          r.steps ? (std::to_string(int(1e3 * r.sec_per_step + 0.5)) + " ms").c_str() : "-",
+          100 * r.accuracy);
     if (!results.empty() && !results.front().rss_reset)
       std::printf("\n(peak RSS could not be reset per method: values are process maxima)\n");
+    std::printf("\npeak RSS: getrusage high-water mark during the method (reset before it); growth "
+                "= over the resident set at its start (data sets in fp32 and the base model).\n");
     write_csv(results, out + "/results.csv");
     write_svg(results, out + "/accuracy_vs_memory.svg",
               "Fashion-MNIST ViT, inverted-image domain: accuracy vs training memory");

@@ -30,6 +30,7 @@
 #include <random>
 #include <string>
 #include <sys/resource.h>
+#include <unistd.h>
 #include <vector>
 
 #include "vit.hpp"
@@ -288,6 +289,7 @@ struct method_result {
   std::int64_t param_bytes = 0, grad_bytes = 0, optimizer_bytes = 0, activation_bytes = 0;
   std::int64_t tracked_bytes = 0;    // ledger total: the four above
   long peak_rss_kib = 0;             // getrusage ru_maxrss during the method (high-water reset)
+  long start_rss_kib = 0;            // resident set at the method's start (data sets, base model)
   bool rss_reset = false;            // false: the kernel refused the reset, RSS is the process max
   std::int64_t heap_peak_bytes = -1; // lowmem::memory::region peak (-1: hooks not installed)
   index_t steps = 0;
@@ -392,6 +394,15 @@ inline bool reset_peak_rss() {
   const bool ok = std::fputs("5", f) >= 0;
   return std::fclose(f) == 0 && ok;
 }
+/// Current resident set (KiB) from /proc/self/statm; 0 when unavailable.
+inline long current_rss_kib() {
+  std::FILE* f = std::fopen("/proc/self/statm", "r");
+  if (!f) return 0;
+  long size = 0, resident = 0;
+  const int n = std::fscanf(f, "%ld %ld", &size, &resident);
+  std::fclose(f);
+  return n == 2 ? resident * (sysconf(_SC_PAGESIZE) / 1024) : 0;
+}
 inline long peak_rss_kib() {
   rusage u{};
   getrusage(RUSAGE_SELF, &u);
@@ -401,6 +412,7 @@ inline long peak_rss_kib() {
 /// Runs one method with per-method peak RSS and heap-peak measurement.
 inline method_result run_measured(const method& meth, const method_context& ctx) {
   const bool reset = reset_peak_rss();
+  const long rss0 = current_rss_kib();
   std::int64_t heap = -1;
   method_result r;
   {
@@ -411,6 +423,7 @@ inline method_result run_measured(const method& meth, const method_context& ctx)
   if (r.name.empty()) r.name = meth.name;
   r.rss_reset = reset;
   r.peak_rss_kib = peak_rss_kib();
+  r.start_rss_kib = rss0;
   r.heap_peak_bytes = heap;
   return r;
 }
