@@ -11,6 +11,7 @@
 
 #include "support/gradcheck.hpp"
 
+#include <algorithm>
 #include <cstdint>
 #include <vector>
 
@@ -263,6 +264,9 @@ TEST_CASE("tiny ViT: whole-model backward matches finite differences, with and w
   m.zero_grad();
   m.backward(train, labels, B);
   CHECK(m.trainable_spans().empty());
+  const auto all = m.all_spans(); // what a ZO method perturbs: every tensor, no gradient buffers
+  CHECK(all.size() == m.params.size());
+  CHECK(std::all_of(all.begin(), all.end(), [](const demo::param_span& s) { return !s.grad; }));
   CHECK(m.gradient_bytes() == index_t(h.A.size() * sizeof(float)));
   lowmem::test::gradcheck(loss, h.A.data(), h.A.size(), h.dA.data(), "hook.A", o);
 }

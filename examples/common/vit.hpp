@@ -192,6 +192,13 @@ public:
       if (p.trainable) out.push_back({p.name, p.value.data(), p.grad.data(), p.shape, p.numel()});
     return out;
   }
+  /// Every model tensor with a null grad: what a zeroth-order method (MeZO) perturbs in place
+  /// without allocating gradients (call set_all_trainable(false) first to free any).
+  std::vector<param_span> all_spans() {
+    std::vector<param_span> out;
+    for (auto& p : params) out.push_back({p.name, p.value.data(), nullptr, p.shape, p.numel()});
+    return out;
+  }
   std::int64_t parameter_count() const {
     std::int64_t n = 0;
     for (const auto& p : params) n += p.numel();
