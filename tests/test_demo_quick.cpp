@@ -37,7 +37,7 @@ TEST_CASE("vit_demo --quick: pretraining, frozen base and full fine-tuning on in
   // images); the full default run (60K images, 3 epochs) reaches more.
   CHECK(clean > 0.80);
 #else
-  // Sanitizer builds run half the steps (quick_config): 100 steps already reach ~75% in Release;
+  // Sanitizer builds run half the steps (quick_config): measured 78.9% under ASan+UBSan;
   // 0.70 is far from chance (0.10), which is where a broken backward stays.
   CHECK(clean > 0.70);
 #endif
