@@ -7,8 +7,10 @@
 // below rtol = 2e-2 of the gradients checked here.
 #include <catch2/catch.hpp>
 
+#include <common/lowmem_attention.hpp>
 #include <common/vit.hpp>
 
+#include "reference/common.hpp"
 #include "support/gradcheck.hpp"
 
 #include <algorithm>
@@ -174,6 +176,28 @@ TEST_CASE("naive attention: forward against a direct softmax, backward by finite
   lowmem::test::gradcheck(loss, q.data(), n, dq.data(), "dq", op);
   lowmem::test::gradcheck(loss, k.data(), n, dk.data(), "dk", op);
   lowmem::test::gradcheck(loss, v.data(), n, dv.data(), "dv", op);
+}
+
+TEST_CASE("lowmem tiled attention backend equals the naive backend (forward and backward)",
+          "[demo][layers]") {
+  const demo::attention_shape s{2, 4, 16, 16, 0.25f}; // the demo's shape: 16 tokens, head dim 16
+  const std::size_t n = std::size_t(s.qkv_floats());
+  auto q = randn(n, 21), k = randn(n, 22), v = randn(n, 23), dO = randn(n, 24);
+  const demo::attention_backend naive = demo::naive_attention(), tiled = demo::lowmem_attention();
+  CHECK(tiled.saved_floats(s) == std::size_t(s.B * s.H * s.N)); // no N×N state
+  std::vector<float> o1(n), o2(n), sv1(naive.saved_floats(s)), sv2(tiled.saved_floats(s));
+  std::vector<float> ws1(naive.workspace_floats(s)), ws2(tiled.workspace_floats(s));
+  naive.forward(s, q.data(), k.data(), v.data(), o1.data(), sv1.data());
+  tiled.forward(s, q.data(), k.data(), v.data(), o2.data(), sv2.data());
+  CHECK(lowmem::ref::max_rel_error(o2.data(), o1.data(), n) < 1e-5);
+  std::vector<float> g1[3] = {std::vector<float>(n), std::vector<float>(n), std::vector<float>(n)};
+  std::vector<float> g2[3] = {std::vector<float>(n), std::vector<float>(n), std::vector<float>(n)};
+  naive.backward(s, q.data(), k.data(), v.data(), o1.data(), dO.data(), sv1.data(), g1[0].data(),
+                 g1[1].data(), g1[2].data(), ws1.data());
+  tiled.backward(s, q.data(), k.data(), v.data(), o2.data(), dO.data(), sv2.data(), g2[0].data(),
+                 g2[1].data(), g2[2].data(), ws2.data());
+  for (int t = 0; t < 3; ++t)
+    CHECK(lowmem::ref::max_rel_error(g2[t].data(), g1[t].data(), n) < 1e-4);
 }
 
 TEST_CASE("head split/merge are inverse permutations and their backwards are adjoints",

@@ -33,6 +33,7 @@
 #include <unistd.h>
 #include <vector>
 
+#include "lowmem_attention.hpp"
 #include "vit.hpp"
 
 namespace demo {
@@ -431,6 +432,7 @@ inline method_result run_measured(const method& meth, const method_context& ctx)
 /// Pretrains a fresh model on unshifted images with fp32 AdamW.
 inline vit pretrain(const demo_config& c, const dataset& train_set, train_stats* stats = nullptr) {
   vit m(c.model, c.seed);
+  m.attention = lowmem_attention(); // tiled: saves B·H·N log-sum-exps, not B·H·N² probabilities
   m.set_all_trainable(true);
   std::vector<param_span> spans = m.trainable_spans();
   adamw_fp32 opt(spans);
