@@ -156,7 +156,7 @@ inline void affine_dequantize(const std::uint8_t* codes, const float* scales, co
       kernels::affine_dequant8<Arch>(codes + begin, len, f.symmetric, scales[b], z, x + begin);
     else
       kernels::codebook_dequant<Arch>(codes, begin, len, kernels::int4_levels,
-                                      kernels::int4_pairs(), scales[b], -z * scales[b], x + begin);
+                                      kernels::int4_pairs(), scales[b], 0.0f - z * scales[b], x + begin);
   }
 }
 

@@ -1,0 +1,174 @@
+// lowmem/kernels/quant_linear.hpp — inner loops of the quantized linear layer (quant/linear.hpp):
+// dequantize one row segment of a quantized weight, and the fused batch-1 dot products.
+//
+// Fused GEMV (AVX-512 only; other archs dequantize a row into L1 and take a dot product):
+//  * int8: bytes widened to int32 lanes (vpmovsxbd / vpmovzxbd), converted, fma with x; one fma
+//    per block applies its scale;
+//  * 4-bit (int4, NF4, FP4): the 16 levels sit in one zmm register and vpermps looks codes up.
+//    Byte j of a 32-element chunk holds elements 2j (high nibble) and 2j+1 (low nibble), so x is
+//    first split once per call into "evens then odds" per chunk (x_split): the high nibbles of 16
+//    bytes multiply the 16 even elements, the low nibbles the 16 odd ones, with no shuffles in the
+//    per-row loop.
+#pragma once
+
+#include <cstddef>
+#include <cstdint>
+
+#include "../simd/simd.hpp"
+#include "quant.hpp"
+
+namespace lowmem::quant::kernels {
+
+/// What a quantized weight's codes mean (mirrors quant::weight_format).
+struct qw_desc {
+  int kind;            // 0 int8, 1 4-bit
+  bool is_signed;      // int8 stored two's complement (symmetric int8)
+  const float* levels; // 4-bit levels (int4: 0..15, NF4, FP4)
+  const pair_lut* pairs;
+  float sym_zero; // implicit zero for symmetric formats (int4: 8), else 0
+  bool has_zeros; // asymmetric: per-block zero points
+};
+
+/// Dequantizes W[row, k0 : k0 + len) into out, where row has `cols` elements, `block` divides cols
+/// and k0; scales/zeros are per block of the flat tensor.
+template <class Arch>
+inline void dequant_segment(const qw_desc& d, const std::uint8_t* codes, const float* scales,
+                            const float* zeros, std::size_t cols, std::size_t block,
+                            std::size_t row, std::size_t k0, std::size_t len, float* out) {
+  const std::size_t base = row * cols + k0;
+  for (std::size_t c = 0; c < len; c += block) {
+    const std::size_t b = (base + c) / block;
+    const std::size_t m = len - c < block ? len - c : block;
+    const float s = scales[b];
+    const float z = d.has_zeros ? zeros[b] : d.sym_zero;
+    if (d.kind == 0)
+      affine_dequant8<Arch>(codes + base + c, m, d.is_signed, s, z, out + c);
+    else
+      codebook_dequant<Arch>(codes, base + c, m, d.levels, *d.pairs, s, 0.0f - z * s, out + c);
+  }
+}
+
+/// Dot product of n floats (vectorized, float accumulation in W·2 lanes).
+template <class Arch> inline float dot(const float* a, const float* b, std::size_t n) {
+  using F = simd::fbatch<Arch>;
+  constexpr std::size_t W = simd::width<Arch>;
+  F acc0(0.0f), acc1(0.0f);
+  std::size_t i = 0;
+  for (; i + 2 * W <= n; i += 2 * W) {
+    acc0 = simd::fma<Arch>(F::load_unaligned(a + i), F::load_unaligned(b + i), acc0);
+    acc1 = simd::fma<Arch>(F::load_unaligned(a + i + W), F::load_unaligned(b + i + W), acc1);
+  }
+  float s = simd::reduce_add(acc0 + acc1);
+  for (; i < n; ++i) s += a[i] * b[i];
+  return s;
+}
+
+/// y += alpha·x, n floats.
+template <class Arch> inline void axpy(float alpha, const float* x, float* y, std::size_t n) {
+  using F = simd::fbatch<Arch>;
+  constexpr std::size_t W = simd::width<Arch>;
+  const F a(alpha);
+  std::size_t i = 0;
+  for (; i + W <= n; i += W)
+    simd::fma<Arch>(a, F::load_unaligned(x + i), F::load_unaligned(y + i)).store_unaligned(y + i);
+  for (; i < n; ++i) y[i] += alpha * x[i];
+}
+
+/// True when the fused AVX-512 GEMV applies (arch, and block a multiple of the chunk).
+template <class Arch> inline bool fused_gemv_available(const qw_desc& d, std::size_t block) {
+#if XSIMD_WITH_AVX512BW
+  if constexpr (std::is_base_of<xsimd::avx512f, Arch>::value)
+    return d.kind == 0 ? block % 16 == 0 : block % 32 == 0;
+#endif
+  (void)d, (void)block;
+  return false;
+}
+
+/// x_split: per 32-element chunk, the 16 even elements then the 16 odd ones (cols % 32 == 0).
+inline void split_even_odd(const float* x, std::size_t cols, float* x_split) noexcept {
+  for (std::size_t c = 0; c < cols; c += 32)
+    for (std::size_t j = 0; j < 16; ++j) {
+      x_split[c + j] = x[c + 2 * j];
+      x_split[c + 16 + j] = x[c + 2 * j + 1];
+    }
+}
+
+/// Fused y_o = Σ_k x_k·deq(W)[o, k] for rows [r0, r1). x_split for 4-bit, xsum[kb] = Σ of x over
+/// block kb of a row (asymmetric formats: the zero-point term is −z·s·xsum).
+template <class Arch>
+inline void fused_gemv_rows(const qw_desc& d, const std::uint8_t* codes, const float* scales,
+                            const float* zeros, std::size_t cols, std::size_t block, const float* x,
+                            const float* x_split, const float* xsum, std::size_t r0,
+                            std::size_t r1, float* y) {
+#if XSIMD_WITH_AVX512BW
+  if constexpr (std::is_base_of<xsimd::avx512f, Arch>::value) {
+    const std::size_t nbr = cols / block; // blocks per row
+    if (d.kind == 0) {
+      for (std::size_t r = r0; r < r1; ++r) {
+        const std::uint8_t* q = codes + r * cols;
+        const float* s = scales + r * nbr;
+        __m512 acc = _mm512_setzero_ps();
+        float off = 0;
+        for (std::size_t b = 0; b < nbr; ++b) {
+          __m512 a0 = _mm512_setzero_ps(), a1 = _mm512_setzero_ps();
+          const std::size_t k0 = b * block;
+          std::size_t k = 0;
+          if (d.is_signed) {
+            for (; k + 32 <= block; k += 32) {
+              a0 = _mm512_fmadd_ps(_mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128(
+                                       reinterpret_cast<const __m128i*>(q + k0 + k)))),
+                                   _mm512_loadu_ps(x + k0 + k), a0);
+              a1 = _mm512_fmadd_ps(_mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128(
+                                       reinterpret_cast<const __m128i*>(q + k0 + k + 16)))),
+                                   _mm512_loadu_ps(x + k0 + k + 16), a1);
+            }
+            for (; k < block; k += 16)
+              a0 = _mm512_fmadd_ps(_mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128(
+                                       reinterpret_cast<const __m128i*>(q + k0 + k)))),
+                                   _mm512_loadu_ps(x + k0 + k), a0);
+          } else {
+            for (; k < block; k += 16)
+              a0 = _mm512_fmadd_ps(_mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(_mm_loadu_si128(
+                                       reinterpret_cast<const __m128i*>(q + k0 + k)))),
+                                   _mm512_loadu_ps(x + k0 + k), a0);
+          }
+          acc = _mm512_fmadd_ps(_mm512_add_ps(a0, a1), _mm512_set1_ps(s[b]), acc);
+          if (d.has_zeros) off -= zeros[r * nbr + b] * s[b] * xsum[b];
+        }
+        y[r] = _mm512_reduce_add_ps(acc) + off;
+      }
+    } else {
+      const __m512 lut = _mm512_loadu_ps(d.levels);
+      const __m512i lowmask = _mm512_set1_epi32(0x0F);
+      for (std::size_t r = r0; r < r1; ++r) {
+        const std::uint8_t* q = codes + r * cols / 2; // cols even: rows start on a byte
+        const float* s = scales + r * nbr;
+        __m512 acc = _mm512_setzero_ps();
+        float off = 0;
+        for (std::size_t b = 0; b < nbr; ++b) {
+          __m512 a0 = _mm512_setzero_ps(), a1 = _mm512_setzero_ps();
+          const std::size_t k0 = b * block;
+          for (std::size_t k = 0; k < block; k += 32) {
+            const __m512i v = _mm512_cvtepu8_epi32(
+                _mm_loadu_si128(reinterpret_cast<const __m128i*>(q + (k0 + k) / 2)));
+            const __m512 hi = _mm512_permutexvar_ps(_mm512_srli_epi32(v, 4), lut);
+            const __m512 lo = _mm512_permutexvar_ps(_mm512_and_si512(v, lowmask), lut);
+            a0 = _mm512_fmadd_ps(hi, _mm512_loadu_ps(x_split + k0 + k), a0);
+            a1 = _mm512_fmadd_ps(lo, _mm512_loadu_ps(x_split + k0 + k + 16), a1);
+          }
+          const float sb = s[b];
+          acc = _mm512_fmadd_ps(_mm512_add_ps(a0, a1), _mm512_set1_ps(sb), acc);
+          const float z = d.has_zeros ? zeros[r * nbr + b] : d.sym_zero;
+          if (z != 0.0f) off -= z * sb * xsum[b];
+        }
+        y[r] = _mm512_reduce_add_ps(acc) + off;
+      }
+    }
+    return;
+  }
+#endif
+  (void)d, (void)codes, (void)scales, (void)zeros, (void)cols, (void)block, (void)x;
+  (void)x_split, (void)xsum, (void)r0, (void)r1, (void)y;
+}
+
+} // namespace lowmem::quant::kernels
