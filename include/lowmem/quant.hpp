@@ -16,3 +16,7 @@
 #pragma once
 
 #include "quant/formats.hpp"
+#include "quant/hadamard.hpp"
+#include "quant/linear.hpp"
+#include "quant/qat.hpp"
+#include "quant/serialize.hpp"

@@ -367,11 +367,11 @@ inline void affine_dequant8(const std::uint8_t* codes, std::size_t n, bool is_si
   if (is_signed) {
     for (; i + W <= n; i += W)
       simd::fma<Arch>(xsimd::batch_cast<float>(load_s8<Arch>(codes + i)), s, m).store_unaligned(out + i);
-    for (; i < n; ++i) out[i] = float(std::int8_t(codes[i])) * scale + (-zero * scale);
+    for (; i < n; ++i) out[i] = std::fma(float(std::int8_t(codes[i])), scale, -zero * scale);
   } else {
     for (; i + W <= n; i += W)
       simd::fma<Arch>(xsimd::batch_cast<float>(load_u8<Arch>(codes + i)), s, m).store_unaligned(out + i);
-    for (; i < n; ++i) out[i] = float(codes[i]) * scale + (-zero * scale);
+    for (; i < n; ++i) out[i] = std::fma(float(codes[i]), scale, -zero * scale);
   }
 }
 
@@ -480,7 +480,7 @@ inline void codebook_dequant(const std::uint8_t* packed, std::size_t first, std:
   std::size_t i = 0;
   if (n == 0) return;
   if (first & 1) {
-    out[0] = levels[packed[first >> 1] & 15] * scale + offset;
+    out[0] = std::fma(levels[packed[first >> 1] & 15], scale, offset);
     i = 1;
   }
   const std::uint8_t* src = packed + ((first + i) >> 1);
@@ -517,10 +517,10 @@ inline void codebook_dequant(const std::uint8_t* packed, std::size_t first, std:
       simd::fma<Arch>(F::load_aligned(tmp), vs, vo).store_unaligned(out + i);
     }
     for (; i + 2 <= n; i += 2, ++src) {
-      out[i] = pairs.v[*src][0] * scale + offset;
-      out[i + 1] = pairs.v[*src][1] * scale + offset;
+      out[i] = std::fma(pairs.v[*src][0], scale, offset);
+      out[i + 1] = std::fma(pairs.v[*src][1], scale, offset);
     }
-    if (i < n) out[i] = levels[*src >> 4] * scale + offset;
+    if (i < n) out[i] = std::fma(levels[*src >> 4], scale, offset);
   }
 }
 
