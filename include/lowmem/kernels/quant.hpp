@@ -55,6 +55,10 @@ alignas(64) inline constexpr float fp4_levels[16] = {
 alignas(64) inline constexpr float int4_levels[16] = {0, 1, 2,  3,  4,  5,  6,  7,
                                                       8, 9, 10, 11, 12, 13, 14, 15};
 
+/// Symmetric int4 as a codebook: code c -> c − 8 (offset binary), so dequantization is level·s.
+alignas(64) inline constexpr float int4_sym_levels[16] = {-8, -7, -6, -5, -4, -3, -2, -1,
+                                                          0,  1,  2,  3,  4,  5,  6,  7};
+
 /// A 4-bit codebook prepared for quantization: levels sorted ascending (`sorted`), their codes
 /// (`code_of`), and the 15 decision thresholds (midpoints) between consecutive sorted levels.
 struct codebook4 {
@@ -465,6 +469,10 @@ inline const pair_lut& nf4_pairs() noexcept {
 }
 inline const pair_lut& int4_pairs() noexcept {
   static const pair_lut t = make_pair_lut(int4_levels);
+  return t;
+}
+inline const pair_lut& int4_sym_pairs() noexcept {
+  static const pair_lut t = make_pair_lut(int4_sym_levels);
   return t;
 }
 inline const pair_lut& fp4_pairs() noexcept {

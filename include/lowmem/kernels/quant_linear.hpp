@@ -4,11 +4,11 @@
 // Fused GEMV (AVX-512 only; other archs dequantize a row into L1 and take a dot product):
 //  * int8: bytes widened to int32 lanes (vpmovsxbd / vpmovzxbd), converted, fma with x; one fma
 //    per block applies its scale;
-//  * 4-bit (int4, NF4, FP4): the 16 levels sit in one zmm register and vpermps looks codes up.
-//    Byte j of a 32-element chunk holds elements 2j (high nibble) and 2j+1 (low nibble), so x is
-//    first split once per call into "evens then odds" per chunk (x_split): the high nibbles of 16
-//    bytes multiply the 16 even elements, the low nibbles the 16 odd ones, with no shuffles in the
-//    per-row loop.
+//  * 4-bit (int4, NF4, FP4): the 16 levels sit in one zmm register and vpermps looks codes up
+//    (it reads only the low 4 bits of each index lane: a right shift selects the nibble, no mask).
+//    Codes are widened 16 bits per lane (4 nibbles each) when the block is a multiple of 64, so
+//    the 4 shifted index vectors hold elements in a fixed interleaved order; x is permuted once per
+//    call to match (x_split) and the per-row loop has no shuffles besides the lookups.
 #pragma once
 
 #include <cstddef>
@@ -84,13 +84,23 @@ template <class Arch> inline bool fused_gemv_available(const qw_desc& d, std::si
   return false;
 }
 
-/// x_split: per 32-element chunk, the 16 even elements then the 16 odd ones (cols % 32 == 0).
-inline void split_even_odd(const float* x, std::size_t cols, float* x_split) noexcept {
-  for (std::size_t c = 0; c < cols; c += 32)
-    for (std::size_t j = 0; j < 16; ++j) {
-      x_split[c + j] = x[c + 2 * j];
-      x_split[c + 16 + j] = x[c + 2 * j + 1];
-    }
+/// x permuted to match the fused 4-bit GEMV's code order (cols % 32 == 0). With block % 64 == 0:
+/// per 64-element chunk, lane j of vector k (k = 0..3) multiplies the code at bits 4k of the
+/// little-endian 16-bit word j, i.e. element 4j + (k ^ 1) (high nibble = even element). Otherwise
+/// per 32-element chunk: 16 odd elements (low nibbles of bytes 0..15), then the 16 even ones.
+inline void split_for_nibbles(const float* x, std::size_t cols, std::size_t block,
+                              float* x_split) noexcept {
+  if (block % 64 == 0) {
+    for (std::size_t c = 0; c < cols; c += 64)
+      for (std::size_t k = 0; k < 4; ++k)
+        for (std::size_t j = 0; j < 16; ++j) x_split[c + 16 * k + j] = x[c + 4 * j + (k ^ 1)];
+  } else {
+    for (std::size_t c = 0; c < cols; c += 32)
+      for (std::size_t j = 0; j < 16; ++j) {
+        x_split[c + j] = x[c + 2 * j + 1];
+        x_split[c + 16 + j] = x[c + 2 * j];
+      }
+  }
 }
 
 /// Fused y_o = Σ_k x_k·deq(W)[o, k] for rows [r0, r1). x_split for 4-bit, xsum[kb] = Σ of x over
@@ -139,7 +149,8 @@ inline void fused_gemv_rows(const qw_desc& d, const std::uint8_t* codes, const f
       }
     } else {
       const __m512 lut = _mm512_loadu_ps(d.levels);
-      const __m512i lowmask = _mm512_set1_epi32(0x0F);
+      // vpermps reads only the low 4 bits of each index lane, so no nibble masking is needed.
+      const bool wide = block % 64 == 0; // 64-element chunks: 2 bytes (4 codes) per dword lane
       for (std::size_t r = r0; r < r1; ++r) {
         const std::uint8_t* q = codes + r * cols / 2; // cols even: rows start on a byte
         const float* s = scales + r * nbr;
@@ -148,13 +159,31 @@ inline void fused_gemv_rows(const qw_desc& d, const std::uint8_t* codes, const f
         for (std::size_t b = 0; b < nbr; ++b) {
           __m512 a0 = _mm512_setzero_ps(), a1 = _mm512_setzero_ps();
           const std::size_t k0 = b * block;
-          for (std::size_t k = 0; k < block; k += 32) {
-            const __m512i v = _mm512_cvtepu8_epi32(
-                _mm_loadu_si128(reinterpret_cast<const __m128i*>(q + (k0 + k) / 2)));
-            const __m512 hi = _mm512_permutexvar_ps(_mm512_srli_epi32(v, 4), lut);
-            const __m512 lo = _mm512_permutexvar_ps(_mm512_and_si512(v, lowmask), lut);
-            a0 = _mm512_fmadd_ps(hi, _mm512_loadu_ps(x_split + k0 + k), a0);
-            a1 = _mm512_fmadd_ps(lo, _mm512_loadu_ps(x_split + k0 + k + 16), a1);
+          if (wide) {
+            __m512 a2 = _mm512_setzero_ps(), a3 = _mm512_setzero_ps();
+            for (std::size_t k = 0; k < block; k += 64) {
+              const __m512i v = _mm512_cvtepu16_epi32(
+                  _mm256_loadu_si256(reinterpret_cast<const __m256i*>(q + (k0 + k) / 2)));
+              const float* xs = x_split + k0 + k;
+              a0 = _mm512_fmadd_ps(_mm512_permutexvar_ps(v, lut), _mm512_loadu_ps(xs), a0);
+              a1 = _mm512_fmadd_ps(_mm512_permutexvar_ps(_mm512_srli_epi32(v, 4), lut),
+                                   _mm512_loadu_ps(xs + 16), a1);
+              a2 = _mm512_fmadd_ps(_mm512_permutexvar_ps(_mm512_srli_epi32(v, 8), lut),
+                                   _mm512_loadu_ps(xs + 32), a2);
+              a3 = _mm512_fmadd_ps(_mm512_permutexvar_ps(_mm512_srli_epi32(v, 12), lut),
+                                   _mm512_loadu_ps(xs + 48), a3);
+            }
+            a0 = _mm512_add_ps(a0, a2);
+            a1 = _mm512_add_ps(a1, a3);
+          } else {
+            for (std::size_t k = 0; k < block; k += 32) {
+              const __m512i v = _mm512_cvtepu8_epi32(
+                  _mm_loadu_si128(reinterpret_cast<const __m128i*>(q + (k0 + k) / 2)));
+              const __m512 lo = _mm512_permutexvar_ps(v, lut);
+              const __m512 hi = _mm512_permutexvar_ps(_mm512_srli_epi32(v, 4), lut);
+              a0 = _mm512_fmadd_ps(lo, _mm512_loadu_ps(x_split + k0 + k), a0);
+              a1 = _mm512_fmadd_ps(hi, _mm512_loadu_ps(x_split + k0 + k + 16), a1);
+            }
           }
           const float sb = s[b];
           acc = _mm512_fmadd_ps(_mm512_add_ps(a0, a1), _mm512_set1_ps(sb), acc);

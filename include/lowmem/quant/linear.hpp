@@ -42,7 +42,7 @@ inline kernels::qw_desc describe(const qweight& w) {
     d = {0, false, nullptr, nullptr, 0.0f, true};
     break;
   case weight_format::int4_sym:
-    d = {1, false, kernels::int4_levels, &kernels::int4_pairs(), 8.0f, false};
+    d = {1, false, kernels::int4_sym_levels, &kernels::int4_sym_pairs(), 0.0f, false};
     break;
   case weight_format::int4_asym:
     d = {1, false, kernels::int4_levels, &kernels::int4_pairs(), 0.0f, true};
@@ -137,7 +137,7 @@ inline void qlinear_forward(ConstRowRef<float> x, const qweight& W, RowRef<float
       const float* xr = x.row(m).data();
       float* yr = y.row(m).data();
       if (fused) {
-        if (d.kind == 1) kernels::split_even_odd(xr, cols, s.x_split);
+        if (d.kind == 1) kernels::split_for_nibbles(xr, cols, block, s.x_split);
         for (std::size_t b = 0; b * block < cols; ++b) {
           float acc = 0;
           for (std::size_t k = 0; k < block; ++k) acc += xr[b * block + k];
