@@ -60,7 +60,8 @@ void BM_int8_quant_naive(benchmark::State& st) {
       const float sc = xb.abs().maxCoeff() / 127.0f;
       const float inv = sc > 0 ? 1.0f / sc : 0.0f;
       s[b] = sc;
-      for (int k = 0; k < 64; ++k) q[64 * b + std::size_t(k)] = std::int8_t(std::nearbyint(xb[k] * inv));
+      for (int k = 0; k < 64; ++k)
+        q[64 * b + std::size_t(k)] = std::int8_t(std::nearbyint(xb[k] * inv));
     }
     benchmark::ClobberMemory();
   }
@@ -317,8 +318,10 @@ void big_args(benchmark::internal::Benchmark* b) {
   b->ArgNames({"n"})->Arg(std::int64_t(big_n()))->UseRealTime()->Unit(benchmark::kMillisecond);
 }
 void fwht_args(benchmark::internal::Benchmark* b) {
-  b->ArgNames({"rows", "n"})->Args({bench::smoke() ? 64 : 4096, 4096})->UseRealTime()->Unit(
-      benchmark::kMillisecond);
+  b->ArgNames({"rows", "n"})
+      ->Args({bench::smoke() ? 64 : 4096, 4096})
+      ->UseRealTime()
+      ->Unit(benchmark::kMillisecond);
 }
 void gemv_args(benchmark::internal::Benchmark* b) {
   const std::int64_t d = bench::smoke() ? 512 : 4096;
@@ -331,25 +334,37 @@ void gemm_args(benchmark::internal::Benchmark* b) {
 
 struct registrar {
   registrar() {
-    benchmark::RegisterBenchmark("BM_quant_int8_quantize/lowmem", BM_int8_quant_lowmem)->Apply(big_args);
-    benchmark::RegisterBenchmark("BM_quant_int8_quantize/naive", BM_int8_quant_naive)->Apply(big_args);
-    benchmark::RegisterBenchmark("BM_quant_int8_dequantize/lowmem", BM_int8_dequant_lowmem)->Apply(big_args);
-    benchmark::RegisterBenchmark("BM_quant_int8_dequantize/naive", BM_int8_dequant_naive)->Apply(big_args);
-    benchmark::RegisterBenchmark("BM_quant_nf4_quantize/lowmem", BM_nf4_quant_lowmem)->Apply(big_args);
-    benchmark::RegisterBenchmark("BM_quant_nf4_quantize/naive", BM_nf4_quant_naive)->Apply(big_args);
-    benchmark::RegisterBenchmark("BM_quant_nf4_dequantize/lowmem", BM_nf4_dequant_lowmem)->Apply(big_args);
-    benchmark::RegisterBenchmark("BM_quant_nf4_dequantize/naive", BM_nf4_dequant_naive)->Apply(big_args);
-    benchmark::RegisterBenchmark("BM_quant_fp8_encode/lowmem", BM_fp8_encode_lowmem)->Apply(big_args);
+    benchmark::RegisterBenchmark("BM_quant_int8_quantize/lowmem", BM_int8_quant_lowmem)
+        ->Apply(big_args);
+    benchmark::RegisterBenchmark("BM_quant_int8_quantize/naive", BM_int8_quant_naive)
+        ->Apply(big_args);
+    benchmark::RegisterBenchmark("BM_quant_int8_dequantize/lowmem", BM_int8_dequant_lowmem)
+        ->Apply(big_args);
+    benchmark::RegisterBenchmark("BM_quant_int8_dequantize/naive", BM_int8_dequant_naive)
+        ->Apply(big_args);
+    benchmark::RegisterBenchmark("BM_quant_nf4_quantize/lowmem", BM_nf4_quant_lowmem)
+        ->Apply(big_args);
+    benchmark::RegisterBenchmark("BM_quant_nf4_quantize/naive", BM_nf4_quant_naive)
+        ->Apply(big_args);
+    benchmark::RegisterBenchmark("BM_quant_nf4_dequantize/lowmem", BM_nf4_dequant_lowmem)
+        ->Apply(big_args);
+    benchmark::RegisterBenchmark("BM_quant_nf4_dequantize/naive", BM_nf4_dequant_naive)
+        ->Apply(big_args);
+    benchmark::RegisterBenchmark("BM_quant_fp8_encode/lowmem", BM_fp8_encode_lowmem)
+        ->Apply(big_args);
     benchmark::RegisterBenchmark("BM_quant_fp8_encode/naive", BM_fp8_encode_naive)->Apply(big_args);
-    benchmark::RegisterBenchmark("BM_quant_fp8_decode/lowmem", BM_fp8_decode_lowmem)->Apply(big_args);
+    benchmark::RegisterBenchmark("BM_quant_fp8_decode/lowmem", BM_fp8_decode_lowmem)
+        ->Apply(big_args);
     benchmark::RegisterBenchmark("BM_quant_fp8_decode/naive", BM_fp8_decode_naive)->Apply(big_args);
     benchmark::RegisterBenchmark("BM_quant_fwht/lowmem", BM_fwht_lowmem)->Apply(fwht_args);
     benchmark::RegisterBenchmark("BM_quant_fwht/naive", BM_fwht_naive)->Apply(fwht_args);
-    const std::pair<const char*, weight_format> fmts[] = {
-        {"nf4", weight_format::nf4}, {"int4", weight_format::int4_sym}, {"int8", weight_format::int8_sym}};
+    const std::pair<const char*, weight_format> fmts[] = {{"nf4", weight_format::nf4},
+                                                          {"int4", weight_format::int4_sym},
+                                                          {"int8", weight_format::int8_sym}};
     for (const char* op : {"gemv", "gemm"}) {
       auto args = std::string(op) == "gemv" ? gemv_args : gemm_args;
-      benchmark::RegisterBenchmark((std::string("BM_quant_") + op + "_fp32/naive").c_str(), fp32_case)
+      benchmark::RegisterBenchmark((std::string("BM_quant_") + op + "_fp32/naive").c_str(),
+                                   fp32_case)
           ->Apply(args);
       for (auto [name, f] : fmts) {
         const weight_format ff = f;

@@ -47,7 +47,8 @@ LOWMEM_ARCH_TEST_CASE("affine RNE codes equal the reference; error <= half a ste
       const index_t nb = affine_num_blocks(rows, cols, f);
       const std::size_t B = n ? (n + nb - 1) / static_cast<std::size_t>(nb) : 1;
       std::vector<std::uint8_t> codes(affine_code_bytes(rows, cols, f) + 1, 0xAB);
-      std::vector<float> scales(static_cast<std::size_t>(nb)), zeros(static_cast<std::size_t>(nb)), y(n);
+      std::vector<float> scales(static_cast<std::size_t>(nb)), zeros(static_cast<std::size_t>(nb)),
+          y(n);
       affine_quantize<Arch>(x.data(), rows, cols, f, codes.data(), scales.data(), zeros.data());
       CHECK(codes.back() == 0xAB); // nothing written past the end
       affine_dequantize<Arch>(codes.data(), scales.data(), zeros.data(), rows, cols, f, y.data());
@@ -100,7 +101,9 @@ TEST_CASE("int4 packing: element 2i in the high nibble, odd lengths, blocks stra
     affine_quantize(v.data(), 1, n, ft, c.data(), &s, &z);
     std::vector<float> y(static_cast<std::size_t>(n));
     affine_dequantize(c.data(), &s, &z, 1, n, ft, y.data());
-    for (index_t i = 0; i < n; ++i) REQUIRE(std::fabs(y[static_cast<std::size_t>(i)] - v[static_cast<std::size_t>(i)]) <= 0.5f * s * 1.0001f);
+    for (index_t i = 0; i < n; ++i)
+      REQUIRE(std::fabs(y[static_cast<std::size_t>(i)] - v[static_cast<std::size_t>(i)]) <=
+              0.5f * s * 1.0001f);
   }
 }
 
@@ -121,7 +124,8 @@ LOWMEM_ARCH_TEST_CASE("stochastic rounding is unbiased and picks a neighbour", "
                             random::stream{77, std::uint64_t(t)});
       affine_dequantize<Arch>(codes.data(), &s, nullptr, 1, cols, f, y.data());
       for (index_t i = 0; i < cols; ++i) {
-        REQUIRE(std::fabs(y[static_cast<std::size_t>(i)] - x[static_cast<std::size_t>(i)]) < s * 1.0001f);
+        REQUIRE(std::fabs(y[static_cast<std::size_t>(i)] - x[static_cast<std::size_t>(i)]) <
+                s * 1.0001f);
         mean[static_cast<std::size_t>(i)] += y[static_cast<std::size_t>(i)] / trials;
       }
     }
@@ -150,7 +154,8 @@ TEST_CASE("NF4 levels match the QLoRA construction from normal quantiles", "[qua
   v.push_back(0.0);
   std::sort(v.begin(), v.end());
   const double mx = v.back();
-  for (int k = 0; k < 16; ++k) CHECK(std::fabs(v[static_cast<std::size_t>(k)] / mx - kernels::nf4_levels[k]) < 2e-6);
+  for (int k = 0; k < 16; ++k)
+    CHECK(std::fabs(v[static_cast<std::size_t>(k)] / mx - kernels::nf4_levels[k]) < 2e-6);
   // FP4 e2m1: the 8 magnitudes {0, .5, 1, 1.5, 2, 3, 4, 6} from (exponent, mantissa), bias 1
   for (int c = 0; c < 16; ++c) {
     const int e = (c >> 1) & 3, m = c & 1;
@@ -214,7 +219,8 @@ TEST_CASE("double quantization: <= 4.13 bits/param, bounded absmax error, NaN ab
   for (std::size_t b = 0; b < nb; ++b) {
     const double dev = std::fabs(double(absmax[b]) - mean);
     const double g = gs[b / static_cast<std::size_t>(dq_group)];
-    REQUIRE(std::fabs(double(back[b]) - absmax[b]) <= dev * 0.0625 + g * std::ldexp(1.0, -10) + 1e-6);
+    REQUIRE(std::fabs(double(back[b]) - absmax[b]) <=
+            dev * 0.0625 + g * std::ldexp(1.0, -10) + 1e-6);
   }
   // the double-quantized tensor stays close to the single-quantized one (NMSE vs x)
   fourbit_dequantize(packed.data(), absmax.data(), m, fourbit::nf4, 64, y.data());
@@ -249,7 +255,7 @@ TEST_CASE("FP8 e4m3/e5m2: all 256 codes decode per the OCP definition and re-enc
       }
       CHECK(double(v) == ref_v);
       if (std::isinf(ref_v)) {
-        CHECK(to_fp8(v, f, false) == c);                  // Inf stays Inf without saturation
+        CHECK(to_fp8(v, f, false) == c); // Inf stays Inf without saturation
         CHECK(from_fp8(to_fp8(v, f, true), f) == std::copysign(57344.f, v)); // saturates
         continue;
       }
@@ -284,8 +290,7 @@ TEST_CASE("FP8 rounding: nearest, ties to even, between every pair of neighbours
   }
 }
 
-LOWMEM_ARCH_TEST_CASE("FP8 array conversions equal the scalar ones on every arch",
-                      "[quant][fp8]") {
+LOWMEM_ARCH_TEST_CASE("FP8 array conversions equal the scalar ones on every arch", "[quant][fp8]") {
   using Arch = TestType;
   LOWMEM_SKIP_IF_UNSUPPORTED();
   // every code's value, midpoints, specials, random data over a wide range
@@ -293,10 +298,10 @@ LOWMEM_ARCH_TEST_CASE("FP8 array conversions equal the scalar ones on every arch
     std::vector<float> x;
     for (int c = 0; c < 256; ++c) {
       x.push_back(from_fp8(std::uint8_t(c), f));
-      x.push_back(0.5f * (from_fp8(std::uint8_t(c), f) + from_fp8(std::uint8_t((c + 1) & 0xFF), f)));
+      x.push_back(0.5f *
+                  (from_fp8(std::uint8_t(c), f) + from_fp8(std::uint8_t((c + 1) & 0xFF), f)));
     }
-    for (float v : {INFINITY, -INFINITY, 1e30f, -1e30f, 1e-30f, 1e-45f, 0.f, -0.f})
-      x.push_back(v);
+    for (float v : {INFINITY, -INFINITY, 1e30f, -1e30f, 1e-30f, 1e-45f, 0.f, -0.f}) x.push_back(v);
     const auto r = ref::uniform_data(1001, 9);
     for (std::size_t i = 0; i < r.size(); ++i) x.push_back(std::ldexp(r[i], int(i % 50) - 25));
     for (bool sat : {true, false}) {
@@ -360,8 +365,8 @@ TEST_CASE("bad input throws before writing", "[quant][errors]") {
   CHECK_THROWS_AS(affine_quantize(x.data(), 1, 96, {8, true, granularity::per_group, 64},
                                   codes.data(), sc.data(), z.data()),
                   lowmem::invalid_argument); // 64 does not divide 96
-  CHECK_THROWS_AS(affine_quantize(x.data(), 1, 96, {5, true, granularity::per_row, 0},
-                                  codes.data(), sc.data(), z.data()),
+  CHECK_THROWS_AS(affine_quantize(x.data(), 1, 96, {5, true, granularity::per_row, 0}, codes.data(),
+                                  sc.data(), z.data()),
                   lowmem::invalid_argument);
   CHECK_THROWS_AS(affine_quantize(x.data(), 1, 96, {8, false, granularity::per_row, 0},
                                   codes.data(), sc.data(), nullptr),
@@ -374,8 +379,8 @@ TEST_CASE("bad input throws before writing", "[quant][errors]") {
                   lowmem::invalid_argument);
   CHECK(unchanged());
   try {
-    affine_quantize(x.data(), 1, 96, {8, true, granularity::per_group, 64}, codes.data(),
-                    sc.data(), z.data());
+    affine_quantize(x.data(), 1, 96, {8, true, granularity::per_group, 64}, codes.data(), sc.data(),
+                    z.data());
   } catch (const lowmem::invalid_argument& e) {
     CHECK(std::string(e.what()).find("affine_quantize") != std::string::npos);
     CHECK(std::string(e.what()).find("a multiple of 64") != std::string::npos);
@@ -389,8 +394,8 @@ TEST_CASE("quantize and dequantize allocate nothing", "[quant][memory]") {
   std::vector<std::uint8_t> codes(n);
   std::vector<float> sc(n / 32), z(n / 32), y(n);
   memory::region r;
-  affine_quantize(x.data(), 3, index_t(n / 3), {8, false, granularity::per_group, 64},
-                  codes.data(), sc.data(), z.data(), rounding::stochastic, random::stream{1, 2});
+  affine_quantize(x.data(), 3, index_t(n / 3), {8, false, granularity::per_group, 64}, codes.data(),
+                  sc.data(), z.data(), rounding::stochastic, random::stream{1, 2});
   affine_dequantize(codes.data(), sc.data(), z.data(), 3, index_t(n / 3),
                     {8, false, granularity::per_group, 64}, y.data());
   fourbit_quantize(x.data(), n, fourbit::nf4, 64, codes.data(), sc.data());

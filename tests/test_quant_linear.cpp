@@ -65,8 +65,8 @@ LOWMEM_ARCH_TEST_CASE("qlinear forward/backward equal dequantize-then-GEMM in do
         owned_workspace ws(qlinear_workspace_bytes(W, M));
         RowMatrixXf y(M, sh.out);
         qlinear_forward<Arch>(x, W, y, ws.get());
-        const auto yr = ref::matmul_xwt(x.data(), deq.data(), std::size_t(M),
-                                        std::size_t(sh.out), std::size_t(sh.in));
+        const auto yr = ref::matmul_xwt(x.data(), deq.data(), std::size_t(M), std::size_t(sh.out),
+                                        std::size_t(sh.in));
         CHECK(ref::max_rel_error(y.data(), yr.data(), yr.size()) < 2e-6);
         RowMatrixXf dx = random_matrix(M, sh.in, 300);
         const RowMatrixXf dx0 = dx;

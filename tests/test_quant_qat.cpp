@@ -68,8 +68,7 @@ LOWMEM_ARCH_TEST_CASE("fake-quant STE backward: identity on finite x, accumulate
   const auto dy = ref::uniform_data(n, 2);
   std::vector<float> dx(n, 0.5f);
   fake_quant_backward<Arch>(x.data(), dy.data(), n, dx.data());
-  for (size_t i = 0; i < n; ++i)
-    REQUIRE(dx[i] == (std::isfinite(x[i]) ? 0.5f + dy[i] : 0.5f));
+  for (size_t i = 0; i < n; ++i) REQUIRE(dx[i] == (std::isfinite(x[i]) ? 0.5f + dy[i] : 0.5f));
   // STE surrogate: L(x) = Σ dy·(x + r), r = fq(x0) − x0 frozen; its FD gradient is the STE one
   auto xs = ref::uniform_data(n, 3);
   std::vector<float> fq(n), g(n, 0.f);
@@ -137,8 +136,8 @@ LOWMEM_ARCH_TEST_CASE("LSQ forward definition and gradients (surrogate finite di
     const index_t g = f.group == 0 ? cols : f.group;
     for (size_t i = 0; i < n; ++i) {
       const double s = step[i / size_t(g)];
-      const double v = std::min(std::max(double(x[i] * (1.0f / step[i / size_t(g)])), double(-f.qn())),
-                                double(f.qp()));
+      const double v = std::min(
+          std::max(double(x[i] * (1.0f / step[i / size_t(g)])), double(-f.qn())), double(f.qp()));
       REQUIRE(y[i] == float(std::nearbyint(v) * s));
     }
     const auto dy = ref::uniform_data(n, 11);
@@ -189,7 +188,8 @@ LOWMEM_ARCH_TEST_CASE("FWHT equals the Hadamard matrix product; orthogonal; self
     double nx = 0, ny = 0;
     for (index_t i = 0; i < n; ++i) {
       for (index_t j = 0; j < n; ++j) // H[i][j] = (-1)^popcount(i & j)
-        ref_y[size_t(i)] += (__builtin_popcountll(std::uint64_t(i & j)) & 1 ? -1.0 : 1.0) * x[size_t(j)];
+        ref_y[size_t(i)] +=
+            (__builtin_popcountll(std::uint64_t(i & j)) & 1 ? -1.0 : 1.0) * x[size_t(j)];
       ref_y[size_t(i)] *= norm;
       nx += double(x[size_t(i)]) * x[size_t(i)];
       ny += double(y[size_t(i)]) * y[size_t(i)];

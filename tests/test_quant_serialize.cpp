@@ -30,11 +30,11 @@ std::string error_of(const std::vector<std::uint8_t>& b) {
 } // namespace
 
 TEST_CASE("serialize / deserialize round trip for every format", "[quant][serialize]") {
-  for (weight_format f : {weight_format::int8_sym, weight_format::int8_asym,
-                          weight_format::int4_sym, weight_format::int4_asym, weight_format::nf4,
-                          weight_format::fp4}) {
-    for (auto [rows, cols, block] : {std::tuple<index_t, index_t, index_t>{4, 64, 32},
-                                     {3, 5, 5}, {0, 64, 64}, {1, 1, 1}}) {
+  for (weight_format f :
+       {weight_format::int8_sym, weight_format::int8_asym, weight_format::int4_sym,
+        weight_format::int4_asym, weight_format::nf4, weight_format::fp4}) {
+    for (auto [rows, cols, block] :
+         {std::tuple<index_t, index_t, index_t>{4, 64, 32}, {3, 5, 5}, {0, 64, 64}, {1, 1, 1}}) {
       const auto q = make(f, rows, cols, block);
       const auto bytes = serialize_qweight(q.view());
       const auto d = deserialize_qweight(bytes.data(), bytes.size());
@@ -73,7 +73,7 @@ TEST_CASE("deserialize rejects malformed input with a clear error", "[quant][ser
   CHECK(corrupt(15, 0x80).find("'rows'") != std::string::npos);
   CHECK(corrupt(24, 3).find("'block'") != std::string::npos); // 3 does not divide 5
   CHECK(corrupt(24, 0).find("'block'") != std::string::npos);
-  CHECK(corrupt(32 + 7, 0x0F).find("'codes'") != std::string::npos); // padding nibble (15 el.)
+  CHECK(corrupt(32 + 7, 0x0F).find("'codes'") != std::string::npos);      // padding nibble (15 el.)
   CHECK(corrupt(32 + 8 + 3, 0xFF).find("'scales'") != std::string::npos); // NaN scale
   CHECK(corrupt(32 + 8 + 12 + 2, 0x01).find("'zeros'") != std::string::npos); // non-integer
   // size fields that would overflow naive arithmetic

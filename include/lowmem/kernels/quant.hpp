@@ -26,29 +26,28 @@ namespace lowmem::quant::kernels {
 // ---- codebooks ---------------------------------------------------------------------------------
 
 /// NF4 levels (QLoRA, bitsandbytes' table; code k -> nf4_levels[k], ascending).
-alignas(64) inline constexpr float nf4_levels[16] = {
-    -1.0f,
-    -0.6961928009986877f,
-    -0.5250730514526367f,
-    -0.39491748809814453f,
-    -0.28444138169288635f,
-    -0.18477343022823334f,
-    -0.09105003625154495f,
-    0.0f,
-    0.07958029955625534f,
-    0.16093020141124725f,
-    0.24611230194568634f,
-    0.33791524171829224f,
-    0.44070982933044434f,
-    0.5626170039176941f,
-    0.7229568362236023f,
-    1.0f};
+alignas(64) inline constexpr float nf4_levels[16] = {-1.0f,
+                                                     -0.6961928009986877f,
+                                                     -0.5250730514526367f,
+                                                     -0.39491748809814453f,
+                                                     -0.28444138169288635f,
+                                                     -0.18477343022823334f,
+                                                     -0.09105003625154495f,
+                                                     0.0f,
+                                                     0.07958029955625534f,
+                                                     0.16093020141124725f,
+                                                     0.24611230194568634f,
+                                                     0.33791524171829224f,
+                                                     0.44070982933044434f,
+                                                     0.5626170039176941f,
+                                                     0.7229568362236023f,
+                                                     1.0f};
 
 /// FP4 e2m1 (OCP MX) levels divided by 6 (the largest magnitude), so absmax scaling maps the
 /// block onto [-1, 1] like NF4: code s.ee.m -> (-1)^s · {0, 0.5, 1, 1.5, 2, 3, 4, 6}[ee.m] / 6.
 alignas(64) inline constexpr float fp4_levels[16] = {
-    0.0f,         0.5f / 6.0f, 1.0f / 6.0f, 1.5f / 6.0f, 2.0f / 6.0f, 3.0f / 6.0f,
-    4.0f / 6.0f,  1.0f,        -0.0f,       -0.5f / 6.0f, -1.0f / 6.0f, -1.5f / 6.0f,
+    0.0f,         0.5f / 6.0f,  1.0f / 6.0f,  1.5f / 6.0f,  2.0f / 6.0f,  3.0f / 6.0f,
+    4.0f / 6.0f,  1.0f,         -0.0f,        -0.5f / 6.0f, -1.0f / 6.0f, -1.5f / 6.0f,
     -2.0f / 6.0f, -3.0f / 6.0f, -4.0f / 6.0f, -1.0f};
 
 /// Identity levels 0..15: affine int4 dequantization reuses the codebook path.
@@ -66,9 +65,9 @@ struct codebook4 {
   float sorted[16];
   std::uint8_t code_of[16];
   float mid[15];
-  bool identity;      // sorted order == code order (NF4)
+  bool identity;       // sorted order == code order (NF4)
   bool sign_magnitude; // code = sign << 3 | magnitude index, levels[k + 8] == -levels[k] (FP4)
-  float mag_mid[7];   // thresholds between consecutive magnitudes (sign_magnitude only)
+  float mag_mid[7];    // thresholds between consecutive magnitudes (sign_magnitude only)
 };
 
 inline codebook4 make_codebook4(const float* levels) noexcept {
@@ -370,11 +369,13 @@ inline void affine_dequant8(const std::uint8_t* codes, std::size_t n, bool is_si
   std::size_t i = 0;
   if (is_signed) {
     for (; i + W <= n; i += W)
-      simd::fma<Arch>(xsimd::batch_cast<float>(load_s8<Arch>(codes + i)), s, m).store_unaligned(out + i);
+      simd::fma<Arch>(xsimd::batch_cast<float>(load_s8<Arch>(codes + i)), s, m)
+          .store_unaligned(out + i);
     for (; i < n; ++i) out[i] = std::fma(float(std::int8_t(codes[i])), scale, -zero * scale);
   } else {
     for (; i + W <= n; i += W)
-      simd::fma<Arch>(xsimd::batch_cast<float>(load_u8<Arch>(codes + i)), s, m).store_unaligned(out + i);
+      simd::fma<Arch>(xsimd::batch_cast<float>(load_u8<Arch>(codes + i)), s, m)
+          .store_unaligned(out + i);
     for (; i < n; ++i) out[i] = std::fma(float(codes[i]), scale, -zero * scale);
   }
 }
@@ -510,8 +511,9 @@ inline void codebook_dequant(const std::uint8_t* packed, std::size_t first, std:
       const __m128i q[4] = {_mm256_castsi256_si128(c0), _mm256_extracti128_si256(c0, 1),
                             _mm256_castsi256_si128(c1), _mm256_extracti128_si256(c1, 1)};
       for (int k = 0; k < 4; ++k)
-        _mm512_storeu_ps(out + i + 16 * k,
-                         _mm512_fmadd_ps(_mm512_permutexvar_ps(_mm512_cvtepu8_epi32(q[k]), lut), vs, vo));
+        _mm512_storeu_ps(
+            out + i + 16 * k,
+            _mm512_fmadd_ps(_mm512_permutexvar_ps(_mm512_cvtepu8_epi32(q[k]), lut), vs, vo));
     }
   }
 #endif

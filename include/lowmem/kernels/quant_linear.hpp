@@ -103,50 +103,90 @@ inline void split_for_nibbles(const float* x, std::size_t cols, std::size_t bloc
   }
 }
 
+#if XSIMD_WITH_AVX512BW
+/// Fused int8 GEMV rows [r0, r1) (AVX-512): codes -> fp32 lanes (vpmovsxbd / vpmovzxbd +
+/// vcvtdq2ps), fma with x; two rows per pass share the x loads.
+template <bool Signed>
+inline void int8_gemv_rows(const std::uint8_t* codes, const float* scales, const float* zeros,
+                           bool has_zeros, std::size_t cols, std::size_t block, const float* x,
+                           const float* xsum, std::size_t r0, std::size_t r1, float* y) {
+  const std::size_t nbr = cols / block;
+  auto cvt = [](const std::uint8_t* p) {
+    const __m128i b = _mm_loadu_si128(reinterpret_cast<const __m128i*>(p));
+    if constexpr (Signed)
+      return _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(b));
+    else
+      return _mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(b));
+  };
+  std::size_t r = r0;
+  for (; r + 2 <= r1; r += 2) {
+    const std::uint8_t* q0 = codes + r * cols;
+    const std::uint8_t* q1 = q0 + cols;
+    __m512 acc0 = _mm512_setzero_ps(), acc1 = _mm512_setzero_ps();
+    float off0 = 0, off1 = 0;
+    for (std::size_t b = 0; b < nbr; ++b) {
+      __m512 a0 = _mm512_setzero_ps(), a1 = _mm512_setzero_ps();
+      __m512 c0 = _mm512_setzero_ps(), c1 = _mm512_setzero_ps();
+      const std::size_t k0 = b * block;
+      std::size_t k = 0;
+      for (; k + 32 <= block; k += 32) {
+        const __m512 x0 = _mm512_loadu_ps(x + k0 + k), x1 = _mm512_loadu_ps(x + k0 + k + 16);
+        a0 = _mm512_fmadd_ps(cvt(q0 + k0 + k), x0, a0);
+        c0 = _mm512_fmadd_ps(cvt(q1 + k0 + k), x0, c0);
+        a1 = _mm512_fmadd_ps(cvt(q0 + k0 + k + 16), x1, a1);
+        c1 = _mm512_fmadd_ps(cvt(q1 + k0 + k + 16), x1, c1);
+      }
+      if (k < block) { // block % 32 == 16
+        const __m512 x0 = _mm512_loadu_ps(x + k0 + k);
+        a0 = _mm512_fmadd_ps(cvt(q0 + k0 + k), x0, a0);
+        c0 = _mm512_fmadd_ps(cvt(q1 + k0 + k), x0, c0);
+      }
+      const float s0 = scales[r * nbr + b], s1 = scales[(r + 1) * nbr + b];
+      acc0 = _mm512_fmadd_ps(_mm512_add_ps(a0, a1), _mm512_set1_ps(s0), acc0);
+      acc1 = _mm512_fmadd_ps(_mm512_add_ps(c0, c1), _mm512_set1_ps(s1), acc1);
+      if (has_zeros) {
+        off0 -= zeros[r * nbr + b] * s0 * xsum[b];
+        off1 -= zeros[(r + 1) * nbr + b] * s1 * xsum[b];
+      }
+    }
+    y[r] = _mm512_reduce_add_ps(acc0) + off0;
+    y[r + 1] = _mm512_reduce_add_ps(acc1) + off1;
+  }
+  for (; r < r1; ++r) {
+    const std::uint8_t* q = codes + r * cols;
+    __m512 acc = _mm512_setzero_ps();
+    float off = 0;
+    for (std::size_t b = 0; b < nbr; ++b) {
+      __m512 a0 = _mm512_setzero_ps();
+      const std::size_t k0 = b * block;
+      for (std::size_t k = 0; k < block; k += 16)
+        a0 = _mm512_fmadd_ps(cvt(q + k0 + k), _mm512_loadu_ps(x + k0 + k), a0);
+      const float sb = scales[r * nbr + b];
+      acc = _mm512_fmadd_ps(a0, _mm512_set1_ps(sb), acc);
+      if (has_zeros) off -= zeros[r * nbr + b] * sb * xsum[b];
+    }
+    y[r] = _mm512_reduce_add_ps(acc) + off;
+  }
+}
+#endif
+
 /// Fused y_o = Σ_k x_k·deq(W)[o, k] for rows [r0, r1). x_split for 4-bit, xsum[kb] = Σ of x over
 /// block kb of a row (asymmetric formats: the zero-point term is −z·s·xsum).
 template <class Arch>
 inline void fused_gemv_rows(const qw_desc& d, const std::uint8_t* codes, const float* scales,
                             const float* zeros, std::size_t cols, std::size_t block, const float* x,
-                            const float* x_split, const float* xsum, std::size_t r0,
-                            std::size_t r1, float* y) {
+                            const float* x_split, const float* xsum, std::size_t r0, std::size_t r1,
+                            float* y) {
 #if XSIMD_WITH_AVX512BW
   if constexpr (std::is_base_of<xsimd::avx512f, Arch>::value) {
     const std::size_t nbr = cols / block; // blocks per row
     if (d.kind == 0) {
-      for (std::size_t r = r0; r < r1; ++r) {
-        const std::uint8_t* q = codes + r * cols;
-        const float* s = scales + r * nbr;
-        __m512 acc = _mm512_setzero_ps();
-        float off = 0;
-        for (std::size_t b = 0; b < nbr; ++b) {
-          __m512 a0 = _mm512_setzero_ps(), a1 = _mm512_setzero_ps();
-          const std::size_t k0 = b * block;
-          std::size_t k = 0;
-          if (d.is_signed) {
-            for (; k + 32 <= block; k += 32) {
-              a0 = _mm512_fmadd_ps(_mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128(
-                                       reinterpret_cast<const __m128i*>(q + k0 + k)))),
-                                   _mm512_loadu_ps(x + k0 + k), a0);
-              a1 = _mm512_fmadd_ps(_mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128(
-                                       reinterpret_cast<const __m128i*>(q + k0 + k + 16)))),
-                                   _mm512_loadu_ps(x + k0 + k + 16), a1);
-            }
-            for (; k < block; k += 16)
-              a0 = _mm512_fmadd_ps(_mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128(
-                                       reinterpret_cast<const __m128i*>(q + k0 + k)))),
-                                   _mm512_loadu_ps(x + k0 + k), a0);
-          } else {
-            for (; k < block; k += 16)
-              a0 = _mm512_fmadd_ps(_mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(_mm_loadu_si128(
-                                       reinterpret_cast<const __m128i*>(q + k0 + k)))),
-                                   _mm512_loadu_ps(x + k0 + k), a0);
-          }
-          acc = _mm512_fmadd_ps(_mm512_add_ps(a0, a1), _mm512_set1_ps(s[b]), acc);
-          if (d.has_zeros) off -= zeros[r * nbr + b] * s[b] * xsum[b];
-        }
-        y[r] = _mm512_reduce_add_ps(acc) + off;
-      }
+      // int8 codes -> fp32 lanes (vpmovsxbd / vpmovzxbd + vcvtdq2ps), fma with x; two rows per
+      // pass share the x loads, two accumulators per row hide the fma latency.
+      if (d.is_signed)
+        int8_gemv_rows<true>(codes, scales, zeros, d.has_zeros, cols, block, x, xsum, r0, r1, y);
+      else
+        int8_gemv_rows<false>(codes, scales, zeros, d.has_zeros, cols, block, x, xsum, r0, r1, y);
     } else {
       const __m512 lut = _mm512_loadu_ps(d.levels);
       // vpermps reads only the low 4 bits of each index lane, so no nibble masking is needed.

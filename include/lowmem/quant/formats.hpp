@@ -5,7 +5,8 @@
 //  * Element order is the row-major flat index of the tensor. Scales are per block of consecutive
 //    elements: per-tensor (one block), per-row (block = cols, a PyTorch weight [out, in] gets one
 //    scale per output channel), per-group (block = g along the input dim, g must divide cols).
-//  * 4-bit packing (int4, NF4, FP4), bitsandbytes-compatible: element i lives in byte i/2, even i in
+//  * 4-bit packing (int4, NF4, FP4), bitsandbytes-compatible: element i lives in byte i/2, even i
+//  in
 //    the HIGH nibble, odd i in the LOW nibble; n elements take ceil(n/2) bytes, and for odd n the
 //    last low nibble is 0.
 //  * Non-finite input policy (no per-element checks; the block's absmax is computed anyway): a
@@ -156,7 +157,8 @@ inline void affine_dequantize(const std::uint8_t* codes, const float* scales, co
       kernels::affine_dequant8<Arch>(codes + begin, len, f.symmetric, scales[b], z, x + begin);
     else
       kernels::codebook_dequant<Arch>(codes, begin, len, kernels::int4_levels,
-                                      kernels::int4_pairs(), scales[b], 0.0f - z * scales[b], x + begin);
+                                      kernels::int4_pairs(), scales[b], 0.0f - z * scales[b],
+                                      x + begin);
   }
 }
 
@@ -201,7 +203,8 @@ inline void fourbit_quantize(const float* x, std::size_t n, fourbit t, index_t b
     const std::size_t len = std::min<std::size_t>(std::size_t(block), n - begin);
     const std::int32_t bits = kernels::absmax_bits<Arch>(x + begin, len);
     const bool finite = bits < kernels::inf_bits;
-    const float am = finite ? kernels::bits_to_float(bits) : std::numeric_limits<float>::quiet_NaN();
+    const float am =
+        finite ? kernels::bits_to_float(bits) : std::numeric_limits<float>::quiet_NaN();
     absmax[b] = am;
     const float inv = finite && am > 0 ? 1.0f / am : 0.0f;
     for (std::size_t c = 0; c < len; c += 256) {
@@ -351,8 +354,8 @@ inline std::size_t dq_num_groups(std::size_t nblocks) {
 inline double fourbit_bits_per_param(std::size_t n, index_t block, bool double_quant) {
   const std::size_t nb = fourbit_num_blocks(n, block);
   double bits = 8.0 * double((n + 1) / 2);
-  bits += double_quant ? 8.0 * double(nb) + 32.0 * double(dq_num_groups(nb)) + 32.0
-                       : 32.0 * double(nb);
+  bits +=
+      double_quant ? 8.0 * double(nb) + 32.0 * double(dq_num_groups(nb)) + 32.0 : 32.0 * double(nb);
   return bits / double(n);
 }
 
@@ -371,7 +374,8 @@ inline void double_quantize_absmax(const float* absmax, std::size_t nblocks, std
   for (std::size_t b = 0; b < nblocks; ++b) {
     if (!(std::isfinite(absmax[b]) && absmax[b] >= 0))
       lowmem::detail::throw_invalid(fn, "absmax", "finite and >= 0 at every block",
-                            lowmem::detail::to_text(absmax[b]) + " at block " + lowmem::detail::to_text(b));
+                                    lowmem::detail::to_text(absmax[b]) + " at block " +
+                                        lowmem::detail::to_text(b));
     sum += absmax[b];
   }
   const float m = nblocks ? float(sum / double(nblocks)) : 0.0f;

@@ -83,8 +83,8 @@ inline void hadamard_signs(std::uint64_t seed, index_t n, float* signs) {
 /// still orthogonal, with outliers spread within each block. signs [cols] (from hadamard_signs)
 /// or nullptr for no sign flips. Memory: none. Preconditions: block a power of two dividing cols.
 template <class Arch = simd::default_arch>
-inline void hadamard_rotate(float* x, index_t rows, index_t cols, index_t block,
-                            const float* signs, bool inverse = false) {
+inline void hadamard_rotate(float* x, index_t rows, index_t cols, index_t block, const float* signs,
+                            bool inverse = false) {
   const char* fn = "hadamard_rotate";
   require_non_negative(fn, "rows", rows);
   require_non_negative(fn, "cols", cols);

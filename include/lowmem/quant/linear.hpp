@@ -119,8 +119,7 @@ inline std::size_t qlinear_workspace_bytes(const qweight& w, index_t batch) {
 /// Numerics: fp32 accumulation; the fused AVX-512 GEMV sums each block then scales it, the other
 /// paths use exactly dequantized weights (|error| vs dequantize-then-GEMM in double ~ 1e-6 rel).
 template <class Arch = simd::default_arch>
-inline void qlinear_forward(ConstRowRef<float> x, const qweight& W, RowRef<float> y,
-                            workspace ws) {
+inline void qlinear_forward(ConstRowRef<float> x, const qweight& W, RowRef<float> y, workspace ws) {
   const char* fn = "qlinear_forward";
   detail::require_qweight(fn, W);
   require_equal(fn, "x.cols (== W.cols)", W.cols, x.cols());
@@ -147,8 +146,8 @@ inline void qlinear_forward(ConstRowRef<float> x, const qweight& W, RowRef<float
                                        s.xsum, 0, std::size_t(W.rows), yr);
       } else {
         for (index_t o = 0; o < W.rows; ++o) {
-          kernels::dequant_segment<Arch>(d, W.codes, W.scales, W.zeros, cols, block,
-                                         std::size_t(o), 0, cols, s.row);
+          kernels::dequant_segment<Arch>(d, W.codes, W.scales, W.zeros, cols, block, std::size_t(o),
+                                         0, cols, s.row);
           yr[o] = kernels::dot<Arch>(xr, s.row, cols);
         }
       }
@@ -184,8 +183,8 @@ inline void qlinear_backward(ConstRowRef<float> dy, const qweight& W, RowRef<flo
   const detail::qlinear_scratch s = detail::carve(ws, W, M);
   if (M < detail::qlinear_gemm_min_batch) {
     for (index_t o = 0; o < W.rows; ++o) {
-      kernels::dequant_segment<Arch>(d, W.codes, W.scales, W.zeros, cols, block, std::size_t(o),
-                                     0, cols, s.row);
+      kernels::dequant_segment<Arch>(d, W.codes, W.scales, W.zeros, cols, block, std::size_t(o), 0,
+                                     cols, s.row);
       for (index_t m = 0; m < M; ++m) {
         const float g = dy(m, o);
         if (g != 0.0f) kernels::axpy<Arch>(g, s.row, dx.row(m).data(), cols);
@@ -238,13 +237,16 @@ struct qweight_storage {
     return q;
   }
   qweight view() const {
-    return {format, rows, cols, block, codes.data(), scales.data(),
+    return {format,
+            rows,
+            cols,
+            block,
+            codes.data(),
+            scales.data(),
             zeros.empty() ? nullptr : zeros.data()};
   }
   /// Bytes held (codes + scales + zeros).
-  std::size_t bytes() const {
-    return codes.size() + 4 * (scales.size() + zeros.size());
-  }
+  std::size_t bytes() const { return codes.size() + 4 * (scales.size() + zeros.size()); }
 };
 
 /// Dequantizes the whole weight into out [rows, cols] (for tests and references; allocates

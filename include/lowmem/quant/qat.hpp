@@ -64,7 +64,8 @@ inline void fake_quant_fourbit_forward(const float* x, std::size_t n, fourbit t,
     const std::size_t len = std::min<std::size_t>(std::size_t(block), n - begin);
     const std::int32_t bits = kernels::absmax_bits<Arch>(x + begin, len);
     const bool finite = bits < kernels::inf_bits;
-    const float am = finite ? kernels::bits_to_float(bits) : std::numeric_limits<float>::quiet_NaN();
+    const float am =
+        finite ? kernels::bits_to_float(bits) : std::numeric_limits<float>::quiet_NaN();
     const float inv = finite && am > 0 ? 1.0f / am : 0.0f;
     for (std::size_t c = 0; c < len; c += 256) {
       const std::size_t m = std::min<std::size_t>(256, len - c);
@@ -73,9 +74,9 @@ inline void fake_quant_fourbit_forward(const float* x, std::size_t n, fourbit t,
       else
         std::memset(codes, kernels::codebook_code_scalar(0.0f, cb), m);
       kernels::pack_nibbles(codes, m, packed, 0);
-      kernels::codebook_dequant<Arch>(packed, 0, m, levels,
-                                      t == fourbit::nf4 ? kernels::nf4_pairs() : kernels::fp4_pairs(),
-                                      am, 0.0f, y + begin + c);
+      kernels::codebook_dequant<Arch>(
+          packed, 0, m, levels, t == fourbit::nf4 ? kernels::nf4_pairs() : kernels::fp4_pairs(), am,
+          0.0f, y + begin + c);
     }
   }
 }
@@ -94,8 +95,8 @@ inline void fake_quant_fp8_forward(const float* x, std::size_t n, fp8_format f, 
     const std::int32_t bits = kernels::absmax_bits<Arch>(x + begin, len);
     const float am = kernels::bits_to_float(bits);
     const bool finite = bits < kernels::inf_bits;
-    const float sc = !finite ? std::numeric_limits<float>::quiet_NaN()
-                             : (am > 0 ? am / fp8_max(f) : 1.0f);
+    const float sc =
+        !finite ? std::numeric_limits<float>::quiet_NaN() : (am > 0 ? am / fp8_max(f) : 1.0f);
     for (std::size_t c = 0; c < len; c += 256) {
       const std::size_t m = std::min<std::size_t>(256, len - c);
       if (!finite) {
@@ -150,7 +151,9 @@ struct lsq_format {
   bool is_signed = true;
   index_t group = 0; ///< elements per step along a row (0 = per row, i.e. per output channel)
   float qn() const { return is_signed ? std::ldexp(1.0f, bits - 1) : 0.0f; }
-  float qp() const { return is_signed ? std::ldexp(1.0f, bits - 1) - 1 : std::ldexp(1.0f, bits) - 1; }
+  float qp() const {
+    return is_signed ? std::ldexp(1.0f, bits - 1) - 1 : std::ldexp(1.0f, bits) - 1;
+  }
 };
 
 namespace detail {
@@ -216,8 +219,7 @@ inline void lsq_forward(const float* x, const float* step, index_t rows, index_t
       const F v = xsimd::min(xsimd::max(F::load_unaligned(xb + i) * F(inv), lo), hi);
       (xsimd::nearbyint(v) * F(s)).store_unaligned(yb + i);
     }
-    for (; i < G; ++i)
-      yb[i] = std::nearbyint(std::min(std::max(xb[i] * inv, -f.qn()), f.qp())) * s;
+    for (; i < G; ++i) yb[i] = std::nearbyint(std::min(std::max(xb[i] * inv, -f.qn()), f.qp())) * s;
   }
 }
 
