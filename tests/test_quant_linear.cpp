@@ -121,6 +121,7 @@ TEST_CASE("qlinear: GEMV path allocates nothing; GEMM path never holds an fp32 W
       const RowMatrixXf x = random_matrix(M, in, 2);
       RowMatrixXf y(M, out), dx = RowMatrixXf::Zero(M, in);
       owned_workspace ws(qlinear_workspace_bytes(W, M));
+      CHECK(ws.capacity() <= std::size_t(out * in * 4) / 4 + 4096); // tile <= a quarter of W
       memory::region r;
       qlinear_forward(x, W, y, ws.get());
       qlinear_backward(y, W, dx, ws.get());

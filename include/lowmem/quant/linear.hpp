@@ -72,11 +72,13 @@ inline void require_qweight(const char* fn, const qweight& w) {
 /// Batches below this use the GEMV path (per row of x), at or above the tiled GEMM path.
 inline constexpr index_t qlinear_gemm_min_batch = 8;
 
-/// Rows of W dequantized per GEMM tile: ~4 MiB of fp32 (at least 16 rows), so Eigen's repacking
-/// of x per tile stays a few percent of the GEMM.
+/// Rows of W dequantized per GEMM tile: at most ~4 MiB of fp32 and at most a quarter of W's rows
+/// (so the tile is never close to an fp32 copy of W), at least 16 rows (Eigen repacks x once per
+/// tile: fewer, taller tiles keep that a few percent of the GEMM).
 inline index_t qlinear_tile_rows(const qweight& w) {
   const index_t budget = index_t(1) << 20; // floats
   index_t t = w.cols > 0 ? budget / w.cols : w.rows;
+  t = std::min<index_t>(t, (w.rows + 3) / 4);
   t = std::max<index_t>(16, t);
   return std::max<index_t>(1, std::min<index_t>(t, w.rows));
 }
@@ -103,7 +105,8 @@ template <class WS> qlinear_scratch carve(WS& ws, const qweight& w, index_t batc
 } // namespace detail
 
 /// Scratch bytes of qlinear_forward / qlinear_backward for a batch of `batch` rows: 2·in + in/block
-/// floats on the GEMV path (batch < 8), tile_rows·in floats (~4 MiB) on the GEMM path.
+/// floats on the GEMV path (batch < 8), tile_rows·in floats (<= ~4 MiB and <= a quarter of W) on
+/// the GEMM path.
 inline std::size_t qlinear_workspace_bytes(const qweight& w, index_t batch) {
   detail::require_qweight("qlinear_workspace_bytes", w);
   workspace_planner p;
