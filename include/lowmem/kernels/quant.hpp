@@ -455,6 +455,52 @@ inline void codebook_codes(const float* x, std::size_t n, float inv, const codeb
   for (; i < n; ++i) codes[i] = codebook_code_scalar(x[i] * inv, cb);
 }
 
+/// True when codebook_codes_packed has a fast path for Arch (AVX-512).
+template <class Arch> inline constexpr bool has_packed_codebook_path() {
+#if XSIMD_WITH_AVX512BW
+  return std::is_base_of<xsimd::avx512f, Arch>::value;
+#else
+  return false;
+#endif
+}
+
+/// AVX-512: quantizes n (a multiple of 16) values x·inv to their nearest codes and writes them
+/// packed (high nibble first) to dst[0, n/2): a 4-step binary search over the 15 sorted
+/// thresholds with vpermps lookups (identical results to codebook_codes: the index is the number
+/// of thresholds strictly below the value), the sorted index mapped to its code by a second
+/// lookup, then pairs of 32-bit lanes fused into bytes (vpmovqb).
+template <class Arch>
+inline void codebook_codes_packed(const float* x, std::size_t n, float inv, const codebook4& cb,
+                                  std::uint8_t* dst) {
+#if XSIMD_WITH_AVX512BW
+  if constexpr (std::is_base_of<xsimd::avx512f, Arch>::value) {
+    alignas(64) float mids[16];
+    alignas(64) std::int32_t codes[16];
+    for (int k = 0; k < 15; ++k) mids[k] = cb.mid[k];
+    mids[15] = std::numeric_limits<float>::infinity();
+    for (int k = 0; k < 16; ++k) codes[k] = cb.code_of[k];
+    const __m512 tm = _mm512_load_ps(mids);
+    const __m512i tc = _mm512_load_si512(codes);
+    const __m512 vinv = _mm512_set1_ps(inv);
+    for (std::size_t i = 0; i < n; i += 16) {
+      const __m512 v = _mm512_mul_ps(_mm512_loadu_ps(x + i), vinv);
+      __m512i idx = _mm512_setzero_si512();
+      for (int step = 8; step >= 1; step /= 2) {
+        const __m512 t =
+            _mm512_permutexvar_ps(_mm512_add_epi32(idx, _mm512_set1_epi32(step - 1)), tm);
+        idx = _mm512_mask_add_epi32(idx, _mm512_cmp_ps_mask(v, t, _CMP_GT_OQ), idx,
+                                    _mm512_set1_epi32(step));
+      }
+      const __m512i c = _mm512_permutexvar_epi32(idx, tc);
+      const __m512i pair = _mm512_or_si512(_mm512_slli_epi32(c, 4), _mm512_srli_epi64(c, 32));
+      _mm_storel_epi64(reinterpret_cast<__m128i*>(dst + i / 2), _mm512_cvtepi64_epi8(pair));
+    }
+    return;
+  }
+#endif
+  (void)x, (void)n, (void)inv, (void)cb, (void)dst;
+}
+
 /// 256-entry tables: byte -> (value of high-nibble code, value of low-nibble code).
 struct pair_lut {
   alignas(64) float v[256][2];

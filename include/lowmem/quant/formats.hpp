@@ -207,7 +207,14 @@ inline void fourbit_quantize(const float* x, std::size_t n, fourbit t, index_t b
         finite ? kernels::bits_to_float(bits) : std::numeric_limits<float>::quiet_NaN();
     absmax[b] = am;
     const float inv = finite && am > 0 ? 1.0f / am : 0.0f;
-    for (std::size_t c = 0; c < len; c += 256) {
+    std::size_t done = 0;
+    if constexpr (kernels::has_packed_codebook_path<Arch>()) {
+      if (finite && begin % 2 == 0) { // whole groups of 16 straight to packed bytes
+        done = len / 16 * 16;
+        kernels::codebook_codes_packed<Arch>(x + begin, done, inv, cb, packed + begin / 2);
+      }
+    }
+    for (std::size_t c = done; c < len; c += 256) {
       const std::size_t m = std::min<std::size_t>(256, len - c);
       if (finite)
         kernels::codebook_codes<Arch>(x + begin + c, m, inv, cb, tmp);
