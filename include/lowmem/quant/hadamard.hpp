@@ -8,6 +8,7 @@
 #include <cstddef>
 #include <cstdint>
 
+#include "../core/eigen.hpp"
 #include "../core/errors.hpp"
 #include "../core/random.hpp"
 #include "../kernels/random.hpp"

@@ -9,6 +9,7 @@
 #include <cstdint>
 #include <cstring>
 
+#include "../core/eigen.hpp"
 #include "../core/errors.hpp"
 #include "../kernels/quant.hpp"
 #include "formats.hpp"
