@@ -3,6 +3,7 @@
 #include <lowmem/core.hpp>
 #include <lowmem/quant/formats.hpp>
 #include <lowmem/quant/hadamard.hpp>
+#include <lowmem/quant/kivi.hpp>
 #include <lowmem/quant/qat.hpp>
 
 #include <cmath>
@@ -266,4 +267,59 @@ TEST_CASE("QAT ops and rotations allocate nothing", "[quant][qat][memory]") {
   lsq_backward(x.data(), step.data(), y.data(), 1, index_t(n), f, dx.data(), ds.data());
   hadamard_rotate(x.data(), 1, index_t(n), index_t(n), signs.data());
   CHECK(r.allocations() == 0);
+}
+
+TEST_CASE("KIVI cache: residual exact, quantized tokens within half a step, layout, memory",
+          "[quant][kivi]") {
+  for (int bits : {2, 4}) {
+    kivi_config c{bits, 64, 16, 32, 200};
+    kivi_cache cache(c);
+    const size_t d = 64, T = 150;
+    auto K = ref::uniform_data(T * d, 70, -1.f, 1.f), V = ref::uniform_data(T * d, 71, -1.f, 1.f);
+    for (size_t t = 0; t < T; ++t) K[t * d + 5] *= 20.f;  // a per-channel key outlier
+    for (size_t t = 0; t < 16; ++t) K[t * d + 9] = 0.25f; // a constant run
+    std::vector<float> Kd(T * d), Vd(T * d);
+    memory::region r;
+    for (size_t t = 0; t < T; ++t) {
+      cache.append(K.data() + t * d, V.data() + t * d);
+      const index_t s = index_t(t + 1);
+      REQUIRE(cache.quantized_tokens() == std::max<index_t>(0, (s - 32) / 16) * 16);
+    }
+    cache.dequantize(Kd.data(), Vd.data());
+    CHECK(r.allocations() == 0);
+    const size_t nq = size_t(cache.quantized_tokens());
+    for (size_t i = nq * d; i < T * d; ++i) REQUIRE((Kd[i] == K[i] && Vd[i] == V[i]));
+    const double qmax = (1 << bits) - 1;
+    for (size_t g = 0; g < nq / 16; ++g) {
+      for (size_t ch = 0; ch < d; ++ch) { // keys: per channel over 16 tokens
+        double lo = 1e30, hi = -1e30;
+        for (size_t t = 0; t < 16; ++t)
+          lo = std::min(lo, double(K[(g * 16 + t) * d + ch])),
+          hi = std::max(hi, double(K[(g * 16 + t) * d + ch]));
+        for (size_t t = 0; t < 16; ++t) {
+          const size_t i = (g * 16 + t) * d + ch;
+          REQUIRE(std::fabs(Kd[i] - K[i]) <= 0.5 * (hi - lo) / qmax * 1.001 + 1e-6);
+        }
+      }
+      for (size_t t = 0; t < 16; ++t) // values: per token over channel groups of 16
+        for (size_t j = 0; j < d / 16; ++j) {
+          double lo = 1e30, hi = -1e30;
+          const size_t b = (g * 16 + t) * d + j * 16;
+          for (size_t k = 0; k < 16; ++k)
+            lo = std::min(lo, double(V[b + k])), hi = std::max(hi, double(V[b + k]));
+          for (size_t k = 0; k < 16; ++k)
+            REQUIRE(std::fabs(Vd[b + k] - V[b + k]) <= 0.5 * (hi - lo) / qmax * 1.001 + 1e-6);
+        }
+    }
+    const size_t residual_bytes = (T - nq) * d * 8;
+    CHECK(cache.bytes_used() - residual_bytes < nq * d * 8 / (bits == 2 ? 4 : 2));
+  }
+  kivi_cache small(kivi_config{4, 32, 16, 16, 2});
+  std::vector<float> k(32, 1.f);
+  small.append(k.data(), k.data());
+  small.append(k.data(), k.data());
+  CHECK_THROWS_AS(small.append(k.data(), k.data()), lowmem::invalid_argument);
+  CHECK(small.size() == 2);
+  CHECK_THROWS_AS(kivi_cache(kivi_config{3, 64, 16, 32, 10}), lowmem::invalid_argument);
+  CHECK_THROWS_AS(kivi_cache(kivi_config{2, 64, 16, 24, 10}), lowmem::invalid_argument);
 }
