@@ -314,6 +314,39 @@ void fp32_case(benchmark::State& st) {
   bench::set_flops(st, 2.0 * double(M) * double(out) * double(in));
 }
 
+void BM_int8gemm_lowmem(benchmark::State& st) { // exact int8 x int8 -> int32 (VNNI)
+  const index_t M = st.range(0), N = st.range(1), K = st.range(2);
+  std::vector<std::int8_t> a(std::size_t(M * K)), b(std::size_t(N * K));
+  random::stream s{4, 4};
+  for (std::size_t i = 0; i < a.size(); ++i) a[i] = std::int8_t(s.bits(i) % 255 - 127);
+  for (std::size_t i = 0; i < b.size(); ++i) b[i] = std::int8_t(s.bits(i + a.size()) % 255 - 127);
+  std::vector<std::int32_t> c(std::size_t(M * N));
+  owned_workspace ws(int8_gemm_workspace_bytes(N));
+  bench::peak_memory peak;
+  for (auto _ : st) {
+    int8_gemm(a.data(), b.data(), M, N, K, c.data(), ws.get());
+    benchmark::ClobberMemory();
+  }
+  peak.report(st);
+  st.counters["vnni"] = kernels::int8_gemm_has_vnni ? 1 : 0;
+  bench::set_flops(st, 2.0 * double(M) * double(N) * double(K));
+}
+void BM_llm_int8_lowmem(benchmark::State& st) {
+  const index_t M = st.range(0), N = st.range(1), K = st.range(2);
+  const auto q = qweight_storage::quantize(dense_w(N, K), weight_format::int8_sym, K);
+  RowMatrixXf x(M, K), y(M, N);
+  random::fill_normal(random::stream{3, 3}, 0, x.data(), std::size_t(x.size()));
+  for (index_t m = 0; m < M; m += 7) x(m, 5) = 30.f; // one outlier feature column
+  owned_workspace ws(llm_int8_workspace_bytes(N, K));
+  bench::peak_memory peak;
+  for (auto _ : st) {
+    llm_int8_forward(x, q.view(), 6.0f, y, ws.get());
+    benchmark::ClobberMemory();
+  }
+  peak.report(st);
+  bench::set_flops(st, 2.0 * double(M) * double(N) * double(K));
+}
+
 void big_args(benchmark::internal::Benchmark* b) {
   b->ArgNames({"n"})->Arg(std::int64_t(big_n()))->UseRealTime()->Unit(benchmark::kMillisecond);
 }
@@ -358,6 +391,8 @@ struct registrar {
     benchmark::RegisterBenchmark("BM_quant_fp8_decode/naive", BM_fp8_decode_naive)->Apply(big_args);
     benchmark::RegisterBenchmark("BM_quant_fwht/lowmem", BM_fwht_lowmem)->Apply(fwht_args);
     benchmark::RegisterBenchmark("BM_quant_fwht/naive", BM_fwht_naive)->Apply(fwht_args);
+    benchmark::RegisterBenchmark("BM_quant_int8gemm/lowmem", BM_int8gemm_lowmem)->Apply(gemm_args);
+    benchmark::RegisterBenchmark("BM_quant_llm_int8/lowmem", BM_llm_int8_lowmem)->Apply(gemm_args);
     const std::pair<const char*, weight_format> fmts[] = {{"nf4", weight_format::nf4},
                                                           {"int4", weight_format::int4_sym},
                                                           {"int8", weight_format::int8_sym}};

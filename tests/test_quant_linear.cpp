@@ -3,6 +3,7 @@
 #include <catch2/catch.hpp>
 #include <lowmem/core.hpp>
 #include <lowmem/quant/linear.hpp>
+#include <lowmem/quant/llm_int8.hpp>
 
 #include <vector>
 
@@ -150,4 +151,70 @@ TEST_CASE("qlinear bad input throws before writing", "[quant][linear][errors]") 
   CHECK((y.array() == 7.f).all());
   CHECK_THROWS_AS(qweight_storage::quantize(Wd, weight_format::int4_sym, 48),
                   lowmem::invalid_argument);
+}
+
+TEST_CASE("int8 GEMM is exact (VNNI or portable), tails included", "[quant][int8gemm]") {
+  INFO("VNNI kernel compiled: " << kernels::int8_gemm_has_vnni);
+  for (auto [M, N, K] : {std::tuple<index_t, index_t, index_t>{1, 1, 1},
+                         {4, 4, 64},
+                         {7, 6, 130},
+                         {9, 13, 200},
+                         {5, 8, 0}}) {
+    std::vector<std::int8_t> a(static_cast<std::size_t>(M * K)), b(static_cast<std::size_t>(N * K));
+    random::stream s{9, std::uint64_t(K)};
+    for (std::size_t i = 0; i < a.size(); ++i) a[i] = std::int8_t(s.bits(i) & 0xFF);
+    for (std::size_t i = 0; i < b.size(); ++i) b[i] = std::int8_t(s.bits(100000 + i) & 0xFF);
+    std::vector<std::int32_t> c(static_cast<std::size_t>(M * N), 7);
+    owned_workspace ws(int8_gemm_workspace_bytes(N));
+    int8_gemm(a.data(), b.data(), M, N, K, c.data(), ws.get());
+    for (index_t m = 0; m < M; ++m)
+      for (index_t n = 0; n < N; ++n) {
+        std::int64_t r = 0;
+        for (index_t k = 0; k < K; ++k)
+          r += std::int64_t(a[std::size_t(m * K + k)]) * b[std::size_t(n * K + k)];
+        REQUIRE(c[std::size_t(m * N + n)] == r);
+      }
+  }
+}
+
+TEST_CASE("LLM.int8 decomposition: equals its definition; outlier columns exact in fp32",
+          "[quant][llm_int8]") {
+  const index_t M = 70, N = 37, K = 200;
+  RowMatrixXf Wd = random_matrix(N, K, 21), x = random_matrix(M, K, 22) * 2.f;
+  for (index_t m = 0; m < M; m += 3) x(m, 17) = 25.f, x(m, 150) = -40.f; // outlier features
+  const auto q = qweight_storage::quantize(Wd, weight_format::int8_sym, K);
+  const qweight W = q.view();
+  RowMatrixXf y(M, N), deq(N, K);
+  dequantize_weight(W, deq);
+  owned_workspace ws(llm_int8_workspace_bytes(N, K));
+  memory::region r;
+  llm_int8_forward(x, W, 6.0f, y, ws.get());
+  CHECK(r.allocations() == 0);
+  // reference: the same decomposition in double
+  std::vector<double> yr(static_cast<std::size_t>(M * N), 0.0);
+  for (index_t m = 0; m < M; ++m) {
+    float mx = 0;
+    for (index_t k = 0; k < K; ++k)
+      if (k != 17 && k != 150) mx = std::max(mx, std::fabs(x(m, k)));
+    const float sx = mx / 127.0f, inv = 1.0f / sx;
+    for (index_t n = 0; n < N; ++n) {
+      double acc = 0;
+      for (index_t k = 0; k < K; ++k) {
+        if (k == 17 || k == 150)
+          acc += double(x(m, k)) * deq(n, k);
+        else
+          acc += double(std::nearbyint(x(m, k) * inv)) * sx * deq(n, k);
+      }
+      yr[std::size_t(m * N + n)] = acc;
+    }
+  }
+  CHECK(ref::max_rel_error(y.data(), yr.data(), yr.size()) < 1e-5);
+  // and close to the fp32 product with the dequantized weight
+  RowMatrixXf y32 = x * deq.transpose();
+  CHECK(ref::nmse(y.data(), y32.data(), std::size_t(y.size())) < 1e-4);
+  RowMatrixXf y0 = RowMatrixXf::Constant(M, N, 3.f);
+  CHECK_THROWS_AS(llm_int8_forward(x, W, -1.f, y0, ws.get()), lowmem::invalid_argument);
+  const auto q64 = qweight_storage::quantize(Wd, weight_format::int8_sym, 40);
+  CHECK_THROWS_AS(llm_int8_forward(x, q64.view(), 6.f, y0, ws.get()), lowmem::invalid_argument);
+  CHECK((y0.array() == 3.f).all());
 }
