@@ -119,7 +119,7 @@ def main():
             t = median_time(g, reps)
             emit(f"BM_quant_{op}_{fmt}/pytorch/M:{M}/out:{d}/in:{d}", t,
                  flops=2 * M * d * d / t)
-    print(json.dumps({"peak_rss_MiB": peak_rss_mib()}))
+    print(f"# peer peak RSS {peak_rss_mib():.0f} MiB", file=sys.stderr)
 
 
 if __name__ == "__main__":
