@@ -319,6 +319,13 @@ inline void affine_codes_rne(const float* x, std::size_t n, const affine_block& 
   const F inv(b.inv);
   const I z(b.zero), lo(b.lo), hi(b.hi);
   std::size_t i = 0;
+  if (b.zero == 0 && b.lo == -b.hi) {
+    // symmetric int8: |x·inv| <= qmax·(1 + 2^-23) rounds to at most qmax, no clamp needed
+    for (; i + 2 * W <= n; i += 2 * W) {
+      store_bytes<Arch>(codes + i, xsimd::nearbyint_as_int(F::load_unaligned(x + i) * inv));
+      store_bytes<Arch>(codes + i + W, xsimd::nearbyint_as_int(F::load_unaligned(x + i + W) * inv));
+    }
+  }
   for (; i + W <= n; i += W) {
     const I q = xsimd::nearbyint_as_int(F::load_unaligned(x + i) * inv) + z;
     store_bytes<Arch>(codes + i, xsimd::min(xsimd::max(q, lo), hi));
