@@ -155,6 +155,9 @@ inline void affine_dequantize(const std::uint8_t* codes, const float* scales, co
     const float z = f.symmetric ? (f.bits == 8 ? 0.0f : 8.0f) : zeros[b];
     if (f.bits == 8)
       kernels::affine_dequant8<Arch>(codes + begin, len, f.symmetric, scales[b], z, x + begin);
+    else if (f.symmetric) // (c − 8)·s through the signed table: the same bits as qlinear's path
+      kernels::codebook_dequant<Arch>(codes, begin, len, kernels::int4_sym_levels,
+                                      kernels::int4_sym_pairs(), scales[b], 0.0f, x + begin);
     else
       kernels::codebook_dequant<Arch>(codes, begin, len, kernels::int4_levels,
                                       kernels::int4_pairs(), scales[b], 0.0f - z * scales[b],

@@ -43,7 +43,13 @@ inline void fake_quant_affine_forward(const float* x, index_t rows, index_t cols
         kernels::affine_codes_rne<Arch>(x + begin + c, m, blk, tmp);
       else
         kernels::affine_codes_stochastic<Arch>(x + begin + c, m, blk, s, offset + begin + c, tmp);
-      kernels::affine_dequant8<Arch>(tmp, m, is_signed, blk.scale, float(blk.zero), y + begin + c);
+      if (f.bits == 4 && f.symmetric) { // offset-binary nibble -> signed level, as the dequantizer
+        for (std::size_t i = 0; i < m; ++i) tmp[i] = std::uint8_t(tmp[i] - 8);
+        kernels::affine_dequant8<Arch>(tmp, m, true, blk.scale, 0.0f, y + begin + c);
+      } else {
+        kernels::affine_dequant8<Arch>(tmp, m, is_signed, blk.scale, float(blk.zero),
+                                       y + begin + c);
+      }
     }
   }
 }
