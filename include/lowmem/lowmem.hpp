@@ -4,3 +4,4 @@
 #include "core.hpp"
 #include "attention.hpp"
 #include "zeroth_order.hpp"
+#include "quant.hpp"

@@ -1,0 +1,705 @@
+// lowmem/kernels/quant.hpp — inner loops of the quantizers (see lowmem/quant.hpp for the formats,
+// layouts and policies). Raw pointers, templated on the xsimd Arch, no validation, no allocation:
+// every public entry in quant.hpp validates first and then calls into here.
+//
+// Building blocks:
+//  * byte <-> int32 lane moves (store_bytes / load_u8 / load_s8), one intrinsic per arch where
+//    xsimd 8.1 has no narrowing/widening conversion, a portable loop otherwise;
+//  * block reductions: max of |x| as integer bit patterns (NaN and Inf compare above every finite
+//    value, so one integer max both finds the absmax and flags a non-finite block);
+//  * affine block quantize (RNE or stochastic) / dequantize, 4-bit codebook (NF4, FP4) block
+//    quantize / dequantize, FP8 e4m3 / e5m2 array conversions.
+#pragma once
+
+#include <cmath>
+#include <cstddef>
+#include <cstdint>
+#include <cstring>
+#include <limits>
+
+#include "../core/random.hpp"
+#include "../simd/simd.hpp"
+#include "random.hpp"
+
+namespace lowmem::quant::kernels {
+
+// ---- codebooks ---------------------------------------------------------------------------------
+
+/// NF4 levels (QLoRA, bitsandbytes' table; code k -> nf4_levels[k], ascending).
+alignas(64) inline constexpr float nf4_levels[16] = {-1.0f,
+                                                     -0.6961928009986877f,
+                                                     -0.5250730514526367f,
+                                                     -0.39491748809814453f,
+                                                     -0.28444138169288635f,
+                                                     -0.18477343022823334f,
+                                                     -0.09105003625154495f,
+                                                     0.0f,
+                                                     0.07958029955625534f,
+                                                     0.16093020141124725f,
+                                                     0.24611230194568634f,
+                                                     0.33791524171829224f,
+                                                     0.44070982933044434f,
+                                                     0.5626170039176941f,
+                                                     0.7229568362236023f,
+                                                     1.0f};
+
+/// FP4 e2m1 (OCP MX) levels divided by 6 (the largest magnitude), so absmax scaling maps the
+/// block onto [-1, 1] like NF4: code s.ee.m -> (-1)^s · {0, 0.5, 1, 1.5, 2, 3, 4, 6}[ee.m] / 6.
+alignas(64) inline constexpr float fp4_levels[16] = {
+    0.0f,         0.5f / 6.0f,  1.0f / 6.0f,  1.5f / 6.0f,  2.0f / 6.0f,  3.0f / 6.0f,
+    4.0f / 6.0f,  1.0f,         -0.0f,        -0.5f / 6.0f, -1.0f / 6.0f, -1.5f / 6.0f,
+    -2.0f / 6.0f, -3.0f / 6.0f, -4.0f / 6.0f, -1.0f};
+
+/// Identity levels 0..15: affine int4 dequantization reuses the codebook path.
+alignas(64) inline constexpr float int4_levels[16] = {0, 1, 2,  3,  4,  5,  6,  7,
+                                                      8, 9, 10, 11, 12, 13, 14, 15};
+
+/// Symmetric int4 as a codebook: code c -> c − 8 (offset binary), so dequantization is level·s.
+alignas(64) inline constexpr float int4_sym_levels[16] = {-8, -7, -6, -5, -4, -3, -2, -1,
+                                                          0,  1,  2,  3,  4,  5,  6,  7};
+
+/// A 4-bit codebook prepared for quantization: levels sorted ascending (`sorted`), their codes
+/// (`code_of`), and the 15 decision thresholds (midpoints) between consecutive sorted levels.
+struct codebook4 {
+  const float* levels; // code -> value (16 entries)
+  float sorted[16];
+  std::uint8_t code_of[16];
+  float mid[15];
+  bool identity;       // sorted order == code order (NF4)
+  bool sign_magnitude; // code = sign << 3 | magnitude index, levels[k + 8] == -levels[k] (FP4)
+  float mag_mid[7];    // thresholds between consecutive magnitudes (sign_magnitude only)
+};
+
+inline codebook4 make_codebook4(const float* levels) noexcept {
+  codebook4 cb{};
+  cb.levels = levels;
+  // insertion sort of 16 (value, code) pairs; -0 sorts next to +0 (FP4) and is never chosen,
+  // because ties go to the first (lower) entry, which is -0 < +0 only by code order: we keep +0
+  // by sorting equal values with the smaller code first.
+  for (int k = 0; k < 16; ++k) {
+    int j = k;
+    while (j > 0 && (cb.sorted[j - 1] > levels[k] ||
+                     (cb.sorted[j - 1] == levels[k] && cb.code_of[j - 1] > k))) {
+      cb.sorted[j] = cb.sorted[j - 1];
+      cb.code_of[j] = cb.code_of[j - 1];
+      --j;
+    }
+    cb.sorted[j] = levels[k];
+    cb.code_of[j] = std::uint8_t(k);
+  }
+  for (int k = 0; k < 15; ++k) cb.mid[k] = 0.5f * (cb.sorted[k] + cb.sorted[k + 1]);
+  cb.identity = true;
+  for (int k = 0; k < 16; ++k) cb.identity = cb.identity && cb.code_of[k] == k;
+  cb.sign_magnitude = true;
+  for (int k = 0; k < 8; ++k) cb.sign_magnitude = cb.sign_magnitude && levels[k + 8] == -levels[k];
+  for (int k = 0; k < 7; ++k) {
+    cb.sign_magnitude = cb.sign_magnitude && levels[k] >= 0 && levels[k] < levels[k + 1];
+    cb.mag_mid[k] = 0.5f * (levels[k] + levels[k + 1]);
+  }
+  return cb;
+}
+
+inline const codebook4& nf4_codebook() noexcept {
+  static const codebook4 cb = make_codebook4(nf4_levels);
+  return cb;
+}
+inline const codebook4& fp4_codebook() noexcept {
+  static const codebook4 cb = make_codebook4(fp4_levels);
+  return cb;
+}
+
+// ---- byte <-> lane moves -----------------------------------------------------------------------
+
+/// Stores the low byte of each int32 lane of v to dst[0..W).
+template <class Arch> inline void store_bytes(std::uint8_t* dst, const simd::ibatch<Arch>& v) {
+#if XSIMD_WITH_AVX512F
+  if constexpr (std::is_base_of<xsimd::avx512f, Arch>::value) {
+    _mm_storeu_si128(reinterpret_cast<__m128i*>(dst), _mm512_cvtepi32_epi8(v));
+    return;
+  } else
+#endif
+#if XSIMD_WITH_AVX2
+      if constexpr (std::is_base_of<xsimd::avx2, Arch>::value) {
+    const __m256i m = _mm256_and_si256(v, _mm256_set1_epi32(0xFF));
+    const __m128i p16 = _mm_packus_epi32(_mm256_castsi256_si128(m), _mm256_extracti128_si256(m, 1));
+    _mm_storel_epi64(reinterpret_cast<__m128i*>(dst), _mm_packus_epi16(p16, p16));
+    return;
+  } else
+#endif
+#if XSIMD_WITH_SSE2
+      if constexpr (std::is_base_of<xsimd::sse2, Arch>::value) {
+    const __m128i m = _mm_and_si128(v, _mm_set1_epi32(0xFF));
+    const __m128i p16 = _mm_packs_epi32(m, m); // values <= 255: signed saturation is exact
+    const int w = _mm_cvtsi128_si32(_mm_packus_epi16(p16, p16));
+    std::memcpy(dst, &w, 4);
+    return;
+  } else
+#endif
+  {
+    alignas(64) std::int32_t tmp[simd::width<Arch>];
+    v.store_aligned(tmp);
+    for (std::size_t i = 0; i < simd::width<Arch>; ++i) dst[i] = std::uint8_t(tmp[i]);
+  }
+}
+
+/// Loads W bytes as unsigned int32 lanes.
+template <class Arch> inline simd::ibatch<Arch> load_u8(const std::uint8_t* src) {
+#if XSIMD_WITH_AVX512F
+  if constexpr (std::is_base_of<xsimd::avx512f, Arch>::value) {
+    return _mm512_cvtepu8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(src)));
+  } else
+#endif
+#if XSIMD_WITH_AVX2
+      if constexpr (std::is_base_of<xsimd::avx2, Arch>::value) {
+    return _mm256_cvtepu8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(src)));
+  } else
+#endif
+#if XSIMD_WITH_SSE2
+      if constexpr (std::is_base_of<xsimd::sse2, Arch>::value) {
+    int w;
+    std::memcpy(&w, src, 4);
+    const __m128i z = _mm_setzero_si128();
+    return _mm_unpacklo_epi16(_mm_unpacklo_epi8(_mm_cvtsi32_si128(w), z), z);
+  } else
+#endif
+  {
+    alignas(64) std::int32_t tmp[simd::width<Arch>];
+    for (std::size_t i = 0; i < simd::width<Arch>; ++i) tmp[i] = src[i];
+    return simd::ibatch<Arch>::load_aligned(tmp);
+  }
+}
+
+/// Loads W bytes as signed (two's complement int8) int32 lanes.
+template <class Arch> inline simd::ibatch<Arch> load_s8(const std::uint8_t* src) {
+#if XSIMD_WITH_AVX512F
+  if constexpr (std::is_base_of<xsimd::avx512f, Arch>::value) {
+    return _mm512_cvtepi8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(src)));
+  } else
+#endif
+#if XSIMD_WITH_AVX2
+      if constexpr (std::is_base_of<xsimd::avx2, Arch>::value) {
+    return _mm256_cvtepi8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(src)));
+  } else
+#endif
+  {
+    // sign-extend: (u ^ 0x80) - 0x80
+    const simd::ibatch<Arch> u = load_u8<Arch>(src);
+    return (u ^ simd::ibatch<Arch>(0x80)) - simd::ibatch<Arch>(0x80);
+  }
+}
+
+/// Horizontal max of int32 lanes.
+template <class Arch> inline std::int32_t reduce_max_i32(const simd::ibatch<Arch>& v) {
+#if XSIMD_WITH_AVX512F
+  if constexpr (std::is_base_of<xsimd::avx512f, Arch>::value) {
+    return _mm512_reduce_max_epi32(v);
+  } else
+#endif
+  {
+    alignas(64) std::int32_t lanes[simd::width<Arch>];
+    v.store_aligned(lanes);
+    std::int32_t m = lanes[0];
+    for (std::size_t i = 1; i < simd::width<Arch>; ++i) m = lanes[i] > m ? lanes[i] : m;
+    return m;
+  }
+}
+template <class Arch> inline float reduce_min_f32(const simd::fbatch<Arch>& v) {
+  alignas(64) float lanes[simd::width<Arch>];
+  v.store_aligned(lanes);
+  float m = lanes[0];
+  for (std::size_t i = 1; i < simd::width<Arch>; ++i) m = lanes[i] < m ? lanes[i] : m;
+  return m;
+}
+
+inline constexpr std::int32_t inf_bits = 0x7F800000;
+
+/// max_i bits(|x_i|) over n floats: the absmax's bit pattern, >= inf_bits iff a NaN/Inf is present.
+template <class Arch> inline std::int32_t absmax_bits(const float* x, std::size_t n) {
+  using I = simd::ibatch<Arch>;
+  constexpr std::size_t W = simd::width<Arch>;
+  const I mask(0x7FFFFFFF);
+  I m0(0), m1(0);
+  std::size_t i = 0;
+  for (; i + 2 * W <= n; i += 2 * W) {
+    m0 = xsimd::max(m0, xsimd::bitwise_cast<I>(simd::fbatch<Arch>::load_unaligned(x + i)) & mask);
+    m1 = xsimd::max(m1,
+                    xsimd::bitwise_cast<I>(simd::fbatch<Arch>::load_unaligned(x + i + W)) & mask);
+  }
+  std::int32_t m = reduce_max_i32<Arch>(xsimd::max(m0, m1));
+  for (; i < n; ++i) {
+    std::int32_t b;
+    std::memcpy(&b, x + i, 4);
+    b &= 0x7FFFFFFF;
+    m = b > m ? b : m;
+  }
+  return m;
+}
+
+/// min and max of n >= 1 finite floats.
+template <class Arch> inline void min_max(const float* x, std::size_t n, float& lo, float& hi) {
+  using F = simd::fbatch<Arch>;
+  constexpr std::size_t W = simd::width<Arch>;
+  std::size_t i = 0;
+  lo = x[0], hi = x[0];
+  if (n >= W) {
+    F vlo = F::load_unaligned(x), vhi = vlo;
+    for (i = W; i + W <= n; i += W) {
+      const F v = F::load_unaligned(x + i);
+      vlo = xsimd::min(vlo, v);
+      vhi = xsimd::max(vhi, v);
+    }
+    lo = reduce_min_f32<Arch>(vlo);
+    hi = simd::reduce_max<Arch>(vhi);
+  }
+  for (; i < n; ++i) {
+    lo = x[i] < lo ? x[i] : lo;
+    hi = x[i] > hi ? x[i] : hi;
+  }
+}
+
+inline float bits_to_float(std::int32_t b) noexcept {
+  float f;
+  std::memcpy(&f, &b, 4);
+  return f;
+}
+
+// ---- affine integer quantization ---------------------------------------------------------------
+
+/// Parameters of one affine block: x ≈ (code − zero) · scale, code in [lo, hi] (int32 values;
+/// for signed int8 the stored byte is the two's-complement code).
+struct affine_block {
+  float scale = 0, inv = 0; // inv = 1/scale (0 when scale is 0)
+  std::int32_t zero = 0, lo = 0, hi = 0;
+  bool finite = true;
+};
+
+/// Chooses scale and zero of a block. bits 8 or 4; symmetric: codes in [−(2^(b−1)−1), 2^(b−1)−1]
+/// around `sym_zero` (0 for int8 stored signed, 8 for int4 stored offset-binary); asymmetric:
+/// codes in [0, 2^b − 1] with zero = rne(−min(min x, 0)/scale).
+template <class Arch>
+inline affine_block affine_choose(const float* x, std::size_t n, int bits, bool symmetric) {
+  affine_block b;
+  const std::int32_t amax_bits = n ? absmax_bits<Arch>(x, n) : 0;
+  if (amax_bits >= inf_bits) {
+    b.finite = false;
+    b.scale = std::numeric_limits<float>::quiet_NaN();
+    b.zero = symmetric && bits == 4 ? 8 : 0;
+    b.lo = b.hi = b.zero;
+    return b;
+  }
+  if (symmetric) {
+    const std::int32_t qmax = bits == 8 ? 127 : 7;
+    b.zero = bits == 8 ? 0 : 8;
+    b.lo = b.zero - qmax, b.hi = b.zero + qmax;
+    b.scale = bits_to_float(amax_bits) / float(qmax);
+  } else {
+    const std::int32_t qmax = bits == 8 ? 255 : 15;
+    b.lo = 0, b.hi = qmax;
+    float lo = 0, hi = 0;
+    if (n) min_max<Arch>(x, n, lo, hi);
+    lo = lo < 0 ? lo : 0.0f;
+    hi = hi > 0 ? hi : 0.0f;
+    b.scale = (hi - lo) / float(qmax);
+    if (b.scale > 0) {
+      const float z = std::nearbyint(-lo * (1.0f / b.scale));
+      b.zero = std::int32_t(z < 0 ? 0 : (z > float(qmax) ? float(qmax) : z));
+    }
+  }
+  b.inv = b.scale > 0 ? 1.0f / b.scale : 0.0f;
+  return b;
+}
+
+/// codes[i] = clamp(rne(x[i]·inv) + zero, lo, hi) (one byte per element), i < n.
+template <class Arch>
+inline void affine_codes_rne(const float* x, std::size_t n, const affine_block& b,
+                             std::uint8_t* codes) {
+  using F = simd::fbatch<Arch>;
+  using I = simd::ibatch<Arch>;
+  constexpr std::size_t W = simd::width<Arch>;
+  const F inv(b.inv);
+  const I z(b.zero), lo(b.lo), hi(b.hi);
+  std::size_t i = 0;
+  if (b.zero == 0 && b.lo == -b.hi) {
+    // symmetric int8: |x·inv| <= qmax·(1 + 2^-23) rounds to at most qmax, no clamp needed
+    for (; i + 2 * W <= n; i += 2 * W) {
+      store_bytes<Arch>(codes + i, xsimd::nearbyint_as_int(F::load_unaligned(x + i) * inv));
+      store_bytes<Arch>(codes + i + W, xsimd::nearbyint_as_int(F::load_unaligned(x + i + W) * inv));
+    }
+  }
+  for (; i + W <= n; i += W) {
+    const I q = xsimd::nearbyint_as_int(F::load_unaligned(x + i) * inv) + z;
+    store_bytes<Arch>(codes + i, xsimd::min(xsimd::max(q, lo), hi));
+  }
+  for (; i < n; ++i) {
+    std::int32_t q = std::int32_t(std::nearbyint(x[i] * b.inv)) + b.zero;
+    q = q < b.lo ? b.lo : (q > b.hi ? b.hi : q);
+    codes[i] = std::uint8_t(q);
+  }
+}
+
+/// Stochastic rounding: codes[i] = clamp(floor(x[i]·inv + u_i) + zero, lo, hi) with
+/// u_i = s.uniform(offset + i) in [0, 1): E[code − zero] = x·inv inside the range (unbiased).
+template <class Arch>
+inline void affine_codes_stochastic(const float* x, std::size_t n, const affine_block& b,
+                                    const random::stream& s, std::uint64_t offset,
+                                    std::uint8_t* codes) {
+  using F = simd::fbatch<Arch>;
+  using I = simd::ibatch<Arch>;
+  constexpr std::size_t W = simd::width<Arch>;
+  alignas(64) float u[64];
+  const F inv(b.inv);
+  const I z(b.zero), lo(b.lo), hi(b.hi);
+  for (std::size_t c = 0; c < n; c += 64) {
+    const std::size_t len = n - c < 64 ? n - c : 64;
+    random::kernels::fill<Arch, random::kernels::distribution::uniform>(s, offset + c, u, len);
+    std::size_t i = 0;
+    for (; i + W <= len; i += W) {
+      const F v = simd::fma<Arch>(F::load_unaligned(x + c + i), inv, F::load_aligned(u + i));
+      const I q = xsimd::batch_cast<std::int32_t>(xsimd::floor(v)) + z;
+      store_bytes<Arch>(codes + c + i, xsimd::min(xsimd::max(q, lo), hi));
+    }
+    for (; i < len; ++i) {
+      std::int32_t q = std::int32_t(std::floor(std::fma(x[c + i], b.inv, u[i]))) + b.zero;
+      q = q < b.lo ? b.lo : (q > b.hi ? b.hi : q);
+      codes[c + i] = std::uint8_t(q);
+    }
+  }
+}
+
+/// out[i] = (code_i − zero)·scale for int8 codes (signed bytes when `is_signed`), i < n.
+template <class Arch>
+inline void affine_dequant8(const std::uint8_t* codes, std::size_t n, bool is_signed, float scale,
+                            float zero, float* out) {
+  using F = simd::fbatch<Arch>;
+  constexpr std::size_t W = simd::width<Arch>;
+  const F s(scale), m(-zero * scale);
+  std::size_t i = 0;
+  if (is_signed) {
+    for (; i + W <= n; i += W)
+      simd::fma<Arch>(xsimd::batch_cast<float>(load_s8<Arch>(codes + i)), s, m)
+          .store_unaligned(out + i);
+    for (; i < n; ++i) out[i] = std::fma(float(std::int8_t(codes[i])), scale, -zero * scale);
+  } else {
+    for (; i + W <= n; i += W)
+      simd::fma<Arch>(xsimd::batch_cast<float>(load_u8<Arch>(codes + i)), s, m)
+          .store_unaligned(out + i);
+    for (; i < n; ++i) out[i] = std::fma(float(codes[i]), scale, -zero * scale);
+  }
+}
+
+// ---- 4-bit packing -----------------------------------------------------------------------------
+// Layout (bitsandbytes-compatible): element i lives in byte i/2; even i in the HIGH nibble, odd i
+// in the LOW nibble. A tensor of n elements takes ceil(n/2) bytes; for odd n the last low nibble
+// is 0.
+
+/// Writes n 4-bit codes (one per byte in `codes`) to packed storage starting at element `first`.
+inline void pack_nibbles(const std::uint8_t* codes, std::size_t n, std::uint8_t* packed,
+                         std::size_t first) noexcept {
+  std::size_t i = 0;
+  if (n == 0) return;
+  if (first & 1) { // starts in a low nibble: keep the high one
+    std::uint8_t& b = packed[first >> 1];
+    b = std::uint8_t((b & 0xF0) | (codes[0] & 0x0F));
+    i = 1;
+  }
+  std::uint8_t* dst = packed + ((first + i) >> 1);
+  for (; i + 2 <= n; i += 2) *dst++ = std::uint8_t((codes[i] << 4) | (codes[i + 1] & 0x0F));
+  if (i < n) *dst = std::uint8_t(codes[i] << 4); // last high nibble; low nibble 0 (or next block)
+}
+
+/// Reads n 4-bit codes starting at element `first` into one byte each.
+inline void unpack_nibbles(const std::uint8_t* packed, std::size_t first, std::size_t n,
+                           std::uint8_t* codes) noexcept {
+  for (std::size_t i = 0; i < n; ++i) {
+    const std::size_t e = first + i;
+    const std::uint8_t b = packed[e >> 1];
+    codes[i] = (e & 1) ? (b & 0x0F) : (b >> 4);
+  }
+}
+
+// ---- 4-bit codebooks (NF4, FP4) ----------------------------------------------------------------
+
+/// Code of the level nearest to v (the scalar contract of codebook_codes).
+inline std::uint8_t codebook_code_scalar(float v, const codebook4& cb) noexcept {
+  if (cb.identity || !cb.sign_magnitude) {
+    int k = 0;
+    for (int t = 0; t < 15; ++t) k += v > cb.mid[t];
+    return cb.code_of[k];
+  }
+  const float a = std::fabs(v);
+  int k = v < 0 ? 8 : 0;
+  for (int t = 0; t < 7; ++t) k += a > cb.mag_mid[t];
+  return std::uint8_t(k);
+}
+
+/// codes[i] = code of the level nearest to x[i]·inv (ties to the lower level; for sign-magnitude
+/// books ties to the smaller magnitude), i < n.
+template <class Arch>
+inline void codebook_codes(const float* x, std::size_t n, float inv, const codebook4& cb,
+                           std::uint8_t* codes) {
+  using F = simd::fbatch<Arch>;
+  using I = simd::ibatch<Arch>;
+  constexpr std::size_t W = simd::width<Arch>;
+  const F vinv(inv), one(1.0f), zero(0.0f);
+  std::size_t i = 0;
+  if (cb.identity) {
+    for (; i + W <= n; i += W) {
+      const F v = F::load_unaligned(x + i) * vinv;
+      F k(0.0f);
+      for (int t = 0; t < 15; ++t) k += xsimd::select(v > F(cb.mid[t]), one, zero);
+      store_bytes<Arch>(codes + i, xsimd::batch_cast<std::int32_t>(k));
+    }
+  } else if (cb.sign_magnitude) {
+    for (; i + W <= n; i += W) {
+      const F v = F::load_unaligned(x + i) * vinv;
+      const F a = xsimd::abs(v);
+      F k = xsimd::select(v < zero, F(8.0f), zero);
+      for (int t = 0; t < 7; ++t) k += xsimd::select(a > F(cb.mag_mid[t]), one, zero);
+      store_bytes<Arch>(codes + i, xsimd::batch_cast<std::int32_t>(k));
+    }
+  }
+  (void)sizeof(I);
+  for (; i < n; ++i) codes[i] = codebook_code_scalar(x[i] * inv, cb);
+}
+
+/// True when codebook_codes_packed has a fast path for Arch (AVX-512).
+template <class Arch> inline constexpr bool has_packed_codebook_path() {
+#if XSIMD_WITH_AVX512BW
+  return std::is_base_of<xsimd::avx512f, Arch>::value;
+#else
+  return false;
+#endif
+}
+
+/// AVX-512: quantizes n (a multiple of 16) values x·inv to their nearest codes and writes them
+/// packed (high nibble first) to dst[0, n/2): a 4-step binary search over the 15 sorted
+/// thresholds with vpermps lookups (identical results to codebook_codes: the index is the number
+/// of thresholds strictly below the value), the sorted index mapped to its code by a second
+/// lookup, then pairs of 32-bit lanes fused into bytes (vpmovqb).
+template <class Arch>
+inline void codebook_codes_packed(const float* x, std::size_t n, float inv, const codebook4& cb,
+                                  std::uint8_t* dst) {
+#if XSIMD_WITH_AVX512BW
+  if constexpr (std::is_base_of<xsimd::avx512f, Arch>::value) {
+    alignas(64) float mids[16];
+    alignas(64) std::int32_t codes[16];
+    for (int k = 0; k < 15; ++k) mids[k] = cb.mid[k];
+    mids[15] = std::numeric_limits<float>::infinity();
+    for (int k = 0; k < 16; ++k) codes[k] = cb.code_of[k];
+    const __m512 tm = _mm512_load_ps(mids);
+    const __m512i tc = _mm512_load_si512(codes);
+    const __m512 vinv = _mm512_set1_ps(inv);
+    for (std::size_t i = 0; i < n; i += 16) {
+      const __m512 v = _mm512_mul_ps(_mm512_loadu_ps(x + i), vinv);
+      __m512i idx = _mm512_setzero_si512();
+      for (int step = 8; step >= 1; step /= 2) {
+        const __m512 t =
+            _mm512_permutexvar_ps(_mm512_add_epi32(idx, _mm512_set1_epi32(step - 1)), tm);
+        idx = _mm512_mask_add_epi32(idx, _mm512_cmp_ps_mask(v, t, _CMP_GT_OQ), idx,
+                                    _mm512_set1_epi32(step));
+      }
+      const __m512i c = _mm512_permutexvar_epi32(idx, tc);
+      const __m512i pair = _mm512_or_si512(_mm512_slli_epi32(c, 4), _mm512_srli_epi64(c, 32));
+      _mm_storel_epi64(reinterpret_cast<__m128i*>(dst + i / 2), _mm512_cvtepi64_epi8(pair));
+    }
+    return;
+  }
+#endif
+  (void)x, (void)n, (void)inv, (void)cb, (void)dst;
+}
+
+/// 256-entry tables: byte -> (value of high-nibble code, value of low-nibble code).
+struct pair_lut {
+  alignas(64) float v[256][2];
+};
+inline pair_lut make_pair_lut(const float* levels) noexcept {
+  pair_lut t{};
+  for (int b = 0; b < 256; ++b) t.v[b][0] = levels[b >> 4], t.v[b][1] = levels[b & 15];
+  return t;
+}
+inline const pair_lut& nf4_pairs() noexcept {
+  static const pair_lut t = make_pair_lut(nf4_levels);
+  return t;
+}
+inline const pair_lut& int4_pairs() noexcept {
+  static const pair_lut t = make_pair_lut(int4_levels);
+  return t;
+}
+inline const pair_lut& int4_sym_pairs() noexcept {
+  static const pair_lut t = make_pair_lut(int4_sym_levels);
+  return t;
+}
+inline const pair_lut& fp4_pairs() noexcept {
+  static const pair_lut t = make_pair_lut(fp4_levels);
+  return t;
+}
+
+/// out[i] = levels[code of element first+i]·scale + offset for i < n (packed 4-bit input).
+template <class Arch>
+inline void codebook_dequant(const std::uint8_t* packed, std::size_t first, std::size_t n,
+                             const float* levels, const pair_lut& pairs, float scale, float offset,
+                             float* out) {
+  std::size_t i = 0;
+  if (n == 0) return;
+  if (first & 1) {
+    out[0] = std::fma(levels[packed[first >> 1] & 15], scale, offset);
+    i = 1;
+  }
+  const std::uint8_t* src = packed + ((first + i) >> 1);
+#if XSIMD_WITH_AVX512F
+  if constexpr (std::is_base_of<xsimd::avx512f, Arch>::value) {
+    // 32 bytes -> 64 codes: split nibbles, interleave (hi, lo) per byte, then 4 LUT permutes.
+    const __m512 lut = _mm512_loadu_ps(levels);
+    const __m512 vs = _mm512_set1_ps(scale), vo = _mm512_set1_ps(offset);
+    const __m256i lowmask = _mm256_set1_epi8(0x0F);
+    for (; i + 64 <= n; i += 64, src += 32) {
+      const __m256i b = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(src));
+      const __m256i hi = _mm256_and_si256(_mm256_srli_epi16(b, 4), lowmask);
+      const __m256i lo = _mm256_and_si256(b, lowmask);
+      // unpack interleaves within 128-bit lanes: a = bytes 0-7 & 16-23, c = bytes 8-15 & 24-31
+      const __m256i a = _mm256_unpacklo_epi8(hi, lo);
+      const __m256i c = _mm256_unpackhi_epi8(hi, lo);
+      const __m256i c0 = _mm256_permute2x128_si256(a, c, 0x20); // codes 0..31
+      const __m256i c1 = _mm256_permute2x128_si256(a, c, 0x31); // codes 32..63
+      const __m128i q[4] = {_mm256_castsi256_si128(c0), _mm256_extracti128_si256(c0, 1),
+                            _mm256_castsi256_si128(c1), _mm256_extracti128_si256(c1, 1)};
+      for (int k = 0; k < 4; ++k)
+        _mm512_storeu_ps(
+            out + i + 16 * k,
+            _mm512_fmadd_ps(_mm512_permutexvar_ps(_mm512_cvtepu8_epi32(q[k]), lut), vs, vo));
+    }
+  }
+#endif
+  {
+    using F = simd::fbatch<Arch>;
+    constexpr std::size_t W = simd::width<Arch>;
+    const F vs(scale), vo(offset);
+    for (; i + W <= n; i += W, src += W / 2) {
+      alignas(64) float tmp[W];
+      for (std::size_t j = 0; j < W / 2; ++j) std::memcpy(tmp + 2 * j, pairs.v[src[j]], 8);
+      simd::fma<Arch>(F::load_aligned(tmp), vs, vo).store_unaligned(out + i);
+    }
+    for (; i + 2 <= n; i += 2, ++src) {
+      out[i] = std::fma(pairs.v[*src][0], scale, offset);
+      out[i + 1] = std::fma(pairs.v[*src][1], scale, offset);
+    }
+    if (i < n) out[i] = std::fma(levels[*src >> 4], scale, offset);
+  }
+}
+
+// ---- FP8 (OCP 8-bit floating point: E4M3 "fn" and E5M2) ----------------------------------------
+
+/// Format constants: mantissa bits M, exponent bias, largest finite code (magnitude bits).
+template <int M> struct fp8_traits;
+template <> struct fp8_traits<3> { // e4m3: no Inf; S.1111.111 is NaN; max S.1111.110 = 448
+  static constexpr int bias = 7;
+  static constexpr std::int32_t max_code = 0x7E, nan_code = 0x7F, overflow_code = 0x7F;
+  static constexpr float max_value = 448.0f;
+};
+template <> struct fp8_traits<2> { // e5m2: IEEE-like; Inf S.11111.00, NaN S.11111.{01,10,11}
+  static constexpr int bias = 15;
+  static constexpr std::int32_t max_code = 0x7B, nan_code = 0x7E, overflow_code = 0x7C;
+  static constexpr float max_value = 57344.0f;
+};
+
+/// Scalar fp32 -> fp8 (M = 3: e4m3, M = 2: e5m2), round to nearest even. saturate: finite overflow
+/// and ±Inf give ±max (CUDA's __NV_SATFINITE); otherwise overflow gives NaN (e4m3) or Inf (e5m2).
+/// NaN gives the canonical NaN with the input's sign.
+template <int M> inline std::uint8_t fp8_encode(float f, bool saturate) noexcept {
+  using T = fp8_traits<M>;
+  std::uint32_t u;
+  std::memcpy(&u, &f, 4);
+  const std::uint32_t sign = (u >> 24) & 0x80u;
+  const std::uint32_t a = u & 0x7FFFFFFFu;
+  if (a > 0x7F800000u) return std::uint8_t(sign | std::uint32_t(T::nan_code));
+  std::int32_t c;
+  const std::uint32_t min_normal_bits = std::uint32_t(127 - T::bias + 1) << 23;
+  if (a < min_normal_bits) {
+    // subnormal range: value = m · 2^(1 − bias − M); rne(|x| · 2^(bias − 1 + M)) may reach
+    // 2^M, which is exactly the code of the smallest normal.
+    c = std::int32_t(std::nearbyint(std::fabs(f) * std::ldexp(1.0f, T::bias - 1 + M)));
+  } else {
+    const std::uint32_t r = a + ((1u << (22 - M)) - 1u) + ((a >> (23 - M)) & 1u);
+    c = std::int32_t(r >> (23 - M)) - ((127 - T::bias) << M);
+  }
+  if (c > T::max_code || a == 0x7F800000u)
+    c = saturate ? T::max_code : (a == 0x7F800000u && M == 2 ? 0x7C : T::overflow_code);
+  return std::uint8_t(sign | std::uint32_t(c));
+}
+
+/// Scalar fp8 -> fp32 (exact).
+template <int M> inline float fp8_decode(std::uint8_t c) noexcept {
+  using T = fp8_traits<M>;
+  const std::uint32_t a = c & 0x7Fu;
+  const float sign = (c & 0x80u) ? -1.0f : 1.0f;
+  if (M == 3 && a == 0x7Fu) return std::numeric_limits<float>::quiet_NaN() * sign;
+  if (M == 2 && a >= 0x7Cu)
+    return a == 0x7Cu ? sign * std::numeric_limits<float>::infinity()
+                      : std::numeric_limits<float>::quiet_NaN() * sign;
+  const int e = int(a >> M), m = int(a & ((1u << M) - 1u));
+  if (e == 0) return sign * std::ldexp(float(m), 1 - T::bias - M);
+  return sign * std::ldexp(float((1 << M) | m), e - T::bias - M);
+}
+
+/// out[i] = fp8(x[i]·inv_scale), i < n (vectorized fp8_encode).
+template <class Arch, int M>
+inline void fp8_encode_array(const float* x, std::size_t n, float inv_scale, bool saturate,
+                             std::uint8_t* out) {
+  using T = fp8_traits<M>;
+  using F = simd::fbatch<Arch>;
+  using I = simd::ibatch<Arch>;
+  constexpr std::size_t W = simd::width<Arch>;
+  const F vinv(inv_scale);
+  const I absmask(0x7FFFFFFF), inf(inf_bits), min_normal((127 - T::bias + 1) << 23);
+  const I bias_adj((127 - T::bias) << M), half((1 << (22 - M)) - 1), one(1);
+  const I maxc(T::max_code), nanc(T::nan_code);
+  const I over_finite(saturate ? T::max_code : T::overflow_code);
+  const I over_inf(saturate ? T::max_code : (M == 2 ? 0x7C : T::overflow_code));
+  const F sub_scale(std::ldexp(1.0f, T::bias - 1 + M));
+  std::size_t i = 0;
+  for (; i + W <= n; i += W) {
+    const F v = F::load_unaligned(x + i) * vinv;
+    const I u = xsimd::bitwise_cast<I>(v);
+    const I a = u & absmask;
+    const I sign = (u >> 24) & I(0x80); // arithmetic shift, masked
+    const I normal = ((a + half + ((a >> (23 - M)) & one)) >> (23 - M)) - bias_adj;
+    const I sub = xsimd::nearbyint_as_int(xsimd::bitwise_cast<F>(a) * sub_scale);
+    I c = xsimd::select(a < min_normal, sub, normal);
+    c = xsimd::select(c > maxc, over_finite, c);
+    c = xsimd::select(a == inf, over_inf, c);
+    c = xsimd::select(a > inf, nanc, c);
+    store_bytes<Arch>(out + i, c | sign);
+  }
+  for (; i < n; ++i) out[i] = fp8_encode<M>(x[i] * inv_scale, saturate);
+}
+
+/// out[i] = fp32(code[i])·scale, i < n (exact decode, then one multiply).
+template <class Arch, int M>
+inline void fp8_decode_array(const std::uint8_t* codes, std::size_t n, float scale, float* out) {
+  using F = simd::fbatch<Arch>;
+  using I = simd::ibatch<Arch>;
+  constexpr std::size_t W = simd::width<Arch>;
+  using T = fp8_traits<M>;
+  // magnitude bits placed under the fp32 exponent, then one exact power-of-two multiply rebiases
+  // (fp8 subnormals become fp32 subnormals first: still exact).
+  const F rebias(std::ldexp(1.0f, 127 - T::bias));
+  const F vs(scale);
+  const I mag_mask(0x7F);
+  std::size_t i = 0;
+  for (; i + W <= n; i += W) {
+    const I c = load_u8<Arch>(codes + i);
+    const I a = c & mag_mask;
+    I v = xsimd::bitwise_cast<I>(xsimd::bitwise_cast<F>(a << (23 - M)) * rebias);
+    if constexpr (M == 3) {
+      v = xsimd::select(a == I(0x7F), I(0x7FC00000), v);
+    } else {
+      v = xsimd::select(a == I(0x7C), I(inf_bits), v);
+      v = xsimd::select(a > I(0x7C), I(0x7FC00000), v);
+    }
+    const I sign = (c & I(0x80)) << 24;
+    (xsimd::bitwise_cast<F>(v | sign) * vs).store_unaligned(out + i);
+  }
+  for (; i < n; ++i) out[i] = fp8_decode<M>(codes[i]) * scale;
+}
+
+} // namespace lowmem::quant::kernels

@@ -1,0 +1,243 @@
+// lowmem/kernels/quant_linear.hpp — inner loops of the quantized linear layer (quant/linear.hpp):
+// dequantize one row segment of a quantized weight, and the fused batch-1 dot products.
+//
+// Fused GEMV (AVX-512 only; other archs dequantize a row into L1 and take a dot product):
+//  * int8: bytes widened to int32 lanes (vpmovsxbd / vpmovzxbd), converted, fma with x; one fma
+//    per block applies its scale;
+//  * 4-bit (int4, NF4, FP4): the 16 levels sit in one zmm register and vpermps looks codes up
+//    (it reads only the low 4 bits of each index lane: a right shift selects the nibble, no mask).
+//    Codes are widened 16 bits per lane (4 nibbles each) when the block is a multiple of 64, so
+//    the 4 shifted index vectors hold elements in a fixed interleaved order; x is permuted once per
+//    call to match (x_split) and the per-row loop has no shuffles besides the lookups.
+#pragma once
+
+#include <cstddef>
+#include <cstdint>
+
+#include "../simd/simd.hpp"
+#include "quant.hpp"
+
+namespace lowmem::quant::kernels {
+
+/// What a quantized weight's codes mean (mirrors quant::weight_format).
+struct qw_desc {
+  int kind;            // 0 int8, 1 4-bit
+  bool is_signed;      // int8 stored two's complement (symmetric int8)
+  const float* levels; // 4-bit levels (int4: 0..15, NF4, FP4)
+  const pair_lut* pairs;
+  float sym_zero; // implicit zero for symmetric formats (int4: 8), else 0
+  bool has_zeros; // asymmetric: per-block zero points
+};
+
+/// Dequantizes W[row, k0 : k0 + len) into out, where row has `cols` elements, `block` divides cols
+/// and k0; scales/zeros are per block of the flat tensor.
+template <class Arch>
+inline void dequant_segment(const qw_desc& d, const std::uint8_t* codes, const float* scales,
+                            const float* zeros, std::size_t cols, std::size_t block,
+                            std::size_t row, std::size_t k0, std::size_t len, float* out) {
+  const std::size_t base = row * cols + k0;
+  for (std::size_t c = 0; c < len; c += block) {
+    const std::size_t b = (base + c) / block;
+    const std::size_t m = len - c < block ? len - c : block;
+    const float s = scales[b];
+    const float z = d.has_zeros ? zeros[b] : d.sym_zero;
+    if (d.kind == 0)
+      affine_dequant8<Arch>(codes + base + c, m, d.is_signed, s, z, out + c);
+    else
+      codebook_dequant<Arch>(codes, base + c, m, d.levels, *d.pairs, s, 0.0f - z * s, out + c);
+  }
+}
+
+/// Dot product of n floats (vectorized, float accumulation in W·2 lanes).
+template <class Arch> inline float dot(const float* a, const float* b, std::size_t n) {
+  using F = simd::fbatch<Arch>;
+  constexpr std::size_t W = simd::width<Arch>;
+  F acc0(0.0f), acc1(0.0f);
+  std::size_t i = 0;
+  for (; i + 2 * W <= n; i += 2 * W) {
+    acc0 = simd::fma<Arch>(F::load_unaligned(a + i), F::load_unaligned(b + i), acc0);
+    acc1 = simd::fma<Arch>(F::load_unaligned(a + i + W), F::load_unaligned(b + i + W), acc1);
+  }
+  float s = simd::reduce_add(acc0 + acc1);
+  for (; i < n; ++i) s += a[i] * b[i];
+  return s;
+}
+
+/// y += alpha·x, n floats.
+template <class Arch> inline void axpy(float alpha, const float* x, float* y, std::size_t n) {
+  using F = simd::fbatch<Arch>;
+  constexpr std::size_t W = simd::width<Arch>;
+  const F a(alpha);
+  std::size_t i = 0;
+  for (; i + W <= n; i += W)
+    simd::fma<Arch>(a, F::load_unaligned(x + i), F::load_unaligned(y + i)).store_unaligned(y + i);
+  for (; i < n; ++i) y[i] += alpha * x[i];
+}
+
+/// True when the fused AVX-512 GEMV applies (arch, and block a multiple of the chunk).
+template <class Arch> inline bool fused_gemv_available(const qw_desc& d, std::size_t block) {
+#if XSIMD_WITH_AVX512BW
+  if constexpr (std::is_base_of<xsimd::avx512f, Arch>::value)
+    return d.kind == 0 ? block % 16 == 0 : block % 32 == 0;
+#endif
+  (void)d, (void)block;
+  return false;
+}
+
+/// x permuted to match the fused 4-bit GEMV's code order (cols % 32 == 0). With block % 64 == 0:
+/// per 64-element chunk, lane j of vector k (k = 0..3) multiplies the code at bits 4k of the
+/// little-endian 16-bit word j, i.e. element 4j + (k ^ 1) (high nibble = even element). Otherwise
+/// per 32-element chunk: 16 odd elements (low nibbles of bytes 0..15), then the 16 even ones.
+inline void split_for_nibbles(const float* x, std::size_t cols, std::size_t block,
+                              float* x_split) noexcept {
+  if (block % 64 == 0) {
+    for (std::size_t c = 0; c < cols; c += 64)
+      for (std::size_t k = 0; k < 4; ++k)
+        for (std::size_t j = 0; j < 16; ++j) x_split[c + 16 * k + j] = x[c + 4 * j + (k ^ 1)];
+  } else {
+    for (std::size_t c = 0; c < cols; c += 32)
+      for (std::size_t j = 0; j < 16; ++j) {
+        x_split[c + j] = x[c + 2 * j + 1];
+        x_split[c + 16 + j] = x[c + 2 * j];
+      }
+  }
+}
+
+#if XSIMD_WITH_AVX512BW
+/// Fused int8 GEMV rows [r0, r1) (AVX-512): codes -> fp32 lanes (vpmovsxbd / vpmovzxbd +
+/// vcvtdq2ps), fma with x; two rows per pass share the x loads.
+template <bool Signed>
+inline void int8_gemv_rows(const std::uint8_t* codes, const float* scales, const float* zeros,
+                           bool has_zeros, std::size_t cols, std::size_t block, const float* x,
+                           const float* xsum, std::size_t r0, std::size_t r1, float* y) {
+  const std::size_t nbr = cols / block;
+  auto cvt = [](const std::uint8_t* p) {
+    const __m128i b = _mm_loadu_si128(reinterpret_cast<const __m128i*>(p));
+    if constexpr (Signed)
+      return _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(b));
+    else
+      return _mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(b));
+  };
+  std::size_t r = r0;
+  for (; r + 2 <= r1; r += 2) {
+    const std::uint8_t* q0 = codes + r * cols;
+    const std::uint8_t* q1 = q0 + cols;
+    __m512 acc0 = _mm512_setzero_ps(), acc1 = _mm512_setzero_ps();
+    float off0 = 0, off1 = 0;
+    for (std::size_t b = 0; b < nbr; ++b) {
+      __m512 a0 = _mm512_setzero_ps(), a1 = _mm512_setzero_ps();
+      __m512 c0 = _mm512_setzero_ps(), c1 = _mm512_setzero_ps();
+      const std::size_t k0 = b * block;
+      std::size_t k = 0;
+      for (; k + 32 <= block; k += 32) {
+        const __m512 x0 = _mm512_loadu_ps(x + k0 + k), x1 = _mm512_loadu_ps(x + k0 + k + 16);
+        a0 = _mm512_fmadd_ps(cvt(q0 + k0 + k), x0, a0);
+        c0 = _mm512_fmadd_ps(cvt(q1 + k0 + k), x0, c0);
+        a1 = _mm512_fmadd_ps(cvt(q0 + k0 + k + 16), x1, a1);
+        c1 = _mm512_fmadd_ps(cvt(q1 + k0 + k + 16), x1, c1);
+      }
+      if (k < block) { // block % 32 == 16
+        const __m512 x0 = _mm512_loadu_ps(x + k0 + k);
+        a0 = _mm512_fmadd_ps(cvt(q0 + k0 + k), x0, a0);
+        c0 = _mm512_fmadd_ps(cvt(q1 + k0 + k), x0, c0);
+      }
+      const float s0 = scales[r * nbr + b], s1 = scales[(r + 1) * nbr + b];
+      acc0 = _mm512_fmadd_ps(_mm512_add_ps(a0, a1), _mm512_set1_ps(s0), acc0);
+      acc1 = _mm512_fmadd_ps(_mm512_add_ps(c0, c1), _mm512_set1_ps(s1), acc1);
+      if (has_zeros) {
+        off0 -= zeros[r * nbr + b] * s0 * xsum[b];
+        off1 -= zeros[(r + 1) * nbr + b] * s1 * xsum[b];
+      }
+    }
+    y[r] = _mm512_reduce_add_ps(acc0) + off0;
+    y[r + 1] = _mm512_reduce_add_ps(acc1) + off1;
+  }
+  for (; r < r1; ++r) {
+    const std::uint8_t* q = codes + r * cols;
+    __m512 acc = _mm512_setzero_ps();
+    float off = 0;
+    for (std::size_t b = 0; b < nbr; ++b) {
+      __m512 a0 = _mm512_setzero_ps();
+      const std::size_t k0 = b * block;
+      for (std::size_t k = 0; k < block; k += 16)
+        a0 = _mm512_fmadd_ps(cvt(q + k0 + k), _mm512_loadu_ps(x + k0 + k), a0);
+      const float sb = scales[r * nbr + b];
+      acc = _mm512_fmadd_ps(a0, _mm512_set1_ps(sb), acc);
+      if (has_zeros) off -= zeros[r * nbr + b] * sb * xsum[b];
+    }
+    y[r] = _mm512_reduce_add_ps(acc) + off;
+  }
+}
+#endif
+
+/// Fused y_o = Σ_k x_k·deq(W)[o, k] for rows [r0, r1). x_split for 4-bit, xsum[kb] = Σ of x over
+/// block kb of a row (asymmetric formats: the zero-point term is −z·s·xsum).
+template <class Arch>
+inline void fused_gemv_rows(const qw_desc& d, const std::uint8_t* codes, const float* scales,
+                            const float* zeros, std::size_t cols, std::size_t block, const float* x,
+                            const float* x_split, const float* xsum, std::size_t r0, std::size_t r1,
+                            float* y) {
+#if XSIMD_WITH_AVX512BW
+  if constexpr (std::is_base_of<xsimd::avx512f, Arch>::value) {
+    const std::size_t nbr = cols / block; // blocks per row
+    if (d.kind == 0) {
+      // int8 codes -> fp32 lanes (vpmovsxbd / vpmovzxbd + vcvtdq2ps), fma with x; two rows per
+      // pass share the x loads, two accumulators per row hide the fma latency.
+      if (d.is_signed)
+        int8_gemv_rows<true>(codes, scales, zeros, d.has_zeros, cols, block, x, xsum, r0, r1, y);
+      else
+        int8_gemv_rows<false>(codes, scales, zeros, d.has_zeros, cols, block, x, xsum, r0, r1, y);
+    } else {
+      const __m512 lut = _mm512_loadu_ps(d.levels);
+      // vpermps reads only the low 4 bits of each index lane, so no nibble masking is needed.
+      const bool wide = block % 64 == 0; // 64-element chunks: 2 bytes (4 codes) per dword lane
+      for (std::size_t r = r0; r < r1; ++r) {
+        const std::uint8_t* q = codes + r * cols / 2; // cols even: rows start on a byte
+        const float* s = scales + r * nbr;
+        __m512 acc = _mm512_setzero_ps();
+        float off = 0;
+        for (std::size_t b = 0; b < nbr; ++b) {
+          __m512 a0 = _mm512_setzero_ps(), a1 = _mm512_setzero_ps();
+          const std::size_t k0 = b * block;
+          if (wide) {
+            __m512 a2 = _mm512_setzero_ps(), a3 = _mm512_setzero_ps();
+            for (std::size_t k = 0; k < block; k += 64) {
+              const __m512i v = _mm512_cvtepu16_epi32(
+                  _mm256_loadu_si256(reinterpret_cast<const __m256i*>(q + (k0 + k) / 2)));
+              const float* xs = x_split + k0 + k;
+              a0 = _mm512_fmadd_ps(_mm512_permutexvar_ps(v, lut), _mm512_loadu_ps(xs), a0);
+              a1 = _mm512_fmadd_ps(_mm512_permutexvar_ps(_mm512_srli_epi32(v, 4), lut),
+                                   _mm512_loadu_ps(xs + 16), a1);
+              a2 = _mm512_fmadd_ps(_mm512_permutexvar_ps(_mm512_srli_epi32(v, 8), lut),
+                                   _mm512_loadu_ps(xs + 32), a2);
+              a3 = _mm512_fmadd_ps(_mm512_permutexvar_ps(_mm512_srli_epi32(v, 12), lut),
+                                   _mm512_loadu_ps(xs + 48), a3);
+            }
+            a0 = _mm512_add_ps(a0, a2);
+            a1 = _mm512_add_ps(a1, a3);
+          } else {
+            for (std::size_t k = 0; k < block; k += 32) {
+              const __m512i v = _mm512_cvtepu8_epi32(
+                  _mm_loadu_si128(reinterpret_cast<const __m128i*>(q + (k0 + k) / 2)));
+              const __m512 lo = _mm512_permutexvar_ps(v, lut);
+              const __m512 hi = _mm512_permutexvar_ps(_mm512_srli_epi32(v, 4), lut);
+              a0 = _mm512_fmadd_ps(lo, _mm512_loadu_ps(x_split + k0 + k), a0);
+              a1 = _mm512_fmadd_ps(hi, _mm512_loadu_ps(x_split + k0 + k + 16), a1);
+            }
+          }
+          const float sb = s[b];
+          acc = _mm512_fmadd_ps(_mm512_add_ps(a0, a1), _mm512_set1_ps(sb), acc);
+          const float z = d.has_zeros ? zeros[r * nbr + b] : d.sym_zero;
+          if (z != 0.0f) off -= z * sb * xsum[b];
+        }
+        y[r] = _mm512_reduce_add_ps(acc) + off;
+      }
+    }
+    return;
+  }
+#endif
+  (void)d, (void)codes, (void)scales, (void)zeros, (void)cols, (void)block, (void)x;
+  (void)x_split, (void)xsum, (void)r0, (void)r1, (void)y;
+}
+
+} // namespace lowmem::quant::kernels

@@ -1,0 +1,270 @@
+// lowmem/quant/linear.hpp — linear layer over a frozen quantized weight (QLoRA's base layer):
+// y = x·deq(W)ᵀ and dx += dy·deq(W), dequantizing a tile at a time and never an fp32 copy of W.
+#pragma once
+
+#include <algorithm>
+#include <cstddef>
+#include <cstdint>
+#include <vector>
+
+#include "../core/eigen.hpp"
+#include "../core/errors.hpp"
+#include "../core/workspace.hpp"
+#include "../kernels/quant_linear.hpp"
+#include "formats.hpp"
+
+namespace lowmem::quant {
+
+/// Storage format of a quantized linear weight.
+enum class weight_format { int8_sym, int8_asym, int4_sym, int4_asym, nf4, fp4 };
+
+/// Non-owning view of a quantized weight W [rows = out, cols = in], row-major flat element order,
+/// one scale per `block` consecutive elements of a row (block divides cols; block = cols is
+/// per-channel). Codes/scales/zeros exactly as produced by affine_quantize (per_group(block) or
+/// per_row) or fourbit_quantize(block): int8 one byte per element, 4-bit formats packed high
+/// nibble first; zeros only for the asymmetric formats.
+struct qweight {
+  weight_format format = weight_format::nf4;
+  index_t rows = 0, cols = 0, block = 64;
+  const std::uint8_t* codes = nullptr;
+  const float* scales = nullptr;
+  const float* zeros = nullptr;
+};
+
+namespace detail {
+inline kernels::qw_desc describe(const qweight& w) {
+  kernels::qw_desc d{};
+  switch (w.format) {
+  case weight_format::int8_sym:
+    d = {0, true, nullptr, nullptr, 0.0f, false};
+    break;
+  case weight_format::int8_asym:
+    d = {0, false, nullptr, nullptr, 0.0f, true};
+    break;
+  case weight_format::int4_sym:
+    d = {1, false, kernels::int4_sym_levels, &kernels::int4_sym_pairs(), 0.0f, false};
+    break;
+  case weight_format::int4_asym:
+    d = {1, false, kernels::int4_levels, &kernels::int4_pairs(), 0.0f, true};
+    break;
+  case weight_format::nf4:
+    d = {1, false, kernels::nf4_levels, &kernels::nf4_pairs(), 0.0f, false};
+    break;
+  case weight_format::fp4:
+    d = {1, false, kernels::fp4_levels, &kernels::fp4_pairs(), 0.0f, false};
+    break;
+  }
+  return d;
+}
+
+inline void require_qweight(const char* fn, const qweight& w) {
+  require_non_negative(fn, "W.rows", w.rows);
+  require_non_negative(fn, "W.cols", w.cols);
+  require_positive(fn, "W.block", w.block);
+  require_multiple_of(fn, "W.cols (a whole number of blocks per row)", w.block, w.cols);
+  const std::size_t n = std::size_t(w.rows * w.cols);
+  require_data(fn, "W.codes", w.codes, n);
+  require_data(fn, "W.scales", w.scales, n);
+  const bool asym = w.format == weight_format::int8_asym || w.format == weight_format::int4_asym;
+  if (asym) require_data(fn, "W.zeros", w.zeros, n);
+}
+
+/// Batches below this use the GEMV path (per row of x), at or above the tiled GEMM path.
+inline constexpr index_t qlinear_gemm_min_batch = 8;
+
+/// Rows of W dequantized per GEMM tile: at most ~4 MiB of fp32 and at most a quarter of W's rows
+/// (so the tile is never close to an fp32 copy of W), at least 16 rows (Eigen repacks x once per
+/// tile: fewer, taller tiles keep that a few percent of the GEMM).
+inline index_t qlinear_tile_rows(const qweight& w) {
+  const index_t budget = index_t(1) << 20; // floats
+  index_t t = w.cols > 0 ? budget / w.cols : w.rows;
+  t = std::min<index_t>(t, (w.rows + 3) / 4);
+  t = std::max<index_t>(16, t);
+  return std::max<index_t>(1, std::min<index_t>(t, w.rows));
+}
+
+struct qlinear_scratch {
+  float* x_split = nullptr; // GEMV: x split even/odd per 32-chunk (4-bit fused path)
+  float* xsum = nullptr;    // GEMV: Σx per block (asymmetric zero-point term)
+  float* row = nullptr;     // GEMV: one dequantized row
+  float* tile = nullptr;    // GEMM: tile_rows × cols dequantized rows
+};
+
+template <class WS> qlinear_scratch carve(WS& ws, const qweight& w, index_t batch) {
+  qlinear_scratch s;
+  const std::size_t cols = std::size_t(w.cols);
+  if (batch < qlinear_gemm_min_batch) {
+    s.x_split = ws.template take<float>(cols);
+    s.xsum = ws.template take<float>(w.block > 0 ? cols / std::size_t(w.block) : 0);
+    s.row = ws.template take<float>(cols);
+  } else {
+    s.tile = ws.template take<float>(std::size_t(qlinear_tile_rows(w)) * cols);
+  }
+  return s;
+}
+} // namespace detail
+
+/// Scratch bytes of qlinear_forward / qlinear_backward for a batch of `batch` rows: 2·in + in/block
+/// floats on the GEMV path (batch < 8), tile_rows·in floats (<= ~4 MiB and <= a quarter of W) on
+/// the GEMM path.
+inline std::size_t qlinear_workspace_bytes(const qweight& w, index_t batch) {
+  detail::require_qweight("qlinear_workspace_bytes", w);
+  workspace_planner p;
+  detail::carve(p, w, batch);
+  return p.bytes();
+}
+
+/// Quantized linear forward: y = x·deq(W)ᵀ (overwrites y).
+/// Shapes: x [M, in], y [M, out], W [out, in] quantized (see qweight). Row-major.
+/// Memory: scratch from `ws` (qlinear_workspace_bytes); the GEMV path (M < 8) allocates nothing;
+/// the GEMM path dequantizes tile_rows rows of W at a time into the workspace and multiplies with
+/// Eigen (whose own packing buffers, O(cache) bytes, come from the heap) — never an fp32 copy of W.
+/// Numerics: fp32 accumulation; the fused AVX-512 GEMV sums each block then scales it, the other
+/// paths use exactly dequantized weights (|error| vs dequantize-then-GEMM in double ~ 1e-6 rel).
+template <class Arch = simd::default_arch>
+inline void qlinear_forward(ConstRowRef<float> x, const qweight& W, RowRef<float> y, workspace ws) {
+  const char* fn = "qlinear_forward";
+  detail::require_qweight(fn, W);
+  require_equal(fn, "x.cols (== W.cols)", W.cols, x.cols());
+  require_equal(fn, "y.rows (== x.rows)", x.rows(), y.rows());
+  require_equal(fn, "y.cols (== W.rows)", W.rows, y.cols());
+  require_workspace(fn, ws, qlinear_workspace_bytes(W, x.rows()));
+  const index_t M = x.rows();
+  const std::size_t cols = std::size_t(W.cols), block = std::size_t(W.block);
+  const kernels::qw_desc d = detail::describe(W);
+  const detail::qlinear_scratch s = detail::carve(ws, W, M);
+  if (M < detail::qlinear_gemm_min_batch) {
+    const bool fused = kernels::fused_gemv_available<Arch>(d, block);
+    for (index_t m = 0; m < M; ++m) {
+      const float* xr = x.row(m).data();
+      float* yr = y.row(m).data();
+      if (fused) {
+        if (d.kind == 1) kernels::split_for_nibbles(xr, cols, block, s.x_split);
+        for (std::size_t b = 0; b * block < cols; ++b) {
+          float acc = 0;
+          for (std::size_t k = 0; k < block; ++k) acc += xr[b * block + k];
+          s.xsum[b] = acc;
+        }
+        kernels::fused_gemv_rows<Arch>(d, W.codes, W.scales, W.zeros, cols, block, xr, s.x_split,
+                                       s.xsum, 0, std::size_t(W.rows), yr);
+      } else {
+        for (index_t o = 0; o < W.rows; ++o) {
+          kernels::dequant_segment<Arch>(d, W.codes, W.scales, W.zeros, cols, block, std::size_t(o),
+                                         0, cols, s.row);
+          yr[o] = kernels::dot<Arch>(xr, s.row, cols);
+        }
+      }
+    }
+    return;
+  }
+  const index_t tn = detail::qlinear_tile_rows(W);
+  for (index_t o0 = 0; o0 < W.rows; o0 += tn) {
+    const index_t t = std::min(tn, W.rows - o0);
+    for (index_t o = 0; o < t; ++o)
+      kernels::dequant_segment<Arch>(d, W.codes, W.scales, W.zeros, cols, block,
+                                     std::size_t(o0 + o), 0, cols, s.tile + std::size_t(o) * cols);
+    ConstRowMap<float> T(s.tile, t, W.cols, Eigen::OuterStride<>(W.cols));
+    y.middleCols(o0, t).noalias() = x * T.transpose();
+  }
+}
+
+/// Quantized linear backward (input gradient only; W is frozen): dx += dy·deq(W) (ACCUMULATES).
+/// Shapes: dy [M, out], dx [M, in]. Memory and numerics as qlinear_forward (GEMV path: one row
+/// dequantized at a time, axpy into dx).
+template <class Arch = simd::default_arch>
+inline void qlinear_backward(ConstRowRef<float> dy, const qweight& W, RowRef<float> dx,
+                             workspace ws) {
+  const char* fn = "qlinear_backward";
+  detail::require_qweight(fn, W);
+  require_equal(fn, "dy.cols (== W.rows)", W.rows, dy.cols());
+  require_equal(fn, "dx.rows (== dy.rows)", dy.rows(), dx.rows());
+  require_equal(fn, "dx.cols (== W.cols)", W.cols, dx.cols());
+  require_workspace(fn, ws, qlinear_workspace_bytes(W, dy.rows()));
+  const index_t M = dy.rows();
+  const std::size_t cols = std::size_t(W.cols), block = std::size_t(W.block);
+  const kernels::qw_desc d = detail::describe(W);
+  const detail::qlinear_scratch s = detail::carve(ws, W, M);
+  if (M < detail::qlinear_gemm_min_batch) {
+    for (index_t o = 0; o < W.rows; ++o) {
+      kernels::dequant_segment<Arch>(d, W.codes, W.scales, W.zeros, cols, block, std::size_t(o), 0,
+                                     cols, s.row);
+      for (index_t m = 0; m < M; ++m) {
+        const float g = dy(m, o);
+        if (g != 0.0f) kernels::axpy<Arch>(g, s.row, dx.row(m).data(), cols);
+      }
+    }
+    return;
+  }
+  const index_t tn = detail::qlinear_tile_rows(W);
+  for (index_t o0 = 0; o0 < W.rows; o0 += tn) {
+    const index_t t = std::min(tn, W.rows - o0);
+    for (index_t o = 0; o < t; ++o)
+      kernels::dequant_segment<Arch>(d, W.codes, W.scales, W.zeros, cols, block,
+                                     std::size_t(o0 + o), 0, cols, s.tile + std::size_t(o) * cols);
+    ConstRowMap<float> T(s.tile, t, W.cols, Eigen::OuterStride<>(W.cols));
+    dx.noalias() += dy.middleCols(o0, t) * T;
+  }
+}
+
+/// Owning quantized weight (allocates; build once, outside training loops): quantizes a dense W
+/// [rows, cols] into `format` with the given block (must divide cols) and exposes a qweight view.
+struct qweight_storage {
+  weight_format format = weight_format::nf4;
+  index_t rows = 0, cols = 0, block = 64;
+  std::vector<std::uint8_t> codes;
+  std::vector<float> scales, zeros;
+
+  qweight_storage() = default;
+  template <class Arch = simd::default_arch>
+  static qweight_storage quantize(ConstRowRef<float> W, weight_format f, index_t block) {
+    const char* fn = "qweight_storage::quantize";
+    require_positive(fn, "block", block);
+    require_multiple_of(fn, "W.cols", block, index_t(W.cols()));
+    require_equal(fn, "W.outerStride (contiguous)", index_t(W.cols()), index_t(W.outerStride()));
+    qweight_storage q;
+    q.format = f, q.rows = W.rows(), q.cols = W.cols(), q.block = block;
+    const std::size_t n = std::size_t(q.rows * q.cols), nb = n / std::size_t(block);
+    q.scales.resize(nb);
+    if (f == weight_format::nf4 || f == weight_format::fp4) {
+      q.codes.resize((n + 1) / 2);
+      fourbit_quantize<Arch>(W.data(), n, f == weight_format::nf4 ? fourbit::nf4 : fourbit::fp4,
+                             block, q.codes.data(), q.scales.data());
+    } else {
+      const int bits = (f == weight_format::int8_sym || f == weight_format::int8_asym) ? 8 : 4;
+      const bool sym = f == weight_format::int8_sym || f == weight_format::int4_sym;
+      if (!sym) q.zeros.resize(nb);
+      q.codes.resize(bits == 8 ? n : (n + 1) / 2);
+      affine_quantize<Arch>(W.data(), q.rows, q.cols, {bits, sym, granularity::per_group, block},
+                            q.codes.data(), q.scales.data(), sym ? nullptr : q.zeros.data());
+    }
+    return q;
+  }
+  qweight view() const {
+    return {format,
+            rows,
+            cols,
+            block,
+            codes.data(),
+            scales.data(),
+            zeros.empty() ? nullptr : zeros.data()};
+  }
+  /// Bytes held (codes + scales + zeros).
+  std::size_t bytes() const { return codes.size() + 4 * (scales.size() + zeros.size()); }
+};
+
+/// Dequantizes the whole weight into out [rows, cols] (for tests and references; allocates
+/// nothing, but out is an fp32 copy of W by definition).
+template <class Arch = simd::default_arch>
+inline void dequantize_weight(const qweight& W, RowRef<float> out) {
+  const char* fn = "dequantize_weight";
+  detail::require_qweight(fn, W);
+  require_equal(fn, "out.rows", W.rows, index_t(out.rows()));
+  require_equal(fn, "out.cols", W.cols, index_t(out.cols()));
+  const kernels::qw_desc d = detail::describe(W);
+  for (index_t o = 0; o < W.rows; ++o)
+    kernels::dequant_segment<Arch>(d, W.codes, W.scales, W.zeros, std::size_t(W.cols),
+                                   std::size_t(W.block), std::size_t(o), 0, std::size_t(W.cols),
+                                   out.row(o).data());
+}
+
+} // namespace lowmem::quant
