@@ -1,8 +1,5 @@
-// libFuzzer target for lowmem::quant::deserialize_qweight (NOT part of the CMake build: the test
-// glob is tests/test_*.cpp, non-recursive). Build and run by hand:
-//   clang++-14 -std=c++17 -O1 -g -fsanitize=fuzzer,address,undefined -Iinclude \
-//     -I/usr/include/eigen3 tests/fuzz/fuzz_quant_deserialize.cpp -o build/fuzz_quant_deserialize
-//   ./build/fuzz_quant_deserialize -max_total_time=60
+// libFuzzer target for lowmem::quant::deserialize_qweight. Built with -DLOWMEM_BUILD_FUZZERS=ON
+// and clang (tests/fuzz/CMakeLists.txt); CI fuzzes it for 60 s (.ci/run).
 // Every input must either decode into a weight that dequantizes cleanly or throw
 // lowmem::invalid_argument; anything else (crash, sanitizer report, other exception) is a bug.
 #include <lowmem/quant/serialize.hpp>
