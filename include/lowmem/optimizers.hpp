@@ -290,9 +290,9 @@ public:
     for (std::size_t b = 0; b < n_; b += kernels::group_size) {
       const std::size_t len = std::min(kernels::group_size, n_ - b);
       if (bits_ == 8)
-        kernels::dequantize_group<8>(views_[k], b, len, out + b);
+        kernels::dequantize_group<simd::default_arch, 8>(views_[k], b, len, out + b);
       else
-        kernels::dequantize_group<4>(views_[k], b, len, out + b);
+        kernels::dequantize_group<simd::default_arch, 4>(views_[k], b, len, out + b);
     }
   }
   kernels::qmoment_view* views() noexcept { return views_; }

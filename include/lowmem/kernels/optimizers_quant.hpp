@@ -31,9 +31,14 @@
 #include <cstdint>
 #include <cstring>
 #include <limits>
+#include <type_traits>
 #include <vector>
 
 #include "../simd/simd.hpp"
+
+#if defined(__SSE2__)
+#include <immintrin.h>
+#endif
 
 namespace lowmem::optim::kernels {
 
@@ -44,6 +49,10 @@ struct codebook {
   alignas(64) float values[256] = {};
   alignas(64) float mid[258] = {}; // mid[k] = (values[k] + values[k+1]) / 2, +inf padded
   alignas(64) std::int32_t bucket[2 * rows * cols] = {};
+  // Binary-search levels for 256-code books: level L (step s = 128 >> L) holds the midpoints
+  // mid[j·2s + s − 1], j < 128 / s, so that an 8-step branchless search needs only in-register
+  // permutes (AVX-512) instead of gathers.
+  alignas(64) float level[8][128] = {};
   int max_mids_per_bucket = 0;
 
   /// Builds mid[] and bucket[] from values[0..size) (sorted ascending).
@@ -73,6 +82,11 @@ struct codebook {
           bucket[(s * rows + r) * cols + c] = below;
           max_mids_per_bucket = std::max(max_mids_per_bucket, inside);
         }
+    if (size == 256)
+      for (int L = 0; L < 8; ++L) {
+        const int st = 128 >> L;
+        for (int j = 0; j < 128 / st; ++j) level[L][j] = mid[j * 2 * st + st - 1];
+      }
   }
 
   /// Nearest code index of x (scalar; same result as the vector path).
@@ -176,57 +190,164 @@ inline std::uint8_t block_exponent(float S, float a) noexcept {
   return std::uint8_t(k);
 }
 
+#if XSIMD_WITH_AVX512F
+namespace avx512 {
+/// t[idx] for a table of 16·R floats held in R registers (R = 1, 2, 4, 8 or 16), idx < 16·R.
+template <int R> inline __m512 lut(const __m512* t, __m512i idx) noexcept {
+  if constexpr (R == 1) {
+    return _mm512_permutexvar_ps(idx, t[0]);
+  } else if constexpr (R == 2) {
+    return _mm512_permutex2var_ps(t[0], idx, t[1]);
+  } else {
+    const __m512 lo = lut<R / 2>(t, idx), hi = lut<R / 2>(t + R / 2, idx);
+    return _mm512_mask_blend_ps(_mm512_test_epi32_mask(idx, _mm512_set1_epi32(8 * R)), lo, hi);
+  }
+}
+/// Count of midpoints below x for a 256-code book: 8-step branchless binary search whose
+/// per-level midpoint tables live in registers (levels 0..4 one register, 5: 2, 6: 4, 7: 8).
+struct search256 {
+  __m512 l0, l1, l2, l3, l4, l5[2], l6[4], l7[8];
+  explicit search256(const codebook& cb) noexcept {
+    l0 = _mm512_set1_ps(cb.level[0][0]);
+    l1 = _mm512_loadu_ps(cb.level[1]);
+    l2 = _mm512_loadu_ps(cb.level[2]);
+    l3 = _mm512_loadu_ps(cb.level[3]);
+    l4 = _mm512_loadu_ps(cb.level[4]);
+    for (int r = 0; r < 2; ++r) l5[r] = _mm512_loadu_ps(cb.level[5] + 16 * r);
+    for (int r = 0; r < 4; ++r) l6[r] = _mm512_loadu_ps(cb.level[6] + 16 * r);
+    for (int r = 0; r < 8; ++r) l7[r] = _mm512_loadu_ps(cb.level[7] + 16 * r);
+  }
+  __m512i operator()(__m512 x) const noexcept {
+    __m512i q = _mm512_setzero_si512();
+    auto step = [&](__m512 m, int s) {
+      q = _mm512_mask_add_epi32(q, _mm512_cmp_ps_mask(x, m, _CMP_GT_OQ), q, _mm512_set1_epi32(s));
+    };
+    step(l0, 128); // level 0: one midpoint, broadcast
+    step(_mm512_permutexvar_ps(_mm512_srli_epi32(q, 7), l1), 64);
+    step(_mm512_permutexvar_ps(_mm512_srli_epi32(q, 6), l2), 32);
+    step(_mm512_permutexvar_ps(_mm512_srli_epi32(q, 5), l3), 16);
+    step(_mm512_permutexvar_ps(_mm512_srli_epi32(q, 4), l4), 8);
+    step(lut<2>(l5, _mm512_srli_epi32(q, 3)), 4);
+    step(lut<4>(l6, _mm512_srli_epi32(q, 2)), 2);
+    step(lut<8>(l7, _mm512_srli_epi32(q, 1)), 1);
+    return q;
+  }
+};
+} // namespace avx512
+#endif
+
+/// out[0..len) = dequantized codes of one block (codes at byte `c`, 4-bit: nibble-packed from
+/// element 0 of the block), scale s. AVX-512: 8-bit codes by gather, 4-bit codes by an in-register
+/// 16-entry permute; the rest scalar.
+template <class Arch, int Bits>
+inline void dequantize_block(const codebook& cb, const std::uint8_t* c, float s, std::size_t len,
+                             float* out) noexcept {
+  std::size_t j = 0;
+#if XSIMD_WITH_AVX512F
+  if constexpr (std::is_base_of<xsimd::avx512f, Arch>::value) {
+    const __m512 vs = _mm512_set1_ps(s);
+    if constexpr (Bits == 8) {
+      __m512 table[16];
+      for (int r = 0; r < 16; ++r) table[r] = _mm512_loadu_ps(cb.values + 16 * r);
+      for (; j + 16 <= len; j += 16) {
+        const __m512i idx =
+            _mm512_cvtepu8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(c + j)));
+        _mm512_storeu_ps(out + j, _mm512_mul_ps(avx512::lut<16>(table, idx), vs));
+      }
+    } else {
+      const __m512 table = _mm512_loadu_ps(cb.values);
+      const __m128i m4 = _mm_set1_epi8(0x0F);
+      for (; j + 16 <= len; j += 16) {
+        const __m128i b = _mm_loadl_epi64(reinterpret_cast<const __m128i*>(c + j / 2));
+        const __m128i lo = _mm_and_si128(b, m4), hi = _mm_and_si128(_mm_srli_epi16(b, 4), m4);
+        const __m512i idx = _mm512_cvtepu8_epi32(_mm_unpacklo_epi8(lo, hi));
+        _mm512_storeu_ps(out + j, _mm512_mul_ps(_mm512_permutexvar_ps(idx, table), vs));
+      }
+    }
+  }
+#endif
+  for (; j < len; ++j) {
+    const unsigned code = Bits == 8 ? c[j] : (c[j / 2] >> (4 * (j & 1))) & 15u;
+    out[j] = cb.values[code] * s;
+  }
+}
+
 /// out[0..n) = dequantized elements [begin, begin + n) of q (begin a multiple of group_size).
-template <int Bits>
+template <class Arch, int Bits>
 inline void dequantize_group(const qmoment_view& q, std::size_t begin, std::size_t n,
                              float* out) noexcept {
   constexpr std::size_t B = block_size<Bits>;
   const float S = q.group_scale[begin / group_size];
   const float* t = pow2_eighths();
-  const float* vals = q.cb->values;
   for (std::size_t b = 0; b * B < n; ++b) {
-    const float s = S * t[q.block_exp[begin / B + b]];
-    const std::size_t e = std::min(n, (b + 1) * B);
-    if constexpr (Bits == 8) {
-      const std::uint8_t* c = q.codes + begin;
-      for (std::size_t j = b * B; j < e; ++j) out[j] = vals[c[j]] * s;
-    } else {
-      const std::uint8_t* c = q.codes + begin / 2;
-      for (std::size_t j = b * B; j < e; ++j) out[j] = vals[(c[j / 2] >> (4 * (j & 1))) & 15] * s;
-    }
+    const std::size_t j0 = b * B, len = std::min(n, j0 + B) - j0;
+    const std::uint8_t* c = q.codes + (Bits == 8 ? begin + j0 : (begin + j0) / 2);
+    dequantize_block<Arch, Bits>(*q.cb, c, S * t[q.block_exp[begin / B + b]], len, out + j0);
   }
 }
 
-/// q_out[j] = nearest code of x[j]·inv, j < n (vector bucket lookup + two gathers).
+/// q_out[j] = nearest code of x[j]·inv, j < n: bucket lookup + two gathers + two compares.
+/// xsimd 8.1's gather and integer min/max on AVX-512 fall back to slow generic code, so the
+/// AVX-512 and AVX2 paths use intrinsics; other archs (and tails) run codebook::nearest, which
+/// computes the same function.
 template <class Arch>
 inline void nearest_codes(const codebook& cb, const float* x, float inv, std::size_t n,
                           std::int32_t* q_out) noexcept {
-  using F = simd::fbatch<Arch>;
-  using I = simd::ibatch<Arch>;
-  using U = simd::ubatch<Arch>;
-  constexpr std::size_t W = simd::width<Arch>;
-  const F vinv(inv), one(1.0f), zero(0.0f);
-  auto body = [&](std::size_t i, std::size_t k) {
-    const F xv = (k == W ? F::load_unaligned(x + i) : simd::load_partial<Arch>(x + i, k)) * vinv;
-    const U bits = simd::as_uint<Arch>(xv);
-    const I sign = xsimd::bitwise_cast<I>(bits >> 31);
-    const I ex = xsimd::bitwise_cast<I>((bits >> 23) & U(0xFFu));
-    const I e = xsimd::min(xsimd::max(ex - I(103), I(0)), I(codebook::rows - 1));
-    const I col = xsimd::bitwise_cast<I>((bits >> 17) & U(63u));
-    const I idx = sign * I(codebook::rows * codebook::cols) + e * I(codebook::cols) + col;
-    const I base = I::gather(cb.bucket, idx);
-    const F m0 = F::gather(cb.mid, base), m1 = F::gather(cb.mid, base + I(1));
-    const F qf = xsimd::batch_cast<float>(base) + xsimd::select(xv > m0, one, zero) +
-                 xsimd::select(xv > m1, one, zero);
-    const I q = xsimd::batch_cast<std::int32_t>(qf);
-    if (k == W)
-      q.store_unaligned(q_out + i);
-    else
-      simd::store_partial<Arch>(q_out + i, q, k);
-  };
   std::size_t i = 0;
-  for (; i + W <= n; i += W) body(i, W);
-  if (i < n) body(i, n - i);
+#if XSIMD_WITH_AVX512F
+  if constexpr (std::is_base_of<xsimd::avx512f, Arch>::value) {
+    const __m512 vinv = _mm512_set1_ps(inv);
+    const __m512i one = _mm512_set1_epi32(1), zero = _mm512_setzero_si512();
+    const __m512i lo = _mm512_set1_epi32(103), top = _mm512_set1_epi32(codebook::rows - 1);
+    const __m512i sign_stride = _mm512_set1_epi32(codebook::rows * codebook::cols);
+    const __m512i m8 = _mm512_set1_epi32(0xFF), m6 = _mm512_set1_epi32(63);
+    for (; i + 16 <= n; i += 16) {
+      const __m512 xv = _mm512_mul_ps(_mm512_loadu_ps(x + i), vinv);
+      const __m512i bits = _mm512_castps_si512(xv);
+      const __m512i sign = _mm512_srli_epi32(bits, 31);
+      const __m512i ex = _mm512_and_si512(_mm512_srli_epi32(bits, 23), m8);
+      const __m512i e = _mm512_min_epi32(_mm512_max_epi32(_mm512_sub_epi32(ex, lo), zero), top);
+      const __m512i col = _mm512_and_si512(_mm512_srli_epi32(bits, 17), m6);
+      const __m512i idx = _mm512_add_epi32(_mm512_mullo_epi32(sign, sign_stride),
+                                           _mm512_add_epi32(_mm512_slli_epi32(e, 6), col));
+      const __m512i base = _mm512_i32gather_epi32(idx, cb.bucket, 4);
+      const __m512 m0 = _mm512_i32gather_ps(base, cb.mid, 4);
+      const __m512 m1 = _mm512_i32gather_ps(_mm512_add_epi32(base, one), cb.mid, 4);
+      __m512i q = _mm512_mask_add_epi32(base, _mm512_cmp_ps_mask(xv, m0, _CMP_GT_OQ), base, one);
+      q = _mm512_mask_add_epi32(q, _mm512_cmp_ps_mask(xv, m1, _CMP_GT_OQ), q, one);
+      _mm512_storeu_si512(q_out + i, q);
+    }
+  } else
+#endif
+#if XSIMD_WITH_AVX2
+      if constexpr (std::is_base_of<xsimd::avx2, Arch>::value) {
+    const __m256 vinv = _mm256_set1_ps(inv);
+    const __m256i one = _mm256_set1_epi32(1), zero = _mm256_setzero_si256();
+    const __m256i lo = _mm256_set1_epi32(103), top = _mm256_set1_epi32(codebook::rows - 1);
+    const __m256i sign_stride = _mm256_set1_epi32(codebook::rows * codebook::cols);
+    const __m256i m8 = _mm256_set1_epi32(0xFF), m6 = _mm256_set1_epi32(63);
+    for (; i + 8 <= n; i += 8) {
+      const __m256 xv = _mm256_mul_ps(_mm256_loadu_ps(x + i), vinv);
+      const __m256i bits = _mm256_castps_si256(xv);
+      const __m256i sign = _mm256_srli_epi32(bits, 31);
+      const __m256i ex = _mm256_and_si256(_mm256_srli_epi32(bits, 23), m8);
+      const __m256i e = _mm256_min_epi32(_mm256_max_epi32(_mm256_sub_epi32(ex, lo), zero), top);
+      const __m256i col = _mm256_and_si256(_mm256_srli_epi32(bits, 17), m6);
+      const __m256i idx = _mm256_add_epi32(_mm256_mullo_epi32(sign, sign_stride),
+                                           _mm256_add_epi32(_mm256_slli_epi32(e, 6), col));
+      const __m256i base = _mm256_i32gather_epi32(cb.bucket, idx, 4);
+      const __m256 m0 = _mm256_i32gather_ps(cb.mid, base, 4);
+      const __m256 m1 = _mm256_i32gather_ps(cb.mid, _mm256_add_epi32(base, one), 4);
+      // compare masks are all-ones (-1) where x > mid: subtracting adds 1
+      __m256i q = _mm256_sub_epi32(base, _mm256_castps_si256(_mm256_cmp_ps(xv, m0, _CMP_GT_OQ)));
+      q = _mm256_sub_epi32(q, _mm256_castps_si256(_mm256_cmp_ps(xv, m1, _CMP_GT_OQ)));
+      _mm256_storeu_si256(reinterpret_cast<__m256i*>(q_out + i), q);
+    }
+  } else
+#endif
+  {
+  }
+  for (; i < n; ++i) q_out[i] = cb.nearest(x[i] * inv);
 }
 
 /// Quantizes in[0..n) into elements [begin, begin + n) of q (begin a multiple of group_size).
@@ -256,15 +377,47 @@ inline void quantize_group(const float* in, std::size_t begin, std::size_t n,
     const std::uint8_t k = block_exponent(S, amax[b]);
     q.block_exp[begin / B + b] = k;
     const float s = S * t[k];
-    nearest_codes<Arch>(*q.cb, in + j0, s > 0.0f ? 1.0f / s : 0.0f, len, codes);
-    if constexpr (Bits == 8) {
-      std::uint8_t* c = q.codes + begin + j0;
-      for (std::size_t j = 0; j < len; ++j) c[j] = std::uint8_t(codes[j]);
-    } else {
-      std::uint8_t* c = q.codes + (begin + j0) / 2; // j0 and begin are even
-      std::size_t j = 0;
-      for (; j + 1 < len; j += 2) c[j / 2] = std::uint8_t(codes[j] | (codes[j + 1] << 4));
-      if (j < len) c[j / 2] = std::uint8_t(codes[j]);
+    const float inv = s > 0.0f ? 1.0f / s : 0.0f;
+    std::uint8_t* c = q.codes + (Bits == 8 ? begin + j0 : (begin + j0) / 2); // j0, begin even
+    std::size_t j = 0;
+#if XSIMD_WITH_AVX512F
+    if constexpr (std::is_base_of<xsimd::avx512f, Arch>::value) {
+      if constexpr (Bits == 4) {
+        // 16 codes: count the midpoints below x in registers (no table lookups)
+        __m512 mids[15];
+        for (int k = 0; k < 15; ++k) mids[k] = _mm512_set1_ps(q.cb->mid[k]);
+        const __m512 vinv = _mm512_set1_ps(inv);
+        const __m512i one = _mm512_set1_epi32(1);
+        const __m128i pair = _mm_set1_epi16(0x1001); // byte 2j + 16 · byte 2j+1
+        for (; j + 16 <= len; j += 16) {
+          const __m512 xv = _mm512_mul_ps(_mm512_loadu_ps(in + j0 + j), vinv);
+          __m512i qv = _mm512_setzero_si512();
+          for (int k = 0; k < 15; ++k)
+            qv = _mm512_mask_add_epi32(qv, _mm512_cmp_ps_mask(xv, mids[k], _CMP_GT_OQ), qv, one);
+          const __m128i bytes = _mm512_cvtepi32_epi8(qv);
+          const __m128i packed = _mm_packus_epi16(_mm_maddubs_epi16(bytes, pair), bytes);
+          _mm_storel_epi64(reinterpret_cast<__m128i*>(c + j / 2), packed);
+        }
+      } else {
+        const avx512::search256 search(*q.cb);
+        const __m512 vinv = _mm512_set1_ps(inv);
+        for (; j + 16 <= len; j += 16) {
+          const __m512 xv = _mm512_mul_ps(_mm512_loadu_ps(in + j0 + j), vinv);
+          _mm_storeu_si128(reinterpret_cast<__m128i*>(c + j), _mm512_cvtepi32_epi8(search(xv)));
+        }
+      }
+    }
+#endif
+    if (j < len) {
+      nearest_codes<Arch>(*q.cb, in + j0 + j, inv, len - j, codes);
+      if constexpr (Bits == 8) {
+        for (std::size_t i = 0; i < len - j; ++i) c[j + i] = std::uint8_t(codes[i]);
+      } else {
+        std::size_t i = 0;
+        for (; i + 1 < len - j; i += 2)
+          c[(j + i) / 2] = std::uint8_t(codes[i] | (codes[i + 1] << 4));
+        if (i < len - j) c[(j + i) / 2] = std::uint8_t(codes[i]);
+      }
     }
   }
 }
@@ -277,7 +430,7 @@ inline void quantized_groups(std::size_t g_begin, std::size_t g_end, std::size_t
   alignas(64) float buf[2][group_size];
   for (std::size_t gi = g_begin; gi < g_end; ++gi) {
     const std::size_t begin = gi * group_size, len = std::min(group_size, n - begin);
-    for (int k = 0; k < count; ++k) dequantize_group<Bits>(moments[k], begin, len, buf[k]);
+    for (int k = 0; k < count; ++k) dequantize_group<Arch, Bits>(moments[k], begin, len, buf[k]);
     update(begin, len, buf[0], buf[1]);
     for (int k = 0; k < count; ++k) quantize_group<Arch, Bits>(buf[k], begin, len, moments[k]);
   }
