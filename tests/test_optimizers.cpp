@@ -4,7 +4,7 @@
 // no allocation; bad input throws before any write.
 #include <catch2/catch.hpp>
 #include <lowmem/core/memory.hpp>
-#include <lowmem/optimizers.hpp>
+#include <lowmem/optimizers/fused.hpp>
 
 #include <cmath>
 #include <vector>

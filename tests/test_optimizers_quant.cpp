@@ -4,7 +4,7 @@
 // 1 vs 2 threads, no allocation, bad input.
 #include <catch2/catch.hpp>
 #include <lowmem/core/memory.hpp>
-#include <lowmem/optimizers.hpp>
+#include <lowmem/optimizers/fused.hpp>
 
 #include <cmath>
 #include <vector>
