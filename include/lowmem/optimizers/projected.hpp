@@ -76,7 +76,7 @@ public:
     d_ = std::min(rows, cols);
     D_ = std::max(rows, cols);
     require(cfg.rank >= 1 && cfg.rank <= d_, fn, "rank",
-            "in [1, min(rows, cols) = " + detail::to_text(d_) + "]", cfg.rank);
+            "in [1, min(rows, cols) = " + lowmem::detail::to_text(d_) + "]", cfg.rank);
     if (cfg.method == projection_method::apollo_mini)
       require_equal(fn, "rank (APOLLO-Mini)", index_t(1), cfg.rank);
     require_non_negative(fn, "lr", cfg.lr);
