@@ -4,12 +4,15 @@
 //    adamw/naive: the same math as plain Eigen array expressions per tensor (one pass each);
 //  * adamw8bit, adamw4bit, lion, lion8bit, sgd (momentum): lowmem only; their bytes counter uses
 //    the bytes they actually move (p r/w + g + state r/w);
-//  * projected methods (GaLore / APOLLO / APOLLO-Mini, 4096² at r = 128 / 1) are in
-//    bench_optimizers' second half when the projected header exists.
+//  * projected methods on one 4096×4096 matrix (smoke 512²): GaLore / APOLLO / FRUGAL at r = 128,
+//    APOLLO-Mini at r = 1, step time without the projection refresh, the GaLore randomized-SVD
+//    refresh timed alone (amortised over T = 200 steps in practice), fused AdamW on the same
+//    matrix; counter state_MiB.
 // Counters: bytes/s (SetBytesProcessed), peak_MiB (heap growth inside the timed loop).
 #include "bench_support.hpp"
 
 #include <Eigen/Core>
+#include <lowmem/core/eigen.hpp>
 #include <lowmem/optimizers.hpp>
 
 #include <memory>
@@ -189,7 +192,92 @@ void BM_adamw_bf16_lowmem(benchmark::State& state) {
   finish(state, 24);
 }
 
+// ---- projected methods on one matrix [m, n] ------------------------------------------------
+
+lowmem::optim::projected_config projected_cfg(int method, std::int64_t rank) {
+  lowmem::optim::projected_config c;
+  c.method = lowmem::optim::projection_method(method);
+  c.rank = rank;
+  c.update_gap = std::int64_t(1) << 40; // refresh only at step 1 (timed separately below)
+  if (c.method == lowmem::optim::projection_method::apollo_mini) c.scale = 128;
+  return c;
+}
+
+// args: m, n, rank; method chosen by the registration
+template <int Method> void BM_projected_step(benchmark::State& state) {
+  const lowmem::index_t m = state.range(0), n = state.range(1);
+  lowmem::RowMatrixXf W(m, n), G(m, n);
+  lowmem::random::fill_uniform({3, 0}, 0, W.data(), std::size_t(W.size()));
+  lowmem::random::fill_normal({3, 1}, 0, G.data(), std::size_t(G.size()));
+  lowmem::optim::projected_adam opt(m, n, projected_cfg(Method, state.range(2)));
+  opt.step(W, G); // step 1: projection refresh
+  lowmem::bench::peak_memory peak;
+  for (auto _ : state) {
+    opt.step(W, G);
+    benchmark::ClobberMemory();
+  }
+  peak.report(state);
+  state.counters["state_MiB"] = double(opt.state_bytes()) / (1 << 20);
+}
+
+template <int Method> void BM_projected_refresh(benchmark::State& state) {
+  const lowmem::index_t m = state.range(0), n = state.range(1);
+  lowmem::RowMatrixXf G(m, n);
+  lowmem::random::fill_normal({3, 1}, 0, G.data(), std::size_t(G.size()));
+  lowmem::optim::projected_adam opt(m, n, projected_cfg(Method, state.range(2)));
+  lowmem::bench::peak_memory peak;
+  for (auto _ : state) {
+    opt.refresh(G);
+    benchmark::ClobberMemory();
+  }
+  peak.report(state); // amortised per step: this time / T (T = 200 by default)
+}
+
+void BM_adamw_matrix(benchmark::State& state) {
+  const std::size_t N = std::size_t(state.range(0) * state.range(1));
+  std::vector<float> p(N), g(N), m(N, 0.f), v(N, 0.f);
+  lowmem::random::fill_uniform({3, 0}, 0, p.data(), N);
+  lowmem::random::fill_normal({3, 1}, 0, g.data(), N);
+  std::int64_t t = 0;
+  lowmem::bench::peak_memory peak;
+  for (auto _ : state) {
+    lowmem::optim::adamw_step(p.data(), g.data(), m.data(), v.data(), N, ++t, {});
+    benchmark::ClobberMemory();
+  }
+  peak.report(state);
+  state.counters["state_MiB"] = double(8 * N) / (1 << 20);
+  state.SetBytesProcessed(std::int64_t(state.iterations()) * std::int64_t(N) * 28);
+}
+
+void matrix_shapes(benchmark::internal::Benchmark* b, std::int64_t rank) {
+  b->ArgNames({"m", "n", "rank"});
+  if (lowmem::bench::smoke())
+    b->Args({512, 512, rank == 1 ? 1 : 32});
+  else
+    b->Args({4096, 4096, rank});
+  b->UseRealTime()->Unit(benchmark::kMillisecond);
+}
+
 } // namespace
+
+BENCHMARK(BM_adamw_matrix)->Name("BM_optimizers_adamw_matrix/lowmem")->Apply([](auto* b) {
+  matrix_shapes(b, 0);
+});
+BENCHMARK(BM_projected_step<0>)->Name("BM_optimizers_galore/lowmem")->Apply([](auto* b) {
+  matrix_shapes(b, 128);
+});
+BENCHMARK(BM_projected_refresh<0>)->Name("BM_optimizers_galore_refresh/lowmem")->Apply([](auto* b) {
+  matrix_shapes(b, 128);
+});
+BENCHMARK(BM_projected_step<1>)->Name("BM_optimizers_apollo/lowmem")->Apply([](auto* b) {
+  matrix_shapes(b, 128);
+});
+BENCHMARK(BM_projected_step<2>)->Name("BM_optimizers_apollomini/lowmem")->Apply([](auto* b) {
+  matrix_shapes(b, 1);
+});
+BENCHMARK(BM_projected_step<3>)->Name("BM_optimizers_frugal/lowmem")->Apply([](auto* b) {
+  matrix_shapes(b, 128);
+});
 
 BENCHMARK(BM_adamw_lowmem)->Name("BM_optimizers_adamw/lowmem")->Apply([](auto* b) { shapes(b); });
 BENCHMARK(BM_adamw_naive)->Name("BM_optimizers_adamw/naive")->Apply(shapes1);
