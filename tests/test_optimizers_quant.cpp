@@ -93,6 +93,42 @@ LOWMEM_ARCH_TEST_CASE("nearest-code lookup equals brute force", "[optimizers][qu
   }
 }
 
+LOWMEM_ARCH_TEST_CASE("quantize_group stores the nearest codes and dequantizes them exactly",
+                      "[optimizers][quant]") {
+  using Arch = TestType;
+  LOWMEM_SKIP_IF_UNSUPPORTED();
+  for (int bits : {8, 4}) {
+    for (int mo = 0; mo < 2; ++mo) {
+      const std::size_t n = 2 * k::group_size + 77;
+      optim::quantized_state st(n, bits, 2);
+      k::qmoment_view q = st.view(mo);
+      auto x = ref::uniform_data(n, 60 + std::uint64_t(mo), mo ? 0.f : -1.f, 1.f);
+      for (std::size_t i = 0; i < n; i += 3) x[i] *= 1e-4f; // small values in every block
+      std::vector<float> back(n);
+      std::size_t bad = 0;
+      for (std::size_t b = 0; b < n; b += k::group_size) {
+        const std::size_t len = std::min(k::group_size, n - b);
+        if (bits == 8)
+          k::quantize_group<Arch, 8>(x.data() + b, b, len, q);
+        else
+          k::quantize_group<Arch, 4>(x.data() + b, b, len, q);
+        if (bits == 8)
+          k::dequantize_group<Arch, 8>(q, b, len, back.data() + b);
+        else
+          k::dequantize_group<Arch, 4>(q, b, len, back.data() + b);
+        const std::size_t B = bits == 8 ? 256 : 128;
+        for (std::size_t i = b; i < b + len; ++i) {
+          const float s = q.group_scale[i / k::group_size] * k::pow2_eighths()[q.block_exp[i / B]];
+          const int want = q.cb->nearest(x[i] * (1.0f / s));
+          bad += back[i] != q.cb->values[want] * s;
+        }
+      }
+      INFO("bits=" << bits << " moment=" << mo);
+      CHECK(bad == 0);
+    }
+  }
+}
+
 namespace {
 
 // One step of the quantized algorithm in double from the state as stored: dequantize (same float
