@@ -69,7 +69,7 @@ public:
   /// Mini needs rank 1, lr >= 0, betas in [0, 1), eps >= 0, update_gap >= 1) and allocates the
   /// state and scratch once.
   projected_adam(index_t rows, index_t cols, const projected_config& cfg)
-      : rows_(rows), cols_(cols), cfg_(cfg) {
+      : rows_(rows), cols_(cols), cfg_(cfg), eig_(sketch_size(rows, cols, cfg)) {
     const char* fn = "optim::projected_adam";
     require_positive(fn, "rows", rows);
     require_positive(fn, "cols", cols);
@@ -102,7 +102,6 @@ public:
       Z_.resize(D_, k_);
       C_.resize(k_, k_);
       B_.resize(k_, D_);
-      eig_ = Eigen::SelfAdjointEigenSolver<ColMatrix>(k_);
     }
     colscale_.resize(D_);
     colbuf_.resize(d_);
@@ -162,6 +161,14 @@ public:
   }
 
 private:
+  // Columns of the randomized-SVD sketch (0 when the projection is not an SVD). The eigen-solver
+  // is sized in the initializer list: copy-assigning a size-constructed Eigen solver reads its
+  // uninitialised `info` member (UBSan: invalid enum load).
+  static index_t sketch_size(index_t rows, index_t cols, const projected_config& c) noexcept {
+    if (c.method != projection_method::galore && c.method != projection_method::frugal) return 0;
+    const index_t d = std::min(rows, cols);
+    return std::max<index_t>(0, std::min<index_t>(d, c.rank + c.oversample));
+  }
   bool stores_projection() const noexcept {
     return cfg_.method == projection_method::galore || cfg_.method == projection_method::frugal;
   }
