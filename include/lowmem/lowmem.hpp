@@ -5,3 +5,4 @@
 #include "attention.hpp"
 #include "zeroth_order.hpp"
 #include "quant.hpp"
+#include "optimizers.hpp"
