@@ -33,6 +33,7 @@ std::vector<demo::method> method_table() {
   return {
       {"frozen base", demo::run_frozen},
       {"full FT, AdamW fp32", demo::run_full_adamw},
+      {"full FT, AdamW 8-bit", demo::run_full_adamw8},
   };
 }
 

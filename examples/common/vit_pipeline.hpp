@@ -15,6 +15,7 @@
 #pragma once
 
 #include <lowmem/core/memory.hpp>
+#include <lowmem/optimizers.hpp>
 
 #include <common/fashion_mnist.hpp>
 
@@ -77,46 +78,64 @@ public:
   virtual void step(const std::vector<param_span>& params, float lr) = 0;
 };
 
-/// Plain fp32 AdamW (Loshchilov & Hutter, arXiv:1711.05101), written here for the demo:
-/// m = β1·m + (1−β1)·g, v = β2·v + (1−β2)·g², θ −= lr·(m̂/(√v̂ + ε) + wd·θ), with decoupled weight
-/// decay on matrices only (not on biases, LayerNorm or pos_embed). State: 8 bytes per parameter.
-/// lowmem's fused AdamW (and its 8-bit variant) replaces this class when the optimizers family
-/// lands: a subclass of `optimizer` whose step() calls it over each span.
-class adamw_fp32 : public optimizer {
+/// AdamW through lowmem's fused kernels (include/lowmem/optimizers.hpp): fp32 moments (8 bytes
+/// of state per parameter) or block-wise 8-bit / 4-bit quantized moments (bitsandbytes-style
+/// dynamic maps; tensors under 4096 elements keep fp32 state, as bitsandbytes does). Weight
+/// decay (decoupled, PyTorch AdamW) applies to matrices only, not to biases, norms or pos_embed.
+class adamw_lowmem : public optimizer {
 public:
   float beta1 = 0.9f, beta2 = 0.999f, eps = 1e-8f, weight_decay = 0.05f;
-  explicit adamw_fp32(const std::vector<param_span>& params, float wd = 0.05f) : weight_decay(wd) {
+  /// bits = 32 (fp32 state), 8 or 4 (quantized state).
+  explicit adamw_lowmem(const std::vector<param_span>& params, int bits = 32, float wd = 0.05f)
+      : weight_decay(wd), bits_(bits) {
     for (const auto& p : params) {
-      m_.emplace_back(std::size_t(p.numel), 0.0f);
-      v_.emplace_back(std::size_t(p.numel), 0.0f);
+      if (bits_ == 32) {
+        m_.emplace_back(std::size_t(p.numel), 0.0f);
+        v_.emplace_back(std::size_t(p.numel), 0.0f);
+      } else {
+        q_.emplace_back(std::size_t(p.numel), bits_, 2);
+      }
     }
   }
-  std::string name() const override { return "AdamW fp32"; }
+  std::string name() const override {
+    return bits_ == 32 ? "AdamW fp32" : "AdamW " + std::to_string(bits_) + "-bit";
+  }
   std::int64_t state_bytes() const override {
     std::int64_t b = 0;
     for (const auto& m : m_) b += std::int64_t(2 * m.size() * sizeof(float));
+    for (const auto& q : q_) b += std::int64_t(q.bytes());
     return b;
   }
   void step(const std::vector<param_span>& params, float lr) override {
     ++t_;
-    const float bc1 = 1.0f - std::pow(beta1, float(t_)), bc2 = 1.0f - std::pow(beta2, float(t_));
     for (std::size_t i = 0; i < params.size(); ++i) {
       const param_span& p = params[i];
-      float* m = m_[i].data();
-      float* v = v_[i].data();
-      const float wd = p.shape.size() >= 2 && p.name != "pos_embed" ? weight_decay : 0.0f;
-      for (index_t j = 0; j < p.numel; ++j) {
-        const float g = p.grad[j];
-        m[j] = beta1 * m[j] + (1 - beta1) * g;
-        v[j] = beta2 * v[j] + (1 - beta2) * g * g;
-        p.data[j] -= lr * ((m[j] / bc1) / (std::sqrt(v[j] / bc2) + eps) + wd * p.data[j]);
-      }
+      lowmem::optim::adamw_config c;
+      c.lr = lr;
+      c.beta1 = beta1;
+      c.beta2 = beta2;
+      c.eps = eps;
+      c.weight_decay = p.shape.size() >= 2 && p.name != "pos_embed" ? weight_decay : 0.0f;
+      if (bits_ == 32)
+        lowmem::optim::adamw_step(p.data, p.grad, m_[i].data(), v_[i].data(), std::size_t(p.numel),
+                                  t_, c);
+      else
+        lowmem::optim::adamw_step(p.data, p.grad, q_[i], std::size_t(p.numel), t_, c);
     }
   }
 
 private:
+  int bits_;
   std::vector<std::vector<float>> m_, v_;
-  long t_ = 0;
+  std::vector<lowmem::optim::quantized_state> q_;
+  std::int64_t t_ = 0;
+};
+
+/// fp32 AdamW (the pretraining and full fine-tuning optimizer).
+class adamw_fp32 : public adamw_lowmem {
+public:
+  explicit adamw_fp32(const std::vector<param_span>& params, float wd = 0.05f)
+      : adamw_lowmem(params, 32, wd) {}
 };
 
 // ---- training ----------------------------------------------------------------------------------
@@ -381,6 +400,18 @@ inline method_result run_full_adamw(const method_context& ctx) {
         return std::vector<std::unique_ptr<linear_hook>>{};
       },
       [](const std::vector<param_span>& s) { return std::make_unique<adamw_fp32>(s); },
+      ctx.cfg.finetune_lr);
+}
+
+/// Full fine-tuning with 8-bit AdamW state (arXiv:2110.02861 via lowmem::optim).
+inline method_result run_full_adamw8(const method_context& ctx) {
+  return finetune_gradient(
+      ctx, "full FT, AdamW 8-bit",
+      [](vit& m) {
+        m.set_all_trainable(true);
+        return std::vector<std::unique_ptr<linear_hook>>{};
+      },
+      [](const std::vector<param_span>& s) { return std::make_unique<adamw_lowmem>(s, 8); },
       ctx.cfg.finetune_lr);
 }
 
