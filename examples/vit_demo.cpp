@@ -2,7 +2,7 @@
 // fine-tuning methods on a shifted domain (inverted images, x → 1 − x) by accuracy and memory.
 //
 //   vit_demo [--quick] [--out DIR] [--pretrain-steps N] [--finetune-steps N] [--pretrain-lr X]
-//            [--finetune-lr X] [--threads N]  (default 1 thread, see main)
+//            [--finetune-lr X] [--mezo-lr X] [--threads N]  (default 1 thread, see main)
 //
 // Progress goes to stderr; the results table to stdout; DIR (default demo-output/) receives
 // results.csv, accuracy_vs_memory.svg and base.safetensors (the pretrained model, timm names).
@@ -34,6 +34,7 @@ std::vector<demo::method> method_table() {
       {"frozen base", demo::run_frozen},
       {"full FT, AdamW fp32", demo::run_full_adamw},
       {"full FT, AdamW 8-bit", demo::run_full_adamw8},
+      {"MeZO (full)", demo::run_mezo_full},
   };
 }
 
@@ -151,9 +152,10 @@ void write_svg(const std::vector<demo::method_result>& rs, const std::string& pa
 }
 
 void usage() {
-  std::fprintf(stderr, "usage: vit_demo [--quick] [--out DIR] [--pretrain-steps N] "
-                       "[--finetune-steps N] [--pretrain-lr X] [--finetune-lr X] [--depth N] "
-                       "[--batch N] [--threads N]\n");
+  std::fprintf(stderr,
+               "usage: vit_demo [--quick] [--out DIR] [--pretrain-steps N] "
+               "[--finetune-steps N] [--pretrain-lr X] [--finetune-lr X] [--mezo-lr X] [--depth N] "
+               "[--batch N] [--threads N]\n");
 }
 
 } // namespace
@@ -162,7 +164,7 @@ int main(int argc, char** argv) {
   bool quick = false;
   std::string out = "demo-output";
   long pre = -1, fine = -1;
-  float pre_lr = -1, fine_lr = -1;
+  float pre_lr = -1, fine_lr = -1, mezo_lr = -1;
   int threads = 1;
   long cfg_depth = -1, cfg_batch = -1;
   for (int i = 1; i < argc; ++i) {
@@ -186,6 +188,8 @@ int main(int argc, char** argv) {
       pre_lr = std::stof(value());
     else if (a == "--finetune-lr")
       fine_lr = std::stof(value());
+    else if (a == "--mezo-lr")
+      mezo_lr = std::stof(value());
     else if (a == "--depth")
       cfg_depth = std::stol(value());
     else if (a == "--batch")
@@ -204,6 +208,7 @@ int main(int argc, char** argv) {
   if (cfg_batch > 0) cfg.batch = cfg_batch;
   if (pre_lr > 0) cfg.pretrain_lr = pre_lr;
   if (fine_lr > 0) cfg.finetune_lr = fine_lr;
+  if (mezo_lr > 0) cfg.mezo_lr = mezo_lr;
 #if defined(_OPENMP)
   // One thread by default: the layers are small (M = batch·16 rows, K ≤ 256), so OpenMP gains
   // little and, on a loaded machine, every parallel region waits for a descheduled partner
