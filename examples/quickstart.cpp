@@ -1,4 +1,4 @@
-// lowmem quickstart: the README's 20 lines, compiled and run by the demo command and by ctest.
+// lowmem quickstart: the README's 20 lines, compiled and run by ctest (example:quickstart).
 #include <lowmem/core/memory_hooks.hpp> // once per program: enables lowmem::memory regions
 #include <lowmem/lowmem.hpp>
 
