@@ -2,3 +2,4 @@
 #pragma once
 
 #include "core.hpp"
+#include "adapters.hpp"
