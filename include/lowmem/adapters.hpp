@@ -9,3 +9,5 @@
 
 #include "adapters/common.hpp"
 #include "adapters/lora.hpp"
+#include "adapters/dora.hpp"
+#include "adapters/vera.hpp"
