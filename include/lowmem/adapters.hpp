@@ -8,6 +8,9 @@
 #pragma once
 
 #include "adapters/common.hpp"
-#include "adapters/lora.hpp"
 #include "adapters/dora.hpp"
+#include "adapters/init.hpp"
+#include "adapters/kronecker.hpp"
+#include "adapters/lora.hpp"
+#include "adapters/sparse.hpp"
 #include "adapters/vera.hpp"
