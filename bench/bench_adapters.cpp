@@ -12,6 +12,8 @@
 #include <lowmem/adapters.hpp>
 
 #include <Eigen/SVD>
+#include <algorithm>
+#include <cmath>
 #include <vector>
 
 namespace {
@@ -96,6 +98,145 @@ void BM_lora_naive(benchmark::State& state) {
   bench::set_flops(state, dense_flops(l) + 2.0 * double(l.rows) * double(l.in) * double(l.out));
 }
 
+void BM_dora_lowmem(benchmark::State& state) {
+  set_threads(state);
+  layer l(state.range(0), state.range(1), state.range(2), state.range(3));
+  const bool exact = false;
+  owned_workspace ws(std::max(dora_forward_workspace_bytes(l.out, l.r),
+                              dora_backward_workspace_bytes(l.rows, l.out, l.r, exact)));
+  Eigen::VectorXf m = Eigen::VectorXf::Ones(l.out), norms(l.out), dm = Eigen::VectorXf::Zero(l.out);
+  const float s = lora_scale(16.0f, l.r);
+  bench::peak_memory peak;
+  for (auto _ : state) {
+    dora_forward(l.x, l.W, nullptr, l.A, l.B, m, s, l.y, l.u, norms, ws.get());
+    l.dx.setZero();
+    dora_backward(l.x, l.W, nullptr, l.A, l.B, m, l.u, norms, l.y, l.dy, s, exact, l.dx, l.dA, l.dB,
+                  dm, ws.get());
+    benchmark::ClobberMemory();
+  }
+  peak.report(state);
+  bench::set_flops(state, dense_flops(l) + lora_extra_flops(l));
+}
+
+void BM_dora_naive(benchmark::State& state) {
+  set_threads(state);
+  layer l(state.range(0), state.range(1), state.range(2), state.range(3));
+  Eigen::VectorXf m = Eigen::VectorXf::Ones(l.out);
+  const float s = lora_scale(16.0f, l.r);
+  bench::peak_memory peak;
+  for (auto _ : state) { // peft's way: form V = W + s·B·A and its norms, scale, dense backward
+    RowMatrixXf V = l.W;
+    V.noalias() += s * l.B * l.A;
+    const Eigen::VectorXf c = m.cwiseQuotient(V.rowwise().norm());
+    RowMatrixXf Weff = c.asDiagonal() * V;
+    l.y.noalias() = l.x * Weff.transpose();
+    RowMatrixXf dV = c.asDiagonal() * (l.dy.transpose() * l.x);
+    l.dB.noalias() += s * dV * l.A.transpose();
+    l.dA.noalias() += s * l.B.transpose() * dV;
+    l.dx.noalias() = l.dy * Weff;
+    benchmark::ClobberMemory();
+  }
+  peak.report(state);
+  bench::set_flops(state, dense_flops(l) + 2.0 * double(l.rows) * double(l.in) * double(l.out));
+}
+
+void BM_vera_lowmem(benchmark::State& state) {
+  set_threads(state);
+  layer l(state.range(0), state.range(1), state.range(2), state.range(3));
+  owned_workspace ws(std::max(vera_forward_workspace_bytes(l.in, l.out, l.r),
+                              vera_backward_workspace_bytes(l.rows, l.in, l.out, l.r)));
+  Eigen::VectorXf d = Eigen::VectorXf::Constant(l.r, 0.1f), b = Eigen::VectorXf::Ones(l.out),
+                  dd = Eigen::VectorXf::Zero(l.r), db = Eigen::VectorXf::Zero(l.out);
+  bench::peak_memory peak;
+  for (auto _ : state) {
+    vera_forward(l.x, l.W, nullptr, 42, d, b, 1.0f, l.y, l.u, ws.get());
+    l.dx.setZero();
+    vera_backward(l.x, l.W, 42, d, b, l.u, l.dy, 1.0f, l.dx, dd, db, ws.get());
+    benchmark::ClobberMemory();
+  }
+  peak.report(state);
+  bench::set_flops(state, dense_flops(l) + lora_extra_flops(l));
+}
+
+void BM_shira_lowmem(benchmark::State& state) {
+  set_threads(state);
+  layer l(state.range(0), state.range(1), state.range(2), 1);
+  const double density = 0.01;
+  const index_t k = sparse_support_per_row(l.in, density);
+  std::vector<std::int64_t> rp(std::size_t(l.out + 1));
+  std::vector<std::int32_t> col(std::size_t(l.out * k));
+  sparse_support_random(l.out, l.in, density, random::stream{3, 0}, rp.data(), col.data());
+  const csr_support S{l.out, l.in, rp.data(), col.data()};
+  std::vector<float> val(col.size(), 0.01f), dval(col.size(), 0.f);
+  owned_workspace ws(shira_backward_workspace_bytes(l.in, l.out));
+  bench::peak_memory peak;
+  for (auto _ : state) {
+    shira_forward(l.x, l.W, nullptr, S, val.data(), l.y, ws.get());
+    l.dx.setZero();
+    shira_backward(l.x, l.W, S, val.data(), l.dy, l.dx, dval.data(), ws.get());
+    benchmark::ClobberMemory();
+  }
+  peak.report(state);
+  bench::set_flops(state, dense_flops(l) + 6.0 * double(l.rows) * double(col.size()));
+}
+
+void BM_kron_lowmem(benchmark::State& state) {
+  set_threads(state);
+  // A [64, 64] ⊗ B [64, 64] for in = out = 4096 (a = sqrt(in) factors)
+  layer l(state.range(0), state.range(1), state.range(2), 1);
+  const index_t a = index_t(std::lround(std::sqrt(double(l.in))));
+  RowMatrixXf A = RowMatrixXf::Random(a, a), B = RowMatrixXf::Random(l.out / a, l.in / a),
+              dA = RowMatrixXf::Zero(a, a), dB = RowMatrixXf::Zero(l.out / a, l.in / a);
+  owned_workspace ws(kron_workspace_bytes(a, l.out / a));
+  bench::peak_memory peak;
+  for (auto _ : state) {
+    kron_forward(l.x, l.W, nullptr, A, B, 0.5f, l.y, ws.get());
+    l.dx.setZero();
+    kron_backward(l.x, l.W, A, B, l.dy, 0.5f, l.dx, dA, dB, ws.get());
+    benchmark::ClobberMemory();
+  }
+  peak.report(state);
+  bench::set_flops(state, dense_flops(l) + 10.0 * double(l.rows) * double(a) * double(l.in));
+}
+
+// PiSSA init (randomized SVD, r + 8 columns, 2 power iterations) vs Eigen's full BDCSVD
+void BM_pissa_lowmem(benchmark::State& state) {
+  set_threads(state);
+  const index_t n = state.range(0), r = state.range(3);
+  RowMatrixXf W0 = RowMatrixXf::Random(n, n), W(n, n), A(r, n), B(n, r);
+  bench::peak_memory peak;
+  double err = 0;
+  for (auto _ : state) {
+    state.PauseTiming();
+    W = W0;
+    state.ResumeTiming();
+    pissa_init(W, 1.0f, {}, A, B);
+    benchmark::ClobberMemory();
+  }
+  peak.report(state);
+  W.noalias() += B * A; // W_res + s·B·A vs W: the reconstruction error
+  err = double((W - W0).norm() / W0.norm());
+  state.counters["recon_rel_err"] = err;
+}
+void BM_pissa_naive(benchmark::State& state) {
+  set_threads(state);
+  const index_t n = state.range(0), r = state.range(3);
+  Eigen::MatrixXf W = Eigen::MatrixXf::Random(n, n);
+  RowMatrixXf A(r, n), B(n, r);
+  bench::peak_memory peak;
+  for (auto _ : state) {
+    Eigen::BDCSVD<Eigen::MatrixXf> svd(W, Eigen::ComputeThinU | Eigen::ComputeThinV);
+    for (index_t j = 0; j < r; ++j) {
+      const float root = std::sqrt(svd.singularValues()[j]);
+      A.row(j) = root * svd.matrixV().col(j).transpose();
+      B.col(j) = root * svd.matrixU().col(j);
+    }
+    W.noalias() -= B * A;
+    benchmark::ClobberMemory();
+  }
+  peak.report(state);
+}
+
 void shapes(benchmark::internal::Benchmark* b, bool with_rank = true) {
   b->ArgNames({"rows", "in", "out", "r", "threads"});
   if (bench::smoke()) {
@@ -113,11 +254,37 @@ void shapes(benchmark::internal::Benchmark* b, bool with_rank = true) {
 }
 void shapes_rank(benchmark::internal::Benchmark* b) { shapes(b, true); }
 void shapes_one(benchmark::internal::Benchmark* b) { shapes(b, false); }
+// PiSSA: r = 64 on 4096² (lowmem only) and on 1024², where Eigen's full BDCSVD is still
+// affordable; the ≥10× claim is read off the 1024² pair.
+void pissa_shapes(benchmark::internal::Benchmark* b) {
+  b->ArgNames({"n", "in", "out", "r", "threads"});
+  if (bench::smoke()) {
+    b->Args({256, 256, 256, 16, 1});
+  } else {
+    b->Args({1024, 1024, 1024, 64, 1});
+    b->Args({4096, 4096, 4096, 64, 1});
+  }
+  b->UseRealTime()->Unit(benchmark::kMillisecond);
+}
+void pissa_naive_shapes(benchmark::internal::Benchmark* b) {
+  b->ArgNames({"n", "in", "out", "r", "threads"});
+  b->Args(bench::smoke() ? std::vector<std::int64_t>{256, 256, 256, 16, 1}
+                         : std::vector<std::int64_t>{1024, 1024, 1024, 64, 1});
+  b->UseRealTime()->Unit(benchmark::kMillisecond);
+}
 
 } // namespace
 
 BENCHMARK(BM_frozen)->Name("BM_adapters_frozen/lowmem")->Apply(shapes_one);
 BENCHMARK(BM_lora_lowmem)->Name("BM_adapters_lora/lowmem")->Apply(shapes_rank);
 BENCHMARK(BM_lora_naive)->Name("BM_adapters_lora/naive")->Apply(shapes_one);
+
+BENCHMARK(BM_dora_lowmem)->Name("BM_adapters_dora/lowmem")->Apply(shapes_one);
+BENCHMARK(BM_dora_naive)->Name("BM_adapters_dora/naive")->Apply(shapes_one);
+BENCHMARK(BM_vera_lowmem)->Name("BM_adapters_vera/lowmem")->Apply(shapes_one);
+BENCHMARK(BM_shira_lowmem)->Name("BM_adapters_shira/lowmem")->Apply(shapes_one);
+BENCHMARK(BM_kron_lowmem)->Name("BM_adapters_kron/lowmem")->Apply(shapes_one);
+BENCHMARK(BM_pissa_lowmem)->Name("BM_adapters_pissa/lowmem")->Apply(pissa_shapes);
+BENCHMARK(BM_pissa_naive)->Name("BM_adapters_pissa/naive")->Apply(pissa_naive_shapes);
 
 BENCHMARK_MAIN();
