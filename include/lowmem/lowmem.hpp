@@ -6,3 +6,4 @@
 #include "zeroth_order.hpp"
 #include "quant.hpp"
 #include "optimizers.hpp"
+#include "adapters.hpp"

@@ -1,0 +1,219 @@
+// lowmem/adapters/dora.hpp — DoRA (arXiv:2402.09353): W' = diag(m / n) · V, V = W + s·B·A,
+// n_j = ‖V_j‖ over `in` (row-wise, the peft convention), m [out] the trainable magnitude.
+//
+// peft forms B·A (out×in) to get the norms; here they come from r-sized pieces only:
+//   n_j² = ‖W_j‖² + 2s·B_j·P_j + s²·B_j·G·B_jᵀ,   P = A·Wᵀ [r, out],  G = A·Aᵀ [r, r],
+// one GEMM of r·in·out multiply-adds (the cost of one LoRA thin GEMM). The forward is LoRA's
+// followed by a per-column scale c = m / n. The backward treats n as a constant (the paper's
+// recommendation, and what peft does by detaching the norm) or, on request, differentiates
+// through n; the extra terms again only need P, G and r-sized products:
+//   e_j = -h_j / n_j²,  h_j = Σ_rows dy ⊙ (y - b)   (so dm_j = h_j / m_j)
+//   dB += s·diag(e)·(Pᵀ + s·B·G),   dA += s·(diag(e)B)ᵀ·W + s²·((diag(e)B)ᵀ·B)·A.
+// The scaled gradient dy ⊙ c is formed 128 rows at a time (no rows×out temporary).
+#pragma once
+
+#include <Eigen/Core>
+#include <cmath>
+#include <cstddef>
+
+#include "common.hpp"
+#include "lora.hpp"
+
+namespace lowmem {
+
+namespace adapters::detail {
+
+template <class WS> struct dora_scratch { float *P, *G, *BG, *c, *h, *du, *D, *Be, *K; };
+template <class WS>
+dora_scratch<WS> carve_dora(WS& ws, index_t rows, index_t out, index_t r, bool backward,
+                            bool exact) {
+  dora_scratch<WS> s{};
+  s.P = ws.template take<float>(std::size_t(r * out));
+  s.G = ws.template take<float>(std::size_t(r * r));
+  s.BG = ws.template take<float>(std::size_t(out * r));
+  if (!backward) return s;
+  s.c = ws.template take<float>(std::size_t(out));
+  s.h = ws.template take<float>(std::size_t(out));
+  s.du = ws.template take<float>(std::size_t(rows * r));
+  s.D = ws.template take<float>(std::size_t(row_block * out));
+  if (exact) {
+    s.Be = ws.template take<float>(std::size_t(out * r));
+    s.K = ws.template take<float>(std::size_t(r * r));
+  }
+  return s;
+}
+
+/// n_j = ‖W_j + s(BA)_j‖ without B·A; fills P = A·Wᵀ, G = A·Aᵀ, BG = B·G as by-products.
+inline void dora_norms_impl(const ConstRowRef<float>& W, const ConstRowRef<float>& A,
+                            const ConstRowRef<float>& B, float s, float* norms, float* Pd,
+                            float* Gd, float* BGd) {
+  const index_t out = W.rows(), r = A.rows();
+  Eigen::Map<RowMatrixXf> P(Pd, r, out), G(Gd, r, r), BG(BGd, out, r);
+  P.noalias() = A * W.transpose();
+  G.noalias() = A * A.transpose();
+  BG.noalias() = B * G;
+  for (index_t j = 0; j < out; ++j) {
+    double n2 = double(W.row(j).squaredNorm());
+    double cross = 0, quad = 0;
+    for (index_t k = 0; k < r; ++k) {
+      cross += double(B(j, k)) * double(P(k, j));
+      quad += double(BG(j, k)) * double(B(j, k));
+    }
+    n2 += 2.0 * double(s) * cross + double(s) * double(s) * quad;
+    norms[j] = float(std::sqrt(n2 > 0 ? n2 : 0.0));
+  }
+}
+
+inline void validate_dora(const char* fn, const ConstRowRef<float>& x, const ConstRowRef<float>& W,
+                          const ConstRowRef<float>& A, const ConstRowRef<float>& B,
+                          const ConstVecRef& m, float s) {
+  validate_lora(fn, x.rows(), x.cols(), W.rows(), W, A, B, s, {});
+  require_equal(fn, "m.size", W.rows(), index_t(m.size()));
+  for (index_t j = 0; j < m.size(); ++j)
+    if (!(std::isfinite(m[j]) && m[j] != 0.0f))
+      lowmem::detail::throw_invalid(fn, "m", "finite, non-zero entries",
+                                    "m[" + lowmem::detail::to_text(j) +
+                                        "] = " + lowmem::detail::to_text(m[j]));
+}
+
+} // namespace adapters::detail
+
+/// Scratch bytes of dora_norms and dora_forward: (2·out + r)·r floats.
+inline std::size_t dora_forward_workspace_bytes(index_t out, index_t r) {
+  workspace_planner p;
+  adapters::detail::carve_dora(p, 0, out, r, false, false);
+  return adapters::detail::planned_bytes(p);
+}
+
+/// Scratch bytes of dora_backward: rows·r + 128·out + O(r·out) floats.
+inline std::size_t dora_backward_workspace_bytes(index_t rows, index_t out, index_t r,
+                                                 bool exact = false) {
+  workspace_planner p;
+  adapters::detail::carve_dora(p, rows, out, r, true, exact);
+  return adapters::detail::planned_bytes(p);
+}
+
+/// Row norms n_j = ‖W_j + s·(B·A)_j‖ computed without forming B·A (see the header comment).
+/// Use it to initialise the magnitude (peft: m = n at init). Shapes: W [out, in], A [r, in],
+/// B [out, r], norms [out] (overwritten). Memory: dora_forward_workspace_bytes(out, r).
+/// Numerics: fp32 GEMMs, the per-row combination in double; when the adapter cancels most of
+/// W_j the relative error grows like ‖W_j‖² / n_j² · 1e-7.
+inline void dora_norms(ConstRowRef<float> W, ConstRowRef<float> A, ConstRowRef<float> B,
+                       float scale, VecRef norms, workspace ws = {}) {
+  using namespace adapters::detail;
+  const char* fn = "dora_norms";
+  const index_t out = W.rows(), in = W.cols(), r = A.rows();
+  require_rank(fn, r, in, out);
+  require_dims(fn, "A", A, r, in);
+  require_dims(fn, "B", B, out, r);
+  require_scale(fn, scale);
+  require_equal(fn, "norms.size", out, index_t(norms.size()));
+  require_workspace(fn, ws, dora_forward_workspace_bytes(out, r));
+  auto s = carve_dora(ws, 0, out, r, false, false);
+  dora_norms_impl(W, A, B, scale, norms.data(), s.P, s.G, s.BG);
+}
+
+/// DoRA forward: y = (x·Wᵀ + s·u·Bᵀ) ⊙ (m / n) (per output column) + b, u = x·Aᵀ.
+///
+/// Shapes: x [rows, in], W [out, in] (frozen), bias [out] or nullptr, A [r, in], B [out, r],
+/// m [out] (magnitude, non-zero), y [rows, out], u [rows, r] and norms [out] (outputs kept for
+/// dora_backward). Memory: dora_forward_workspace_bytes(out, r) = O(r·out); no B·A, no rows×out
+/// temporary. Preconditions: as lora_forward, m finite and non-zero (peft initialises m = n).
+inline void dora_forward(ConstRowRef<float> x, ConstRowRef<float> W, const float* bias,
+                         ConstRowRef<float> A, ConstRowRef<float> B, ConstVecRef m, float scale,
+                         RowRef<float> y, RowRef<float> u, VecRef norms, workspace ws = {}) {
+  using namespace adapters::detail;
+  const char* fn = "dora_forward";
+  const index_t rows = x.rows(), out = W.rows(), r = A.rows();
+  validate_dora(fn, x, W, A, B, m, scale);
+  require_dims(fn, "y", y, rows, out);
+  require_dims(fn, "u", u, rows, r);
+  require_equal(fn, "norms.size", out, index_t(norms.size()));
+  require_workspace(fn, ws, dora_forward_workspace_bytes(out, r));
+  auto s = carve_dora(ws, rows, out, r, false, false);
+  dora_norms_impl(W, A, B, scale, norms.data(), s.P, s.G, s.BG);
+  u.noalias() = x * A.transpose();
+  y.noalias() = x * W.transpose();
+  y.noalias() += (scale * u) * B.transpose();
+  // column scale c = m / n; s.P is free again and holds c
+  Eigen::Map<Eigen::RowVectorXf> c(s.P, out);
+  for (index_t j = 0; j < out; ++j) c[j] = m[j] / norms[j];
+  for (index_t i = 0; i < rows; ++i) y.row(i).array() *= c.array();
+  add_bias(y, bias);
+}
+
+/// DoRA backward; ACCUMULATES (+=) into dx, dA, dB, dm. With exact = false the norm n is a
+/// constant (paper §4.3, peft's detach): with D = dy ⊙ (m/n),
+///   dm_j += Σ_rows dy ⊙ (y - b) / m_j,  dB += s·Dᵀ·u,  du = s·D·B,  dA += duᵀ·x,
+///   dx += D·W + du·A;
+/// with exact = true the gradient through n is added (header comment), at O(r·in·out) extra.
+///
+/// Shapes: as dora_forward; y, u and norms are the forward's outputs (y unmodified), dy
+/// [rows, out], dx [rows, in] or empty (0×0) to skip, dA [r, in], dB [out, r], dm [out].
+/// Memory: dora_backward_workspace_bytes(rows, out, r, exact). Preconditions: as dora_forward,
+/// norms > 0.
+inline void dora_backward(ConstRowRef<float> x, ConstRowRef<float> W, const float* bias,
+                          ConstRowRef<float> A, ConstRowRef<float> B, ConstVecRef m,
+                          ConstRowRef<float> u, ConstVecRef norms, ConstRowRef<float> y,
+                          ConstRowRef<float> dy, float scale, bool exact, RowRef<float> dx,
+                          RowRef<float> dA, RowRef<float> dB, VecRef dm, workspace ws = {}) {
+  using namespace adapters::detail;
+  const char* fn = "dora_backward";
+  const index_t rows = x.rows(), in = x.cols(), out = W.rows(), r = A.rows();
+  validate_dora(fn, x, W, A, B, m, scale);
+  require_dims(fn, "u", u, rows, r);
+  require_dims(fn, "y", y, rows, out);
+  require_dims(fn, "dy", dy, rows, out);
+  require_equal(fn, "norms.size", out, index_t(norms.size()));
+  for (index_t j = 0; j < out; ++j) require_positive(fn, "norms", norms[j]);
+  const bool want_dx = dx.size() != 0;
+  if (want_dx) require_dims(fn, "dx", dx, rows, in);
+  require_dims(fn, "dA", dA, r, in);
+  require_dims(fn, "dB", dB, out, r);
+  require_equal(fn, "dm.size", out, index_t(dm.size()));
+  require_workspace(fn, ws, dora_backward_workspace_bytes(rows, out, r, exact));
+  auto s = carve_dora(ws, rows, out, r, true, exact);
+
+  Eigen::Map<Eigen::RowVectorXf> c(s.c, out), h(s.h, out);
+  h.setZero();
+  if (bias) {
+    const Eigen::Map<const Eigen::RowVectorXf> b(bias, out);
+    for (index_t i = 0; i < rows; ++i) h.array() += dy.row(i).array() * (y.row(i) - b).array();
+  } else {
+    for (index_t i = 0; i < rows; ++i) h.array() += dy.row(i).array() * y.row(i).array();
+  }
+  for (index_t j = 0; j < out; ++j) {
+    c[j] = m[j] / norms[j];
+    dm[j] += h[j] / m[j];
+  }
+  Eigen::Map<RowMatrixXf> du(s.du, rows, r);
+  for (index_t i0 = 0; i0 < rows; i0 += row_block) {
+    const index_t nb = rows - i0 < row_block ? rows - i0 : row_block;
+    Eigen::Map<RowMatrixXf> D(s.D, nb, out);
+    for (index_t t = 0; t < nb; ++t) D.row(t) = dy.row(i0 + t).cwiseProduct(c);
+    if (want_dx) dx.middleRows(i0, nb).noalias() += D * W;
+    du.middleRows(i0, nb).noalias() = (scale * D) * B;
+    dB.noalias() += (scale * D.transpose()) * u.middleRows(i0, nb);
+  }
+  dA.noalias() += du.transpose() * x;
+  if (want_dx) dx.noalias() += du * A;
+  if (!exact) return;
+
+  // gradient through the norm: dV = diag(e)·V, e_j = -h_j / n_j²
+  Eigen::Map<RowMatrixXf> P(s.P, r, out), G(s.G, r, r), BG(s.BG, out, r), Be(s.Be, out, r),
+      K(s.K, r, r);
+  P.noalias() = A * W.transpose();
+  G.noalias() = A * A.transpose();
+  BG.noalias() = B * G;
+  for (index_t j = 0; j < out; ++j) {
+    const float e = -h[j] / (norms[j] * norms[j]);
+    Be.row(j) = e * B.row(j);
+    // dB_j += s·e_j·(P[:, j]ᵀ + s·(B·G)_j)
+    dB.row(j) += (scale * e) * (P.col(j).transpose() + scale * BG.row(j));
+  }
+  dA.noalias() += (scale * Be.transpose()) * W;
+  K.noalias() = Be.transpose() * B;
+  dA.noalias() += (scale * scale * K) * A;
+}
+
+} // namespace lowmem
