@@ -78,6 +78,13 @@ TEST_CASE("workspace carves aligned blocks, planner and kernel agree", "[core][w
     float* f = ws.take<float>(n);
     CHECK(reinterpret_cast<std::uintptr_t>(f) % workspace_alignment == 0);
   }
+  { // a carving that takes nothing needs no bytes, and an empty workspace serves it
+    workspace_planner p;
+    p.take<float>(0);
+    CHECK(p.bytes() == 0);
+    workspace empty;
+    CHECK_NOTHROW(empty.take<float>(0));
+  }
   std::vector<unsigned char> small(16);
   workspace ws(small.data(), small.size());
   CHECK_THROWS_AS(ws.take<float>(100), lowmem::invalid_argument);

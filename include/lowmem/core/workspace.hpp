@@ -36,7 +36,9 @@ public:
     bytes_ = detail::align_up(bytes_, workspace_alignment) + count * sizeof(T);
     return nullptr;
   }
-  std::size_t bytes() const noexcept { return bytes_ + workspace_alignment; }
+  /// Bytes to allocate: the carved total plus slack for aligning an arbitrary base; 0 when the
+  /// sequence takes nothing (so a kernel without scratch accepts an empty workspace).
+  std::size_t bytes() const noexcept { return bytes_ == 0 ? 0 : bytes_ + workspace_alignment; }
 
 private:
   std::size_t bytes_ = 0;
@@ -52,6 +54,7 @@ public:
   /// Next `count` T's, 64-byte aligned. Throws lowmem::invalid_argument when the caller's
   /// workspace is too small (kernels check the full size at entry, so this is a safety net).
   template <class T> T* take(std::size_t count) {
+    if (count == 0) return reinterpret_cast<T*>(base_ + used_); // never dereferenced
     auto addr = reinterpret_cast<std::uintptr_t>(base_) + used_;
     std::size_t pad = detail::align_up(addr, workspace_alignment) - addr;
     std::size_t need = pad + count * sizeof(T);
