@@ -60,10 +60,10 @@ long peak_rss_kib() {
 struct step_result {
   std::string backend;
   double loss = 0;
-  std::int64_t att_saved = 0, att_ws = 0;  // attention: saved activations (all layers), workspace
-  std::int64_t activations = 0;            // whole activation arena (incl. attention)
-  std::int64_t tracked = 0;                // params + grads + optimizer state + activations
-  std::int64_t heap_peak = -1;             // heap growth during the phase (lowmem::memory::region)
+  std::int64_t att_saved = 0, att_ws = 0; // attention: saved activations (all layers), workspace
+  std::int64_t activations = 0;           // whole activation arena (incl. attention)
+  std::int64_t tracked = 0;               // params + grads + optimizer state + activations
+  std::int64_t heap_peak = -1;            // heap growth during the phase (lowmem::memory::region)
   long rss_start_kib = 0, rss_peak_kib = 0;
   bool rss_reset = false;
   double sec_per_step = 0, cpu_per_step = 0;
@@ -199,23 +199,23 @@ int main(int argc, char** argv) {
   try {
     const std::string text = text_file.empty() ? demo::load_kjv() : demo::read_text_file(text_file);
     // 90% train / 10% validation; each part needs at least one window of seq + 1 characters.
-    const demo::char_corpus cc =
-        demo::make_corpus(text, text_file.empty() ? "bible -f (KJV)" : text_file,
-                          std::size_t(10 * (tc.seq + 2)));
+    const demo::char_corpus cc = demo::make_corpus(
+        text, text_file.empty() ? "bible -f (KJV)" : text_file, std::size_t(10 * (tc.seq + 2)));
     mc.vocab = cc.vocab();
     const std::size_t split = cc.ids.size() / 10 * 9;
     const demo::gpt_batcher train{&cc.ids, 0, split}, val{&cc.ids, split, cc.ids.size()};
 
     demo::gpt model(mc, 1);
     demo::gpt_adamw opt(model);
-    std::fprintf(stderr,
-                 "char_gpt%s: %s, %zu characters, vocabulary %ld (ln V = %.3f nats); GPT width %ld, "
-                 "depth %ld, %ld heads (d = %ld), %lld parameters; batch %ld x seq %ld, %ld steps, "
-                 "%d threads\n",
-                 quick ? " --quick" : "", cc.source.c_str(), cc.ids.size(), long(mc.vocab),
-                 std::log(double(mc.vocab)), long(mc.width), long(mc.depth), long(mc.heads),
-                 long(mc.head_dim()), (long long)model.parameter_count(), long(tc.batch),
-                 long(tc.seq), long(tc.steps), lowmem::max_threads());
+    std::fprintf(
+        stderr,
+        "char_gpt%s: %s, %zu characters, vocabulary %ld (ln V = %.3f nats); GPT width %ld, "
+        "depth %ld, %ld heads (d = %ld), %lld parameters; batch %ld x seq %ld, %ld steps, "
+        "%d threads\n",
+        quick ? " --quick" : "", cc.source.c_str(), cc.ids.size(), long(mc.vocab),
+        std::log(double(mc.vocab)), long(mc.width), long(mc.depth), long(mc.heads),
+        long(mc.head_dim()), (long long)model.parameter_count(), long(tc.batch), long(tc.seq),
+        long(tc.steps), lowmem::max_threads());
 
     const index_t val_windows = 2;
     model.attention = demo::gpt_tiled_attention();
@@ -249,8 +249,9 @@ int main(int argc, char** argv) {
       first += tr.losses[std::size_t(i)] / double(k);
       last += tr.losses[tr.losses.size() - 1 - std::size_t(i)] / double(k);
     }
-    std::fprintf(stderr, "trained %ld steps in %.1fs wall (%.1fs CPU): %.0f tokens/s; loss %.3f -> "
-                         "%.3f (mean of first/last %ld steps), validation %.3f -> %.3f\n",
+    std::fprintf(stderr,
+                 "trained %ld steps in %.1fs wall (%.1fs CPU): %.0f tokens/s; loss %.3f -> "
+                 "%.3f (mean of first/last %ld steps), validation %.3f -> %.3f\n",
                  long(tc.steps), tr.seconds, tr.cpu_seconds, tr.tokens_per_s, first, last, long(k),
                  val0, val1);
 
@@ -288,9 +289,11 @@ int main(int argc, char** argv) {
                 "peak RSS %.1f MiB (+%.1f)%s.\n\n",
                 long(tc.steps), tr.seconds, tr.cpu_seconds, tr.tokens_per_s, first, last, long(k),
                 std::log(double(mc.vocab)), val0, val1, mib(train_act), mib(train_heap),
-                double(train_rss_peak) / 1024.0, double(train_rss_peak - train_rss0) / 1024.0, train_rss_reset ? "" : " (process maximum)");
-    std::printf("Same training step (final weights, one batch of %ld x %ld) with each attention:\n\n",
-                long(tc.batch), long(tc.seq));
+                double(train_rss_peak) / 1024.0, double(train_rss_peak - train_rss0) / 1024.0,
+                train_rss_reset ? "" : " (process maximum)");
+    std::printf(
+        "Same training step (final weights, one batch of %ld x %ld) with each attention:\n\n",
+        long(tc.batch), long(tc.seq));
     std::printf("| attention | loss | attention memory (saved + workspace) | tracked training "
                 "memory (params + grads + opt + acts) | heap peak | peak RSS (growth) | "
                 "time/step | tokens/s |\n|---|---:|---:|---:|---:|---:|---:|---:|\n");
@@ -301,7 +304,8 @@ int main(int argc, char** argv) {
                   mib(r.att_ws), mib(r.tracked), mib(r.heap_peak), double(r.rss_peak_kib) / 1024.0,
                   double(r.rss_peak_kib - r.rss_start_kib) / 1024.0, 1e3 * r.sec_per_step,
                   tok_per_step / r.sec_per_step);
-    const double ratio = double(rs[1].att_saved + rs[1].att_ws) / double(rs[0].att_saved + rs[0].att_ws);
+    const double ratio =
+        double(rs[1].att_saved + rs[1].att_ws) / double(rs[0].att_saved + rs[0].att_ws);
     std::printf("\nattention memory naive / tiled = %.0fx (target >= 10x at N = 2048); tracked "
                 "training memory %.2fx; |loss difference| %.2e; max |grad difference| / max "
                 "|grad| = %.2e\n",
@@ -316,14 +320,16 @@ int main(int argc, char** argv) {
 
     std::FILE* f = std::fopen((out + "/gpt_results.csv").c_str(), "w");
     if (!f) throw std::runtime_error("cannot write " + out + "/gpt_results.csv");
-    std::fprintf(f, "attention,batch,seq,width,depth,heads,params,train_steps,loss,"
-                    "attention_saved_bytes,attention_workspace_bytes,activation_bytes,"
-                    "tracked_training_bytes,heap_peak_bytes,peak_rss_kib,start_rss_kib,sec_per_step,"
-                    "cpu_sec_per_step,tokens_per_s,train_tokens_per_s,train_loss_first,"
-                    "train_loss_last,val_loss_first,val_loss_last\n");
+    std::fprintf(f,
+                 "attention,batch,seq,width,depth,heads,params,train_steps,loss,"
+                 "attention_saved_bytes,attention_workspace_bytes,activation_bytes,"
+                 "tracked_training_bytes,heap_peak_bytes,peak_rss_kib,start_rss_kib,sec_per_step,"
+                 "cpu_sec_per_step,tokens_per_s,train_tokens_per_s,train_loss_first,"
+                 "train_loss_last,val_loss_first,val_loss_last\n");
     for (const auto& r : rs)
-      std::fprintf(f, "\"%s\",%ld,%ld,%ld,%ld,%ld,%lld,%ld,%.6f,%lld,%lld,%lld,%lld,%lld,%ld,%ld,"
-                      "%.6f,%.6f,%.1f,%.1f,%.6f,%.6f,%.6f,%.6f\n",
+      std::fprintf(f,
+                   "\"%s\",%ld,%ld,%ld,%ld,%ld,%lld,%ld,%.6f,%lld,%lld,%lld,%lld,%lld,%ld,%ld,"
+                   "%.6f,%.6f,%.1f,%.1f,%.6f,%.6f,%.6f,%.6f\n",
                    r.backend.c_str(), long(tc.batch), long(tc.seq), long(mc.width), long(mc.depth),
                    long(mc.heads), (long long)model.parameter_count(), long(tc.steps), r.loss,
                    (long long)r.att_saved, (long long)r.att_ws, (long long)r.activations,

@@ -73,8 +73,8 @@ TEST_CASE("gpt: whole-model backward matches finite differences (naive and tiled
     o.max_elements = 48;
     for (const auto& t : m.tensors) {
       INFO("tensor " << t.name);
-      lowmem::test::gradcheck(loss, m.params.data() + t.offset, t.numel,
-                              analytic.data() + t.offset, t.name.c_str(), o);
+      lowmem::test::gradcheck(loss, m.params.data() + t.offset, t.numel, analytic.data() + t.offset,
+                              t.name.c_str(), o);
     }
     // Accumulation contract: a second backward without zero_grad doubles the gradients.
     m.forward(a, ids.data(), tg.data(), B, T);
@@ -86,8 +86,7 @@ TEST_CASE("gpt: whole-model backward matches finite differences (naive and tiled
   }
 }
 
-TEST_CASE("gpt: tiled and naive causal attention give the same loss and gradients",
-          "[demo][gpt]") {
+TEST_CASE("gpt: tiled and naive causal attention give the same loss and gradients", "[demo][gpt]") {
   // T = 150 is not a multiple of the 64-row tiles; d = 16 takes the single-pass backward on
   // AVX-512/AVX2, d = 8 the two-pass one.
   for (index_t heads : {2, 4}) {

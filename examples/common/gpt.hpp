@@ -87,7 +87,8 @@ inline char_corpus make_corpus(const std::string& text, const std::string& sourc
       cc.chars.push_back(static_cast<unsigned char>(c));
     }
   cc.ids.resize(text.size());
-  for (std::size_t i = 0; i < text.size(); ++i) cc.ids[i] = map[static_cast<unsigned char>(text[i])];
+  for (std::size_t i = 0; i < text.size(); ++i)
+    cc.ids[i] = map[static_cast<unsigned char>(text[i])];
   return cc;
 }
 
@@ -137,8 +138,8 @@ inline std::string load_kjv() {
   while ((n = std::fread(buf, 1, sizeof buf, p)) > 0) raw.append(buf, n);
   const int status = ::pclose(p);
   if (status != 0)
-    throw std::runtime_error("'bible -f gen1:1-rev22:21' failed (status " +
-                             std::to_string(status) + "): " + raw.substr(0, 300) +
+    throw std::runtime_error("'bible -f gen1:1-rev22:21' failed (status " + std::to_string(status) +
+                             "): " + raw.substr(0, 300) +
                              " — is bible-kjv-text (/usr/lib/bible.data) installed?");
   std::string text;
   text.reserve(raw.size());
@@ -278,9 +279,9 @@ inline causal_attention gpt_tiled_attention(int threads = 0) {
     opt.causal = true;
     opt.threads = threads;
     const index_t C = s.C();
-    lowmem::attention_forward(view(qkv, s, 3 * C), view(qkv + C, s, 3 * C),
-                              view(qkv + 2 * C, s, 3 * C), view(out, s, C), lse, opt,
-                              lowmem::workspace(ws, lowmem::attention_workspace_bytes(s.d, threads)));
+    lowmem::attention_forward(
+        view(qkv, s, 3 * C), view(qkv + C, s, 3 * C), view(qkv + 2 * C, s, 3 * C), view(out, s, C),
+        lse, opt, lowmem::workspace(ws, lowmem::attention_workspace_bytes(s.d, threads)));
   };
   a.backward = [threads, view](const causal_shape& s, const float* qkv, const float* out,
                                const float* dout, const float* lse, float* dqkv, float* ws) {
@@ -336,9 +337,7 @@ struct gpt_activations {
   std::int64_t bytes() const {
     return std::int64_t((buffer.size() + grads.size()) * sizeof(float));
   }
-  std::int64_t attention_bytes() const {
-    return attention_saved_bytes + attention_workspace_bytes;
-  }
+  std::int64_t attention_bytes() const { return attention_saved_bytes + attention_workspace_bytes; }
 };
 
 class gpt {
@@ -472,8 +471,8 @@ public:
 
   /// Backward of the last forward(a, ids, targets, B, T): ACCUMULATES into grads (zero_grad()
   /// first for plain gradients).
-  void backward(gpt_activations& a, const std::uint8_t* ids, const std::uint8_t* targets,
-                index_t B, index_t T) {
+  void backward(gpt_activations& a, const std::uint8_t* ids, const std::uint8_t* targets, index_t B,
+                index_t T) {
     const index_t BT = B * T, C = cfg.width, V = cfg.vocab, F = cfg.hidden();
     const causal_shape cs = shape(B, T);
     std::fill(a.grads.begin(), a.grads.end(), 0.0f);
@@ -511,10 +510,10 @@ public:
       linear_backward(a.at(b.ao), p(n + "proj.w"), dres, dao, g(n + "proj.w"), g(n + "proj.b"), BT,
                       C, C);
       attention.backward(cs, a.at(b.qkv), a.at(b.ao), dao, a.at(b.att), dqkv, a.at(a.att_ws));
-      linear_backward(a.at(b.ln1), p(n + "qkv.w"), dqkv, dln, g(n + "qkv.w"), g(n + "qkv.b"), BT,
-                      C, 3 * C);
-      layernorm_backward(x, p(n + "ln1.w"), a.at(b.mean1), a.at(b.rstd1), dln, dres,
-                         g(n + "ln1.w"), g(n + "ln1.b"), BT, C);
+      linear_backward(a.at(b.ln1), p(n + "qkv.w"), dqkv, dln, g(n + "qkv.w"), g(n + "qkv.b"), BT, C,
+                      3 * C);
+      layernorm_backward(x, p(n + "ln1.w"), a.at(b.mean1), a.at(b.rstd1), dln, dres, g(n + "ln1.w"),
+                         g(n + "ln1.b"), BT, C);
     }
     float* dwte = g("wte");
     float* dwpe = g("wpe");
@@ -612,7 +611,8 @@ inline double process_cpu_seconds() {
 struct gpt_adamw {
   std::vector<float> m, v;
   std::int64_t step = 0;
-  explicit gpt_adamw(const gpt& model) : m(model.params.size(), 0.0f), v(model.params.size(), 0.0f) {}
+  explicit gpt_adamw(const gpt& model)
+      : m(model.params.size(), 0.0f), v(model.params.size(), 0.0f) {}
   std::int64_t bytes() const { return std::int64_t((m.size() + v.size()) * sizeof(float)); }
   /// Returns the gradient norm before clipping.
   double update(gpt& model, double lr, double weight_decay, double clip) {
