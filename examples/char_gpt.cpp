@@ -294,16 +294,17 @@ int main(int argc, char** argv) {
     std::printf(
         "Same training step (final weights, one batch of %ld x %ld) with each attention:\n\n",
         long(tc.batch), long(tc.seq));
-    std::printf("| attention | loss | attention memory (saved + workspace) | tracked training "
-                "memory (params + grads + opt + acts) | heap peak | peak RSS (growth) | "
-                "time/step | tokens/s |\n|---|---:|---:|---:|---:|---:|---:|---:|\n");
+    std::printf(
+        "| attention | loss | attention memory (saved + workspace) | tracked training "
+        "memory (params + grads + opt + acts) | heap peak | peak RSS (growth) | "
+        "time/step (wall, CPU) | tokens/s (wall) |\n|---|---:|---:|---:|---:|---:|---:|---:|\n");
     for (const auto& r : rs)
       std::printf("| %s | %.5f | %.3f MiB (%.3f + %.3f) | %.1f MiB | %.1f MiB | %.1f MiB (+%.1f) | "
-                  "%.0f ms | %.0f |\n",
+                  "%.0f ms, %.0f ms | %.0f |\n",
                   r.backend.c_str(), r.loss, mib(r.att_saved + r.att_ws), mib(r.att_saved),
                   mib(r.att_ws), mib(r.tracked), mib(r.heap_peak), double(r.rss_peak_kib) / 1024.0,
                   double(r.rss_peak_kib - r.rss_start_kib) / 1024.0, 1e3 * r.sec_per_step,
-                  tok_per_step / r.sec_per_step);
+                  1e3 * r.cpu_per_step, tok_per_step / r.sec_per_step);
     const double ratio =
         double(rs[1].att_saved + rs[1].att_ws) / double(rs[0].att_saved + rs[0].att_ws);
     std::printf("\nattention memory naive / tiled = %.0fx (target >= 10x at N = 2048); tracked "
