@@ -250,10 +250,12 @@ int main(int argc, char** argv) {
       last += tr.losses[tr.losses.size() - 1 - std::size_t(i)] / double(k);
     }
     std::fprintf(stderr,
-                 "trained %ld steps in %.1fs wall (%.1fs CPU): %.0f tokens/s; loss %.3f -> "
+                 "trained %ld steps in %.1fs wall (%.1fs CPU): %.0f tokens/s (%.0f per "
+                 "CPU-second); loss %.3f -> "
                  "%.3f (mean of first/last %ld steps), validation %.3f -> %.3f\n",
-                 long(tc.steps), tr.seconds, tr.cpu_seconds, tr.tokens_per_s, first, last, long(k),
-                 val0, val1);
+                 long(tc.steps), tr.seconds, tr.cpu_seconds, tr.tokens_per_s,
+                 double(tc.steps * tc.batch * tc.seq) / std::max(tr.cpu_seconds, 1e-9), first, last,
+                 long(k), val0, val1);
 
     // ---- the same step (final weights, the next training batch) with each backend ----
     std::vector<std::uint8_t> ids(std::size_t(tc.batch * tc.seq)), tg(ids.size());
@@ -284,11 +286,13 @@ int main(int argc, char** argv) {
                 cc.source.c_str(), cc.ids.size(), long(mc.vocab), long(mc.width), long(mc.depth),
                 long(mc.heads), (long long)model.parameter_count(), long(tc.batch), long(tc.seq));
     std::printf("Training (lowmem tiled attention, AdamW): %ld steps, %.1fs wall / %.1fs CPU, "
-                "%.0f tokens/s; loss %.3f -> %.3f (mean of first/last %ld steps; ln V = %.3f); "
+                "%.0f tokens/s (%.0f per CPU-second); loss %.3f -> %.3f (mean of first/last %ld "
+                "steps; ln V = %.3f); "
                 "validation loss %.3f -> %.3f; tracked activations %.1f MiB, heap peak %.1f MiB, "
                 "peak RSS %.1f MiB (+%.1f)%s.\n\n",
-                long(tc.steps), tr.seconds, tr.cpu_seconds, tr.tokens_per_s, first, last, long(k),
-                std::log(double(mc.vocab)), val0, val1, mib(train_act), mib(train_heap),
+                long(tc.steps), tr.seconds, tr.cpu_seconds, tr.tokens_per_s,
+                double(tc.steps * tc.batch * tc.seq) / std::max(tr.cpu_seconds, 1e-9), first, last,
+                long(k), std::log(double(mc.vocab)), val0, val1, mib(train_act), mib(train_heap),
                 double(train_rss_peak) / 1024.0, double(train_rss_peak - train_rss0) / 1024.0,
                 train_rss_reset ? "" : " (process maximum)");
     std::printf(
