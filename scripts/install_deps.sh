@@ -3,7 +3,7 @@
 # sudo available). Usage: scripts/install_deps.sh [extra package ...]
 set -euo pipefail
 packages=(g++ cmake make libeigen3-dev libxsimd-dev catch2 libbenchmark-dev zlib1g-dev
-          dataset-fashion-mnist nlohmann-json3-dev "$@")
+          dataset-fashion-mnist nlohmann-json3-dev bible-kjv bible-kjv-text "$@")
 missing=()
 for p in "${packages[@]}"; do
   dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q 'install ok installed' || missing+=("$p")
