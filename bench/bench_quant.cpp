@@ -314,6 +314,27 @@ void fp32_case(benchmark::State& st) {
   bench::set_flops(st, 2.0 * double(M) * double(out) * double(in));
 }
 
+// int8 W with the activation quantized per 64-group on the fly (VNNI int8 x int8 -> int32).
+void BM_gemv_int8dyn_lowmem(benchmark::State& st) {
+  const index_t M = st.range(0), out = st.range(1), in = st.range(2);
+  const int threads = int(st.range(3));
+  const auto q = qweight_storage::quantize(dense_w(out, in), weight_format::int8_sym, 64);
+  RowMatrixXf x(M, in), y(M, out);
+  random::fill_normal(random::stream{3, 3}, 0, x.data(), std::size_t(x.size()));
+  owned_workspace ws(qlinear_int8_dynamic_workspace_bytes(q.view()));
+  warm_up_threads(threads);
+  bench::peak_memory peak;
+  for (auto _ : st) {
+    qlinear_forward_int8_dynamic(x, q.view(), y, ws.get(), threads);
+    benchmark::ClobberMemory();
+  }
+  peak.report(st);
+  st.counters["vnni"] = kernels::int8_gemm_has_vnni ? 1 : 0;
+  st.counters["W_MiB"] = double(q.bytes()) / (1 << 20);
+  st.SetBytesProcessed(std::int64_t(st.iterations()) * std::int64_t(q.bytes()));
+  bench::set_flops(st, 2.0 * double(M) * double(out) * double(in));
+}
+
 void BM_int8gemm_lowmem(benchmark::State& st) { // exact int8 x int8 -> int32 (VNNI)
   const index_t M = st.range(0), N = st.range(1), K = st.range(2);
   std::vector<std::int8_t> a(std::size_t(M * K)), b(std::size_t(N * K));
@@ -393,6 +414,12 @@ struct registrar {
     benchmark::RegisterBenchmark("BM_quant_fwht/naive", BM_fwht_naive)->Apply(fwht_args);
     benchmark::RegisterBenchmark("BM_quant_int8gemm/lowmem", BM_int8gemm_lowmem)->Apply(gemm_args);
     benchmark::RegisterBenchmark("BM_quant_llm_int8/lowmem", BM_llm_int8_lowmem)->Apply(gemm_args);
+    for (std::int64_t th : {1, 2})
+      benchmark::RegisterBenchmark("BM_quant_gemv_int8dyn/lowmem", BM_gemv_int8dyn_lowmem)
+          ->ArgNames({"M", "out", "in", "threads"})
+          ->Args({1, bench::smoke() ? 512 : 4096, bench::smoke() ? 512 : 4096, th})
+          ->UseRealTime()
+          ->Unit(benchmark::kMicrosecond);
     const std::pair<const char*, weight_format> fmts[] = {{"nf4", weight_format::nf4},
                                                           {"int4", weight_format::int4_sym},
                                                           {"int8", weight_format::int8_sym}};

@@ -101,4 +101,21 @@ inline std::vector<double> matmul_dyw(const float* dy, const float* W, std::size
   return dx;
 }
 
+/// Dynamic int8 GEMV (qlinear_forward_int8_dynamic's contract): x [cols] quantized per group of g
+/// with affine_quantize_ref (symmetric int8), y[r] = Σ_j sw[r, j·g/block]·sx[j]·Σ_k w·xq in double.
+/// w: signed int8 codes [rows, cols]; sw: one scale per block of a row.
+inline std::vector<double> dyn_int8_gemv_ref(const float* x, const std::int8_t* w, const float* sw,
+                                             std::size_t rows, std::size_t cols, std::size_t block,
+                                             std::size_t g) {
+  const affine_ref_result xr = affine_quantize_ref(x, cols, g, 8, true);
+  std::vector<double> y(rows, 0.0);
+  for (std::size_t r = 0; r < rows; ++r)
+    for (std::size_t j = 0; j * g < cols; ++j) {
+      double d = 0;
+      for (std::size_t k = j * g; k < (j + 1) * g; ++k) d += double(w[r * cols + k]) * xr.q[k];
+      y[r] += double(sw[r * (cols / block) + j * g / block]) * double(xr.scale[j]) * d;
+    }
+  return y;
+}
+
 } // namespace lowmem::ref
