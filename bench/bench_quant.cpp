@@ -273,17 +273,18 @@ const RowMatrixXf& dense_w(index_t out, index_t in) {
   return W;
 }
 
-void linear_case(benchmark::State& st, weight_format f, bool lowmem_impl) {
+void linear_case(benchmark::State& st, weight_format f, bool lowmem_impl, int threads = 1) {
   const index_t M = st.range(0), out = st.range(1), in = st.range(2);
   const auto q = qweight_storage::quantize(dense_w(out, in), f, 64);
   const qweight W = q.view();
   RowMatrixXf x(M, in), y(M, out);
   random::fill_normal(random::stream{3, 3}, 0, x.data(), std::size_t(x.size()));
   owned_workspace ws(qlinear_workspace_bytes(W, M));
+  warm_up_threads(threads);
   bench::peak_memory peak;
   for (auto _ : st) {
     if (lowmem_impl) {
-      qlinear_forward(x, W, y, ws.get());
+      qlinear_forward(x, W, y, ws.get(), threads);
     } else { // naive: dequantize all of W, then Eigen
       RowMatrixXf Wd(out, in);
       dequantize_weight(W, Wd);
@@ -414,6 +415,17 @@ struct registrar {
     benchmark::RegisterBenchmark("BM_quant_fwht/naive", BM_fwht_naive)->Apply(fwht_args);
     benchmark::RegisterBenchmark("BM_quant_int8gemm/lowmem", BM_int8gemm_lowmem)->Apply(gemm_args);
     benchmark::RegisterBenchmark("BM_quant_llm_int8/lowmem", BM_llm_int8_lowmem)->Apply(gemm_args);
+    for (auto [name, f] : {std::pair<const char*, weight_format>{"nf4", weight_format::nf4},
+                           {"int4", weight_format::int4_sym}}) {
+      const weight_format ff = f;
+      const std::int64_t d = bench::smoke() ? 512 : 4096;
+      benchmark::RegisterBenchmark((std::string("BM_quant_gemv_") + name + "/lowmem").c_str(),
+                                   [ff](benchmark::State& st) { linear_case(st, ff, true, 2); })
+          ->ArgNames({"M", "out", "in", "threads"})
+          ->Args({1, d, d, 2})
+          ->UseRealTime()
+          ->Unit(benchmark::kMicrosecond);
+    }
     for (std::int64_t th : {1, 2})
       benchmark::RegisterBenchmark("BM_quant_gemv_int8dyn/lowmem", BM_gemv_int8dyn_lowmem)
           ->ArgNames({"M", "out", "in", "threads"})

@@ -220,6 +220,26 @@ TEST_CASE("dynamic int8 GEMV: no allocation; bad input throws before writing",
   CHECK(std::isfinite(y(1, 3)));
 }
 
+TEST_CASE("qlinear_forward with threads: bitwise equal to one thread; no allocation",
+          "[quant][linear][threads]") {
+  REQUIRE(memory::tracking_enabled());
+  warm_up_threads();
+  const RowMatrixXf Wd = random_matrix(300, 256, 21);
+  for (weight_format f : {weight_format::nf4, weight_format::int8_sym, weight_format::int4_asym})
+    for (index_t M : {1, 3, 16}) {
+      INFO("format " << int(f) << " M " << M);
+      const auto q = qweight_storage::quantize(Wd, f, 64);
+      const RowMatrixXf x = random_matrix(M, 256, 22);
+      RowMatrixXf y1(M, 300), y2(M, 300);
+      owned_workspace ws(qlinear_workspace_bytes(q.view(), M));
+      qlinear_forward(x, q.view(), y1, ws.get());
+      memory::region r;
+      qlinear_forward(x, q.view(), y2, ws.get(), 2);
+      if (M < 8) CHECK(r.allocations() == 0); // the GEMM path's Eigen packing may allocate
+      CHECK(ref::bitwise_equal(y1.data(), y2.data(), std::size_t(y1.size())));
+    }
+}
+
 TEST_CASE("int8 GEMM is exact (VNNI or portable), tails included", "[quant][int8gemm]") {
   INFO("VNNI kernel compiled: " << kernels::int8_gemm_has_vnni);
   for (auto [M, N, K] : {std::tuple<index_t, index_t, index_t>{1, 1, 1},

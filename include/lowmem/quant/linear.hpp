@@ -122,8 +122,22 @@ inline std::size_t qlinear_workspace_bytes(const qweight& w, index_t batch) {
 /// Eigen (whose own packing buffers, O(cache) bytes, come from the heap) — never an fp32 copy of W.
 /// Numerics: fp32 accumulation; the fused AVX-512 GEMV sums each block then scales it, the other
 /// paths use exactly dequantized weights (|error| vs dequantize-then-GEMM in double ~ 1e-6 rel).
+/// Threads: see the overload with `threads`; this one runs on the calling thread only.
+template <class Arch = simd::default_arch>
+inline void qlinear_forward(ConstRowRef<float> x, const qweight& W, RowRef<float> y, workspace ws,
+                            int threads);
 template <class Arch = simd::default_arch>
 inline void qlinear_forward(ConstRowRef<float> x, const qweight& W, RowRef<float> y, workspace ws) {
+  qlinear_forward<Arch>(x, W, y, ws, 1);
+}
+
+/// qlinear_forward with the rows of W split over `threads` threads (<= 0: max_threads()) by
+/// lowmem::parallel_for: the fused AVX-512 GEMV (batch < 8) and the dequantization of each GEMM
+/// tile (Eigen's own GEMM threads under OpenMP as configured). Rows are independent, so the
+/// result is bitwise the same for every thread count. Same memory (no per-thread scratch).
+template <class Arch>
+inline void qlinear_forward(ConstRowRef<float> x, const qweight& W, RowRef<float> y, workspace ws,
+                            int threads) {
   const char* fn = "qlinear_forward";
   detail::require_qweight(fn, W);
   require_equal(fn, "x.cols (== W.cols)", W.cols, x.cols());
@@ -146,8 +160,14 @@ inline void qlinear_forward(ConstRowRef<float> x, const qweight& W, RowRef<float
           for (std::size_t k = 0; k < block; ++k) acc += xr[b * block + k];
           s.xsum[b] = acc;
         }
-        kernels::fused_gemv_rows<Arch>(d, W.codes, W.scales, W.zeros, cols, block, xr, s.x_split,
-                                       s.xsum, 0, std::size_t(W.rows), yr);
+        parallel_for(
+            0, W.rows, 64,
+            [&](std::ptrdiff_t r0, std::ptrdiff_t r1, int) {
+              kernels::fused_gemv_rows<Arch>(d, W.codes, W.scales, W.zeros, cols, block, xr,
+                                             s.x_split, s.xsum, std::size_t(r0), std::size_t(r1),
+                                             yr);
+            },
+            threads);
       } else {
         for (index_t o = 0; o < W.rows; ++o) {
           kernels::dequant_segment<Arch>(d, W.codes, W.scales, W.zeros, cols, block, std::size_t(o),
@@ -161,9 +181,15 @@ inline void qlinear_forward(ConstRowRef<float> x, const qweight& W, RowRef<float
   const index_t tn = detail::qlinear_tile_rows(W);
   for (index_t o0 = 0; o0 < W.rows; o0 += tn) {
     const index_t t = std::min(tn, W.rows - o0);
-    for (index_t o = 0; o < t; ++o)
-      kernels::dequant_segment<Arch>(d, W.codes, W.scales, W.zeros, cols, block,
-                                     std::size_t(o0 + o), 0, cols, s.tile + std::size_t(o) * cols);
+    parallel_for(
+        0, t, 4,
+        [&](std::ptrdiff_t a, std::ptrdiff_t b, int) {
+          for (std::ptrdiff_t o = a; o < b; ++o)
+            kernels::dequant_segment<Arch>(d, W.codes, W.scales, W.zeros, cols, block,
+                                           std::size_t(o0 + o), 0, cols,
+                                           s.tile + std::size_t(o) * cols);
+        },
+        threads);
     ConstRowMap<float> T(s.tile, t, W.cols, Eigen::OuterStride<>(W.cols));
     y.middleCols(o0, t).noalias() = x * T.transpose();
   }
