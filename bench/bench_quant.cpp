@@ -4,7 +4,10 @@
 //  * FWHT on 4096-length rows (lowmem vs a textbook scalar FWHT);
 //  * 4096×4096 W: NF4 / int4 / int8 GEMV (batch 1) and dequant-GEMM (4096 rows) vs fp32 Eigen
 //    (BM_quant_gemv_fp32/naive, BM_quant_gemm_fp32/naive); "naive" for a quantized format is
-//    dequantize-the-whole-W then Eigen (peak_MiB shows its fp32 copy; lowmem's is ~0).
+//    dequantize-the-whole-W then Eigen (peak_MiB shows its fp32 copy; lowmem's is ~0);
+//    .../threads:2 rows split W's rows over 2 threads (real time is the figure there);
+//  * BM_quant_gemv_int8dyn: int8 W with the activation quantized per 64-group on the fly
+//    (qlinear_forward_int8_dynamic, AVX512-VNNI), 1 and 2 threads; bytes counted on W.
 // LOWMEM_BENCH_SMOKE=1 shrinks every shape.
 #include "bench_support.hpp"
 
