@@ -4,7 +4,10 @@
 //  * FWHT on 4096-length rows (lowmem vs a textbook scalar FWHT);
 //  * 4096×4096 W: NF4 / int4 / int8 GEMV (batch 1) and dequant-GEMM (4096 rows) vs fp32 Eigen
 //    (BM_quant_gemv_fp32/naive, BM_quant_gemm_fp32/naive); "naive" for a quantized format is
-//    dequantize-the-whole-W then Eigen (peak_MiB shows its fp32 copy; lowmem's is ~0).
+//    dequantize-the-whole-W then Eigen (peak_MiB shows its fp32 copy; lowmem's is ~0);
+//    .../threads:2 rows split W's rows over 2 threads (real time is the figure there);
+//  * BM_quant_gemv_int8dyn: int8 W with the activation quantized per 64-group on the fly
+//    (qlinear_forward_int8_dynamic, AVX512-VNNI), 1 and 2 threads; bytes counted on W.
 // LOWMEM_BENCH_SMOKE=1 shrinks every shape.
 #include "bench_support.hpp"
 
@@ -273,17 +276,18 @@ const RowMatrixXf& dense_w(index_t out, index_t in) {
   return W;
 }
 
-void linear_case(benchmark::State& st, weight_format f, bool lowmem_impl) {
+void linear_case(benchmark::State& st, weight_format f, bool lowmem_impl, int threads = 1) {
   const index_t M = st.range(0), out = st.range(1), in = st.range(2);
   const auto q = qweight_storage::quantize(dense_w(out, in), f, 64);
   const qweight W = q.view();
   RowMatrixXf x(M, in), y(M, out);
   random::fill_normal(random::stream{3, 3}, 0, x.data(), std::size_t(x.size()));
   owned_workspace ws(qlinear_workspace_bytes(W, M));
+  warm_up_threads(threads);
   bench::peak_memory peak;
   for (auto _ : st) {
     if (lowmem_impl) {
-      qlinear_forward(x, W, y, ws.get());
+      qlinear_forward(x, W, y, ws.get(), threads);
     } else { // naive: dequantize all of W, then Eigen
       RowMatrixXf Wd(out, in);
       dequantize_weight(W, Wd);
@@ -311,6 +315,27 @@ void fp32_case(benchmark::State& st) {
   }
   peak.report(st);
   st.counters["W_MiB"] = double(W.size()) * 4 / (1 << 20);
+  bench::set_flops(st, 2.0 * double(M) * double(out) * double(in));
+}
+
+// int8 W with the activation quantized per 64-group on the fly (VNNI int8 x int8 -> int32).
+void BM_gemv_int8dyn_lowmem(benchmark::State& st) {
+  const index_t M = st.range(0), out = st.range(1), in = st.range(2);
+  const int threads = int(st.range(3));
+  const auto q = qweight_storage::quantize(dense_w(out, in), weight_format::int8_sym, 64);
+  RowMatrixXf x(M, in), y(M, out);
+  random::fill_normal(random::stream{3, 3}, 0, x.data(), std::size_t(x.size()));
+  owned_workspace ws(qlinear_int8_dynamic_workspace_bytes(q.view()));
+  warm_up_threads(threads);
+  bench::peak_memory peak;
+  for (auto _ : st) {
+    qlinear_forward_int8_dynamic(x, q.view(), y, ws.get(), threads);
+    benchmark::ClobberMemory();
+  }
+  peak.report(st);
+  st.counters["vnni"] = kernels::int8_gemm_has_vnni ? 1 : 0;
+  st.counters["W_MiB"] = double(q.bytes()) / (1 << 20);
+  st.SetBytesProcessed(std::int64_t(st.iterations()) * std::int64_t(q.bytes()));
   bench::set_flops(st, 2.0 * double(M) * double(out) * double(in));
 }
 
@@ -393,6 +418,23 @@ struct registrar {
     benchmark::RegisterBenchmark("BM_quant_fwht/naive", BM_fwht_naive)->Apply(fwht_args);
     benchmark::RegisterBenchmark("BM_quant_int8gemm/lowmem", BM_int8gemm_lowmem)->Apply(gemm_args);
     benchmark::RegisterBenchmark("BM_quant_llm_int8/lowmem", BM_llm_int8_lowmem)->Apply(gemm_args);
+    for (auto [name, f] : {std::pair<const char*, weight_format>{"nf4", weight_format::nf4},
+                           {"int4", weight_format::int4_sym}}) {
+      const weight_format ff = f;
+      const std::int64_t d = bench::smoke() ? 512 : 4096;
+      benchmark::RegisterBenchmark((std::string("BM_quant_gemv_") + name + "/lowmem").c_str(),
+                                   [ff](benchmark::State& st) { linear_case(st, ff, true, 2); })
+          ->ArgNames({"M", "out", "in", "threads"})
+          ->Args({1, d, d, 2})
+          ->UseRealTime()
+          ->Unit(benchmark::kMicrosecond);
+    }
+    for (std::int64_t th : {1, 2})
+      benchmark::RegisterBenchmark("BM_quant_gemv_int8dyn/lowmem", BM_gemv_int8dyn_lowmem)
+          ->ArgNames({"M", "out", "in", "threads"})
+          ->Args({1, bench::smoke() ? 512 : 4096, bench::smoke() ? 512 : 4096, th})
+          ->UseRealTime()
+          ->Unit(benchmark::kMicrosecond);
     const std::pair<const char*, weight_format> fmts[] = {{"nf4", weight_format::nf4},
                                                           {"int4", weight_format::int4_sym},
                                                           {"int8", weight_format::int8_sym}};

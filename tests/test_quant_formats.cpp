@@ -197,6 +197,44 @@ LOWMEM_ARCH_TEST_CASE("NF4/FP4 codes are the nearest level; round trip; tails an
   }
 }
 
+LOWMEM_ARCH_TEST_CASE("4-bit packed codes equal the scalar nearest-level count at every threshold "
+                      "and cell edge",
+                      "[quant][nf4]") {
+  using Arch = TestType;
+  LOWMEM_SKIP_IF_UNSUPPORTED();
+  CHECK(kernels::nf4_codebook().cells_ok); // NF4 takes the one-compare cell path
+  for (const kernels::codebook4* cb : {&kernels::nf4_codebook(), &kernels::fp4_codebook()}) {
+    // values around every threshold and every 1/16 cell edge, a few ulps either side, plus ±1
+    std::vector<float> v;
+    auto around = [&](float c) {
+      float a = c, b = c;
+      for (int k = 0; k < 4; ++k) {
+        v.push_back(a), v.push_back(b);
+        a = std::nextafter(a, 2.f), b = std::nextafter(b, -2.f);
+      }
+    };
+    for (int t = 0; t < 15; ++t) around(cb->mid[t]);
+    for (int j = 0; j <= 32; ++j) around(float(-1.0 + j / 16.0));
+    auto r = ref::uniform_data(997, 77, -1.f, 1.f);
+    v.insert(v.end(), r.begin(), r.end());
+    for (float& e : v) e = std::min(1.f, std::max(-1.f, e));
+    while (v.size() % 16) v.push_back(0.f);
+    std::vector<std::uint8_t> packed(v.size() / 2), codes(v.size());
+    if constexpr (kernels::has_packed_codebook_path<Arch>())
+      kernels::codebook_codes_packed<Arch>(v.data(), v.size(), 1.0f, *cb, packed.data());
+    else
+      for (std::size_t i = 0; i < v.size(); i += 2)
+        packed[i / 2] = std::uint8_t(kernels::codebook_code_scalar(v[i], *cb) << 4 |
+                                     kernels::codebook_code_scalar(v[i + 1], *cb));
+    kernels::codebook_codes<Arch>(v.data(), v.size(), 1.0f, *cb, codes.data());
+    for (std::size_t i = 0; i < v.size(); ++i) {
+      INFO("v " << v[i]);
+      REQUIRE(ref::nibble(packed.data(), i) == kernels::codebook_code_scalar(v[i], *cb));
+      REQUIRE(codes[i] == kernels::codebook_code_scalar(v[i], *cb));
+    }
+  }
+}
+
 TEST_CASE("double quantization: <= 4.13 bits/param, bounded absmax error, NaN absmax throws",
           "[quant][nf4][double_quant]") {
   const std::size_t n = static_cast<std::size_t>(4096) * 4096;

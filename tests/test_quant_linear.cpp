@@ -5,6 +5,7 @@
 #include <lowmem/quant/linear.hpp>
 #include <lowmem/quant/llm_int8.hpp>
 
+#include <cmath>
 #include <vector>
 
 #include "reference/common.hpp"
@@ -151,6 +152,92 @@ TEST_CASE("qlinear bad input throws before writing", "[quant][linear][errors]") 
   CHECK((y.array() == 7.f).all());
   CHECK_THROWS_AS(qweight_storage::quantize(Wd, weight_format::int4_sym, 48),
                   lowmem::invalid_argument);
+}
+
+LOWMEM_ARCH_TEST_CASE("dynamic int8 GEMV equals its int32 definition; close to the exact product",
+                      "[quant][linear][int8dyn]") {
+  using Arch = TestType;
+  LOWMEM_SKIP_IF_UNSUPPORTED();
+  INFO("VNNI kernel compiled: " << kernels::int8_gemm_has_vnni);
+  struct shape {
+    index_t out, in, block;
+  };
+  // block % 64 == 0: VNNI kernel (4-row passes + row tails); otherwise the portable loop
+  const shape shapes[] = {{37, 128, 64}, {6, 256, 128}, {9, 96, 32}, {3, 130, 130}, {1, 64, 64}};
+  for (const shape& sh : shapes)
+    for (index_t M : {1, 3}) {
+      INFO("out " << sh.out << " in " << sh.in << " block " << sh.block << " M " << M);
+      const RowMatrixXf Wd = random_matrix(sh.out, sh.in, 11 + std::uint64_t(sh.out));
+      RowMatrixXf x = random_matrix(M, sh.in, 12);
+      x(0, 1) = 0.f; // a zero and an outlier
+      x(M - 1, sh.in - 1) = 9.f;
+      const auto q = qweight_storage::quantize<Arch>(Wd, weight_format::int8_sym, sh.block);
+      const qweight W = q.view();
+      RowMatrixXf y(M, sh.out), y2(M, sh.out), deq(sh.out, sh.in);
+      owned_workspace ws(qlinear_int8_dynamic_workspace_bytes(W));
+      qlinear_forward_int8_dynamic<Arch>(x, W, y, ws.get());
+      qlinear_forward_int8_dynamic<Arch>(x, W, y2, ws.get(), 2);
+      CHECK((y.array() == y2.array()).all()); // thread count does not change the result
+      dequantize_weight<Arch>(W, deq);
+      const auto exact = ref::matmul_xwt(x.data(), deq.data(), std::size_t(M), std::size_t(sh.out),
+                                         std::size_t(sh.in));
+      const std::size_t g = sh.block % 64 == 0 ? 64 : std::size_t(sh.block);
+      for (index_t m = 0; m < M; ++m) {
+        const auto want = ref::dyn_int8_gemv_ref(
+            x.row(m).data(), reinterpret_cast<const std::int8_t*>(q.codes.data()), q.scales.data(),
+            std::size_t(sh.out), std::size_t(sh.in), std::size_t(sh.block), g);
+        std::vector<double> got(y.row(m).data(), y.row(m).data() + sh.out);
+        CHECK(ref::max_rel_error(got.data(), want.data(), got.size()) < 1e-5);
+        const std::vector<double> ex(exact.begin() + m * sh.out, exact.begin() + (m + 1) * sh.out);
+        CHECK(ref::nmse(got.data(), ex.data(), got.size()) < 1e-3); // activation rounding
+      }
+    }
+}
+
+TEST_CASE("dynamic int8 GEMV: no allocation; bad input throws before writing",
+          "[quant][linear][int8dyn][errors]") {
+  REQUIRE(memory::tracking_enabled());
+  warm_up_threads();
+  const RowMatrixXf Wd = random_matrix(256, 512, 5);
+  const auto q = qweight_storage::quantize(Wd, weight_format::int8_sym, 64);
+  const RowMatrixXf x = random_matrix(2, 512, 6);
+  RowMatrixXf y = RowMatrixXf::Constant(2, 256, 7.f);
+  owned_workspace ws(qlinear_int8_dynamic_workspace_bytes(q.view()));
+  const RowMatrixXf bad_x = random_matrix(2, 500, 4);
+  CHECK_THROWS_AS(qlinear_forward_int8_dynamic(bad_x, q.view(), y, ws.get()),
+                  lowmem::invalid_argument);
+  const auto q4 = qweight_storage::quantize(Wd, weight_format::nf4, 64);
+  CHECK_THROWS_AS(qlinear_forward_int8_dynamic(x, q4.view(), y, ws.get()),
+                  lowmem::invalid_argument);
+  owned_workspace small(16);
+  CHECK_THROWS_AS(qlinear_forward_int8_dynamic(x, q.view(), y, small.get()),
+                  lowmem::invalid_argument);
+  CHECK((y.array() == 7.f).all());
+  memory::region r;
+  qlinear_forward_int8_dynamic(x, q.view(), y, ws.get());
+  qlinear_forward_int8_dynamic(x, q.view(), y, ws.get(), 2);
+  CHECK(r.allocations() == 0);
+  CHECK(std::isfinite(y(1, 3)));
+}
+
+TEST_CASE("qlinear_forward with threads: bitwise equal to one thread; no allocation",
+          "[quant][linear][threads]") {
+  REQUIRE(memory::tracking_enabled());
+  warm_up_threads();
+  const RowMatrixXf Wd = random_matrix(300, 256, 21);
+  for (weight_format f : {weight_format::nf4, weight_format::int8_sym, weight_format::int4_asym})
+    for (index_t M : {1, 3, 16}) {
+      INFO("format " << int(f) << " M " << M);
+      const auto q = qweight_storage::quantize(Wd, f, 64);
+      const RowMatrixXf x = random_matrix(M, 256, 22);
+      RowMatrixXf y1(M, 300), y2(M, 300);
+      owned_workspace ws(qlinear_workspace_bytes(q.view(), M));
+      qlinear_forward(x, q.view(), y1, ws.get());
+      memory::region r;
+      qlinear_forward(x, q.view(), y2, ws.get(), 2);
+      if (M < 8) CHECK(r.allocations() == 0); // the GEMM path's Eigen packing may allocate
+      CHECK(ref::bitwise_equal(y1.data(), y2.data(), std::size_t(y1.size())));
+    }
 }
 
 TEST_CASE("int8 GEMM is exact (VNNI or portable), tails included", "[quant][int8gemm]") {

@@ -119,6 +119,18 @@ def main():
             t = median_time(g, reps)
             emit(f"BM_quant_{op}_{fmt}/pytorch/M:{M}/out:{d}/in:{d}", t,
                  flops=2 * M * d * d / t)
+        if M == 1:  # PyTorch's own dynamic int8 linear (fbgemm): int8 W, x quantized per call
+            try:
+                lin = torch.nn.Linear(d, d, bias=False)
+                lin.weight.data.copy_(W)
+                qlin = torch.ao.quantization.quantize_dynamic(
+                    torch.nn.Sequential(lin), {torch.nn.Linear}, dtype=torch.qint8)
+                with torch.no_grad():
+                    t = median_time(lambda: qlin(xin), reps)
+                emit(f"BM_quant_gemv_int8dyn/pytorch/M:1/out:{d}/in:{d}/threads:1", t,
+                     flops=2 * d * d / t)
+            except Exception as e:  # quantized engine missing in this build
+                print(f"# dynamic int8 linear unavailable: {e}", file=sys.stderr)
     print(f"# peer peak RSS {peak_rss_mib():.0f} MiB", file=sys.stderr)
 
 

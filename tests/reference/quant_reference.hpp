@@ -101,4 +101,43 @@ inline std::vector<double> matmul_dyw(const float* dy, const float* W, std::size
   return dx;
 }
 
+/// Dynamic int8 GEMV (qlinear_forward_int8_dynamic's contract): x [cols] quantized per group of g
+/// with affine_quantize_ref (symmetric int8), y[r] = Σ_j sw[r, j·g/block]·sx[j]·Σ_k w·xq in double.
+/// w: signed int8 codes [rows, cols]; sw: one scale per block of a row.
+inline std::vector<double> dyn_int8_gemv_ref(const float* x, const std::int8_t* w, const float* sw,
+                                             std::size_t rows, std::size_t cols, std::size_t block,
+                                             std::size_t g) {
+  const affine_ref_result xr = affine_quantize_ref(x, cols, g, 8, true);
+  std::vector<double> y(rows, 0.0);
+  for (std::size_t r = 0; r < rows; ++r)
+    for (std::size_t j = 0; j * g < cols; ++j) {
+      double d = 0;
+      for (std::size_t k = j * g; k < (j + 1) * g; ++k) d += double(w[r * cols + k]) * xr.q[k];
+      y[r] += double(sw[r * (cols / block) + j * g / block]) * double(xr.scale[j]) * d;
+    }
+  return y;
+}
+
+/// SpQR decode from its documented layout, in double: w = c·ŝ_g + o_g (o_g = float(−ẑ_g·ŝ_g)),
+/// ŝ_g = min_c + q·step_c (same for ẑ), plus the CSR residuals. Returns rows·cols values.
+inline std::vector<double> spqr_decode_ref(std::size_t rows, std::size_t cols, std::size_t group,
+                                           std::size_t stat_group, const std::uint8_t* codes,
+                                           const std::uint8_t* scale_q, const std::uint8_t* zero_q,
+                                           const float* scale_stats, const float* zero_stats,
+                                           const std::int32_t* row_ptr, const std::int32_t* col_idx,
+                                           const float* values) {
+  std::vector<double> w(rows * cols);
+  for (std::size_t i = 0; i < rows * cols; ++i) {
+    const std::size_t g = i / group, c = g / stat_group;
+    const float sh = std::fma(float(scale_q[g]), scale_stats[2 * c + 1], scale_stats[2 * c]);
+    const float zh = std::fma(float(zero_q[g]), zero_stats[2 * c + 1], zero_stats[2 * c]);
+    const float o = -zh * sh;
+    w[i] = double(nibble(codes, i)) * double(sh) + double(o);
+  }
+  for (std::size_t r = 0; r < rows; ++r)
+    for (std::int32_t k = row_ptr[r]; k < row_ptr[r + 1]; ++k)
+      w[r * cols + std::size_t(col_idx[k])] += double(values[k]);
+  return w;
+}
+
 } // namespace lowmem::ref

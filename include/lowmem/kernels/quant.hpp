@@ -68,6 +68,16 @@ struct codebook4 {
   bool identity;       // sorted order == code order (NF4)
   bool sign_magnitude; // code = sign << 3 | magnitude index, levels[k + 8] == -levels[k] (FP4)
   float mag_mid[7];    // thresholds between consecutive magnitudes (sign_magnitude only)
+  // Cell table of the AVX-512 packed path: [-1, 1] cut into 32 cells of width 1/16; cell j
+  // starts at lo_j = -1 + j/16. cell_base[j] = #{t : mid[t] < lo_j}; when every cell holds at
+  // most one threshold and none lies within 1e-6 of a cell edge (cells_ok; true for NF4, whose
+  // thresholds are >= 0.08 apart), the sorted index of v in cell j is
+  // cell_base[j] + (v > mid[cell_base[j]]): one lookup and one compare instead of 15.
+  bool cells_ok;
+  alignas(64) std::int32_t cell_base[32];
+  alignas(64) float mid16[16];         // mid, then +inf (vector lookups)
+  alignas(64) std::int32_t code32[16]; // code_of widened to int32 lanes
+  alignas(64) float mag16[16];         // mag_mid, then +inf (sign-magnitude vector path)
 };
 
 inline codebook4 make_codebook4(const float* levels) noexcept {
@@ -96,6 +106,25 @@ inline codebook4 make_codebook4(const float* levels) noexcept {
     cb.sign_magnitude = cb.sign_magnitude && levels[k] >= 0 && levels[k] < levels[k + 1];
     cb.mag_mid[k] = 0.5f * (levels[k] + levels[k + 1]);
   }
+  cb.cells_ok = true;
+  for (int j = 0; j < 32; ++j) {
+    const double lo = -1.0 + j / 16.0, hi = lo + 1.0 / 16.0;
+    int base = 0, inside = 0;
+    for (int t = 0; t < 15; ++t) {
+      base += double(cb.mid[t]) < lo;
+      inside += double(cb.mid[t]) >= lo && double(cb.mid[t]) < hi;
+      // a threshold this close to an edge could land in the neighbouring cell after rounding
+      const double d = std::fabs(double(cb.mid[t]) - lo);
+      cb.cells_ok = cb.cells_ok && d > 1e-6 && std::fabs(double(cb.mid[t]) - hi) > 1e-6;
+    }
+    cb.cell_base[j] = base;
+    cb.cells_ok = cb.cells_ok && inside <= 1;
+  }
+  for (int k = 0; k < 15; ++k) cb.mid16[k] = cb.mid[k];
+  cb.mid16[15] = std::numeric_limits<float>::infinity();
+  for (int k = 0; k < 16; ++k) cb.code32[k] = cb.code_of[k];
+  for (int k = 0; k < 16; ++k)
+    cb.mag16[k] = k < 7 ? cb.mag_mid[k] : std::numeric_limits<float>::infinity();
   return cb;
 }
 
@@ -472,23 +501,64 @@ template <class Arch> inline constexpr bool has_packed_codebook_path() {
 }
 
 /// AVX-512: quantizes n (a multiple of 16) values x·inv to their nearest codes and writes them
-/// packed (high nibble first) to dst[0, n/2): a 4-step binary search over the 15 sorted
-/// thresholds with vpermps lookups (identical results to codebook_codes: the index is the number
-/// of thresholds strictly below the value), the sorted index mapped to its code by a second
+/// packed (high nibble first) to dst[0, n/2). The sorted index (the number of thresholds strictly
+/// below the value, identical to codebook_codes) comes from the cell table when cb.cells_ok (NF4:
+/// one fma, a 32-entry lookup and one compare), else from a 4-step binary search over the 15
+/// sorted thresholds with vpermps lookups; then the sorted index is mapped to its code by a second
 /// lookup, then pairs of 32-bit lanes fused into bytes (vpmovqb).
 template <class Arch>
 inline void codebook_codes_packed(const float* x, std::size_t n, float inv, const codebook4& cb,
                                   std::uint8_t* dst) {
 #if XSIMD_WITH_AVX512BW
   if constexpr (std::is_base_of<xsimd::avx512f, Arch>::value) {
-    alignas(64) float mids[16];
-    alignas(64) std::int32_t codes[16];
-    for (int k = 0; k < 15; ++k) mids[k] = cb.mid[k];
-    mids[15] = std::numeric_limits<float>::infinity();
-    for (int k = 0; k < 16; ++k) codes[k] = cb.code_of[k];
-    const __m512 tm = _mm512_load_ps(mids);
-    const __m512i tc = _mm512_load_si512(codes);
+    const __m512 tm = _mm512_load_ps(cb.mid16);
+    const __m512i tc = _mm512_load_si512(cb.code32);
     const __m512 vinv = _mm512_set1_ps(inv);
+    auto pack = [&](std::size_t i, __m512i idx) { // sorted index -> code -> packed bytes
+      const __m512i c = cb.identity ? idx : _mm512_permutexvar_epi32(idx, tc);
+      const __m512i pair = _mm512_or_si512(_mm512_slli_epi32(c, 4), _mm512_srli_epi64(c, 32));
+      _mm_storel_epi64(reinterpret_cast<__m128i*>(dst + i / 2), _mm512_cvtepi64_epi8(pair));
+    };
+    if (cb.cells_ok) {
+      // cell j = floor(16·v + 16) (one fma; v in [-1, 1] up to rounding, clamped to [0, 31]),
+      // base = cell_base[j] (two-register permute), then one compare with the only threshold
+      // that can fall inside the cell.
+      const __m512i base_lo = _mm512_load_si512(cb.cell_base);
+      const __m512i base_hi = _mm512_load_si512(cb.cell_base + 16);
+      const __m512 sixteen = _mm512_set1_ps(16.0f);
+      const __m512i top = _mm512_set1_epi32(31), one = _mm512_set1_epi32(1);
+      for (std::size_t i = 0; i < n; i += 16) {
+        const __m512 v = _mm512_mul_ps(_mm512_loadu_ps(x + i), vinv);
+        __m512i j = _mm512_cvttps_epi32(_mm512_fmadd_ps(v, sixteen, sixteen));
+        j = _mm512_min_epi32(_mm512_max_epi32(j, _mm512_setzero_si512()), top);
+        const __m512i base = _mm512_permutex2var_epi32(base_lo, j, base_hi);
+        const __m512 t = _mm512_permutexvar_ps(base, tm);
+        pack(i, _mm512_mask_add_epi32(base, _mm512_cmp_ps_mask(v, t, _CMP_GT_OQ), base, one));
+      }
+      return;
+    }
+    if (!cb.identity && cb.sign_magnitude) {
+      // search the magnitude (ties to the smaller magnitude on both signs, as the scalar
+      // contract says), then add the sign bit: 3 steps over the 7 magnitude thresholds.
+      const __m512 tmag = _mm512_load_ps(cb.mag16);
+      const __m512 zero = _mm512_setzero_ps();
+      for (std::size_t i = 0; i < n; i += 16) {
+        const __m512 v = _mm512_mul_ps(_mm512_loadu_ps(x + i), vinv);
+        const __m512 a = _mm512_abs_ps(v);
+        __m512i idx = _mm512_setzero_si512();
+        for (int step = 4; step >= 1; step /= 2) {
+          const __m512 t =
+              _mm512_permutexvar_ps(_mm512_add_epi32(idx, _mm512_set1_epi32(step - 1)), tmag);
+          idx = _mm512_mask_add_epi32(idx, _mm512_cmp_ps_mask(a, t, _CMP_GT_OQ), idx,
+                                      _mm512_set1_epi32(step));
+        }
+        idx = _mm512_mask_add_epi32(idx, _mm512_cmp_ps_mask(v, zero, _CMP_LT_OQ), idx,
+                                    _mm512_set1_epi32(8));
+        const __m512i pair = _mm512_or_si512(_mm512_slli_epi32(idx, 4), _mm512_srli_epi64(idx, 32));
+        _mm_storel_epi64(reinterpret_cast<__m128i*>(dst + i / 2), _mm512_cvtepi64_epi8(pair));
+      }
+      return;
+    }
     for (std::size_t i = 0; i < n; i += 16) {
       const __m512 v = _mm512_mul_ps(_mm512_loadu_ps(x + i), vinv);
       __m512i idx = _mm512_setzero_si512();
@@ -498,9 +568,7 @@ inline void codebook_codes_packed(const float* x, std::size_t n, float inv, cons
         idx = _mm512_mask_add_epi32(idx, _mm512_cmp_ps_mask(v, t, _CMP_GT_OQ), idx,
                                     _mm512_set1_epi32(step));
       }
-      const __m512i c = _mm512_permutexvar_epi32(idx, tc);
-      const __m512i pair = _mm512_or_si512(_mm512_slli_epi32(c, 4), _mm512_srli_epi64(c, 32));
-      _mm_storel_epi64(reinterpret_cast<__m128i*>(dst + i / 2), _mm512_cvtepi64_epi8(pair));
+      pack(i, idx);
     }
     return;
   }

@@ -13,9 +13,11 @@
 
 #include <cstddef>
 #include <cstdint>
+#include <limits>
 
 #include "../simd/simd.hpp"
 #include "quant.hpp"
+#include "quant_int8gemm.hpp"
 
 namespace lowmem::quant::kernels {
 
@@ -191,7 +193,56 @@ inline void fused_gemv_rows(const qw_desc& d, const std::uint8_t* codes, const f
       const __m512 lut = _mm512_loadu_ps(d.levels);
       // vpermps reads only the low 4 bits of each index lane, so no nibble masking is needed.
       const bool wide = block % 64 == 0; // 64-element chunks: 2 bytes (4 codes) per dword lane
-      for (std::size_t r = r0; r < r1; ++r) {
+      std::size_t r = r0;
+      if (wide && !d.has_zeros && d.sym_zero == 0.0f) {
+        // two rows per pass: the 4 x vectors of a chunk are loaded once for both rows, and 8
+        // independent accumulators keep both FMA pipes busy
+        for (; r + 2 <= r1; r += 2) {
+          const std::uint8_t* qa = codes + r * cols / 2;
+          const std::uint8_t* qb = qa + cols / 2;
+          const float* sa = scales + r * nbr;
+          const float* sb = sa + nbr;
+          __m512 acca = _mm512_setzero_ps(), accb = _mm512_setzero_ps();
+          for (std::size_t b = 0; b < nbr; ++b) {
+            __m512 a[4], c[4];
+            for (int i = 0; i < 4; ++i) a[i] = _mm512_setzero_ps(), c[i] = _mm512_setzero_ps();
+            const std::size_t k0 = b * block;
+            for (std::size_t k = 0; k < block; k += 64) {
+              const __m512i va = _mm512_cvtepu16_epi32(
+                  _mm256_loadu_si256(reinterpret_cast<const __m256i*>(qa + (k0 + k) / 2)));
+              const __m512i vb = _mm512_cvtepu16_epi32(
+                  _mm256_loadu_si256(reinterpret_cast<const __m256i*>(qb + (k0 + k) / 2)));
+              const float* xs = x_split + k0 + k;
+              const __m512 x0 = _mm512_loadu_ps(xs), x1 = _mm512_loadu_ps(xs + 16);
+              const __m512 x2 = _mm512_loadu_ps(xs + 32), x3 = _mm512_loadu_ps(xs + 48);
+              a[0] = _mm512_fmadd_ps(_mm512_permutexvar_ps(va, lut), x0, a[0]);
+              c[0] = _mm512_fmadd_ps(_mm512_permutexvar_ps(vb, lut), x0, c[0]);
+              a[1] =
+                  _mm512_fmadd_ps(_mm512_permutexvar_ps(_mm512_srli_epi32(va, 4), lut), x1, a[1]);
+              c[1] =
+                  _mm512_fmadd_ps(_mm512_permutexvar_ps(_mm512_srli_epi32(vb, 4), lut), x1, c[1]);
+              a[2] =
+                  _mm512_fmadd_ps(_mm512_permutexvar_ps(_mm512_srli_epi32(va, 8), lut), x2, a[2]);
+              c[2] =
+                  _mm512_fmadd_ps(_mm512_permutexvar_ps(_mm512_srli_epi32(vb, 8), lut), x2, c[2]);
+              a[3] =
+                  _mm512_fmadd_ps(_mm512_permutexvar_ps(_mm512_srli_epi32(va, 12), lut), x3, a[3]);
+              c[3] =
+                  _mm512_fmadd_ps(_mm512_permutexvar_ps(_mm512_srli_epi32(vb, 12), lut), x3, c[3]);
+            }
+            // same summation order as the one-row path: (a0 + a2) + (a1 + a3)
+            acca =
+                _mm512_fmadd_ps(_mm512_add_ps(_mm512_add_ps(a[0], a[2]), _mm512_add_ps(a[1], a[3])),
+                                _mm512_set1_ps(sa[b]), acca);
+            accb =
+                _mm512_fmadd_ps(_mm512_add_ps(_mm512_add_ps(c[0], c[2]), _mm512_add_ps(c[1], c[3])),
+                                _mm512_set1_ps(sb[b]), accb);
+          }
+          y[r] = _mm512_reduce_add_ps(acca);
+          y[r + 1] = _mm512_reduce_add_ps(accb);
+        }
+      }
+      for (; r < r1; ++r) {
         const std::uint8_t* q = codes + r * cols / 2; // cols even: rows start on a byte
         const float* s = scales + r * nbr;
         __m512 acc = _mm512_setzero_ps();
@@ -239,5 +290,110 @@ inline void fused_gemv_rows(const qw_desc& d, const std::uint8_t* codes, const f
   (void)d, (void)codes, (void)scales, (void)zeros, (void)cols, (void)block, (void)x;
   (void)x_split, (void)xsum, (void)r0, (void)r1, (void)y;
 }
+
+// ---- int8 GEMV with dynamically quantized activations (VNNI) ------------------------------------
+
+/// Activation group of the dynamic int8 GEMV: 64 when the weight block is a multiple of 64 (one
+/// zmm of int8 codes per group: the VNNI kernel applies), else the weight block itself.
+inline std::size_t dyn_group(std::size_t block) noexcept { return block % 64 == 0 ? 64 : block; }
+
+/// True when the VNNI dynamic int8 GEMV kernel is compiled in and applies to `block`.
+inline bool dyn_int8_vnni_available(std::size_t block) noexcept {
+  return LOWMEM_QUANT_HAVE_VNNI && block % 64 == 0;
+}
+
+/// Quantizes one activation row per group of g elements: sx[j] = max|x| / 127 over group j,
+/// xq = rne(x / sx) in [−127, 127] (0 for an all-zero group; sx NaN for a non-finite group).
+/// With `corr` (VNNI, g == 64): corr[16 j + l] = −128·Σ_{k<4} xq[64 j + 4 l + k], the lane-wise
+/// offset that cancels vpdpbusd's unsigned (w + 128) operand.
+template <class Arch>
+inline void dyn_quantize_x(const float* x, std::size_t cols, std::size_t g, std::int8_t* xq,
+                           float* sx, std::int32_t* corr) {
+  for (std::size_t j = 0; j * g < cols; ++j) {
+    const float* xg = x + j * g;
+    const std::int32_t bits = absmax_bits<Arch>(xg, g);
+    affine_block b;
+    b.zero = 0, b.lo = -127, b.hi = 127;
+    if (bits >= inf_bits) { // the group's products are NaN through sx; codes 0
+      sx[j] = std::numeric_limits<float>::quiet_NaN();
+      for (std::size_t k = 0; k < g; ++k) xq[j * g + k] = 0;
+    } else {
+      b.scale = bits_to_float(bits) / 127.0f;
+      b.inv = b.scale > 0 ? 1.0f / b.scale : 0.0f;
+      sx[j] = b.scale;
+      affine_codes_rne<Arch>(xg, g, b, reinterpret_cast<std::uint8_t*>(xq + j * g));
+    }
+    if (corr)
+      for (std::size_t l = 0; l < g / 4; ++l) {
+        const std::int8_t* q = xq + j * g + 4 * l;
+        corr[j * (g / 4) + l] = -128 * (std::int32_t(q[0]) + q[1] + q[2] + q[3]);
+      }
+  }
+}
+
+/// Portable dynamic int8 GEMV rows [r0, r1): y_r = Σ_j sw[r, blk(j)]·sx[j]·Σ_{k∈j} w[r,k]·xq[k]
+/// (exact int32 group sums, fp32 across groups). Signed int8 codes (int8_sym).
+inline void dyn_int8_gemv_rows_scalar(const std::uint8_t* codes, const float* scales,
+                                      std::size_t cols, std::size_t block, std::size_t g,
+                                      const std::int8_t* xq, const float* sx, std::size_t r0,
+                                      std::size_t r1, float* y) noexcept {
+  const std::size_t nbr = cols / block;
+  for (std::size_t r = r0; r < r1; ++r) {
+    const std::int8_t* w = reinterpret_cast<const std::int8_t*>(codes) + r * cols;
+    float acc = 0.0f;
+    for (std::size_t j = 0; j * g < cols; ++j) {
+      std::int32_t d = 0;
+      for (std::size_t k = j * g; k < (j + 1) * g; ++k) d += std::int32_t(w[k]) * xq[k];
+      acc += float(d) * (scales[r * nbr + j * g / block] * sx[j]);
+    }
+    y[r] = acc;
+  }
+}
+
+#if LOWMEM_QUANT_HAVE_VNNI
+/// VNNI dynamic int8 GEMV rows [r0, r1) (block % 64 == 0): per 64-element group one vpxord (w ^
+/// 0x80 = w + 128, unsigned) and one vpdpbusd against xq starting from the corr lanes (exact
+/// int32: Σ w·xq), one convert and one fma by sw·sx into an fp32 accumulator; 4 rows per pass
+/// share the xq/corr loads (4 independent streams of W: bandwidth-bound at 1 byte per weight).
+inline void dyn_int8_gemv_rows_vnni(const std::uint8_t* codes, const float* scales,
+                                    std::size_t cols, std::size_t block, const std::int8_t* xq,
+                                    const float* sx, const std::int32_t* corr, std::size_t r0,
+                                    std::size_t r1, float* y) noexcept {
+  const std::size_t nbr = cols / block, ng = cols / 64, gpb = block / 64;
+  const __m512i flip = _mm512_set1_epi8(char(0x80));
+  std::size_t r = r0;
+  for (; r + 4 <= r1; r += 4) {
+    const std::uint8_t* w0 = codes + r * cols;
+    const float* s0 = scales + r * nbr;
+    __m512 acc[4] = {_mm512_setzero_ps(), _mm512_setzero_ps(), _mm512_setzero_ps(),
+                     _mm512_setzero_ps()};
+    for (std::size_t j = 0; j < ng; ++j) {
+      const __m512i xv = _mm512_loadu_si512(xq + 64 * j);
+      const __m512i cv = _mm512_loadu_si512(corr + 16 * j);
+      const float sxj = sx[j];
+      const std::size_t b = j / gpb;
+      for (std::size_t i = 0; i < 4; ++i) {
+        const __m512i wv = _mm512_xor_si512(_mm512_loadu_si512(w0 + i * cols + 64 * j), flip);
+        const __m512i d = _mm512_dpbusd_epi32(cv, wv, xv);
+        acc[i] =
+            _mm512_fmadd_ps(_mm512_cvtepi32_ps(d), _mm512_set1_ps(s0[i * nbr + b] * sxj), acc[i]);
+      }
+    }
+    for (std::size_t i = 0; i < 4; ++i) y[r + i] = _mm512_reduce_add_ps(acc[i]);
+  }
+  for (; r < r1; ++r) {
+    const std::uint8_t* w = codes + r * cols;
+    __m512 acc = _mm512_setzero_ps();
+    for (std::size_t j = 0; j < ng; ++j) {
+      const __m512i wv = _mm512_xor_si512(_mm512_loadu_si512(w + 64 * j), flip);
+      const __m512i d = _mm512_dpbusd_epi32(_mm512_loadu_si512(corr + 16 * j), wv,
+                                            _mm512_loadu_si512(xq + 64 * j));
+      acc = _mm512_fmadd_ps(_mm512_cvtepi32_ps(d),
+                            _mm512_set1_ps(scales[r * nbr + j / gpb] * sx[j]), acc);
+    }
+    y[r] = _mm512_reduce_add_ps(acc);
+  }
+}
+#endif
 
 } // namespace lowmem::quant::kernels

@@ -9,6 +9,7 @@
 
 #include "../core/eigen.hpp"
 #include "../core/errors.hpp"
+#include "../core/threading.hpp"
 #include "../core/workspace.hpp"
 #include "../kernels/quant_linear.hpp"
 #include "formats.hpp"
@@ -121,8 +122,22 @@ inline std::size_t qlinear_workspace_bytes(const qweight& w, index_t batch) {
 /// Eigen (whose own packing buffers, O(cache) bytes, come from the heap) — never an fp32 copy of W.
 /// Numerics: fp32 accumulation; the fused AVX-512 GEMV sums each block then scales it, the other
 /// paths use exactly dequantized weights (|error| vs dequantize-then-GEMM in double ~ 1e-6 rel).
+/// Threads: see the overload with `threads`; this one runs on the calling thread only.
+template <class Arch = simd::default_arch>
+inline void qlinear_forward(ConstRowRef<float> x, const qweight& W, RowRef<float> y, workspace ws,
+                            int threads);
 template <class Arch = simd::default_arch>
 inline void qlinear_forward(ConstRowRef<float> x, const qweight& W, RowRef<float> y, workspace ws) {
+  qlinear_forward<Arch>(x, W, y, ws, 1);
+}
+
+/// qlinear_forward with the rows of W split over `threads` threads (<= 0: max_threads()) by
+/// lowmem::parallel_for: the fused AVX-512 GEMV (batch < 8) and the dequantization of each GEMM
+/// tile (Eigen's own GEMM threads under OpenMP as configured). Rows are independent, so the
+/// result is bitwise the same for every thread count. Same memory (no per-thread scratch).
+template <class Arch>
+inline void qlinear_forward(ConstRowRef<float> x, const qweight& W, RowRef<float> y, workspace ws,
+                            int threads) {
   const char* fn = "qlinear_forward";
   detail::require_qweight(fn, W);
   require_equal(fn, "x.cols (== W.cols)", W.cols, x.cols());
@@ -145,8 +160,14 @@ inline void qlinear_forward(ConstRowRef<float> x, const qweight& W, RowRef<float
           for (std::size_t k = 0; k < block; ++k) acc += xr[b * block + k];
           s.xsum[b] = acc;
         }
-        kernels::fused_gemv_rows<Arch>(d, W.codes, W.scales, W.zeros, cols, block, xr, s.x_split,
-                                       s.xsum, 0, std::size_t(W.rows), yr);
+        parallel_for(
+            0, W.rows, 64,
+            [&](std::ptrdiff_t r0, std::ptrdiff_t r1, int) {
+              kernels::fused_gemv_rows<Arch>(d, W.codes, W.scales, W.zeros, cols, block, xr,
+                                             s.x_split, s.xsum, std::size_t(r0), std::size_t(r1),
+                                             yr);
+            },
+            threads);
       } else {
         for (index_t o = 0; o < W.rows; ++o) {
           kernels::dequant_segment<Arch>(d, W.codes, W.scales, W.zeros, cols, block, std::size_t(o),
@@ -160,9 +181,15 @@ inline void qlinear_forward(ConstRowRef<float> x, const qweight& W, RowRef<float
   const index_t tn = detail::qlinear_tile_rows(W);
   for (index_t o0 = 0; o0 < W.rows; o0 += tn) {
     const index_t t = std::min(tn, W.rows - o0);
-    for (index_t o = 0; o < t; ++o)
-      kernels::dequant_segment<Arch>(d, W.codes, W.scales, W.zeros, cols, block,
-                                     std::size_t(o0 + o), 0, cols, s.tile + std::size_t(o) * cols);
+    parallel_for(
+        0, t, 4,
+        [&](std::ptrdiff_t a, std::ptrdiff_t b, int) {
+          for (std::ptrdiff_t o = a; o < b; ++o)
+            kernels::dequant_segment<Arch>(d, W.codes, W.scales, W.zeros, cols, block,
+                                           std::size_t(o0 + o), 0, cols,
+                                           s.tile + std::size_t(o) * cols);
+        },
+        threads);
     ConstRowMap<float> T(s.tile, t, W.cols, Eigen::OuterStride<>(W.cols));
     y.middleCols(o0, t).noalias() = x * T.transpose();
   }
@@ -203,6 +230,69 @@ inline void qlinear_backward(ConstRowRef<float> dy, const qweight& W, RowRef<flo
                                      std::size_t(o0 + o), 0, cols, s.tile + std::size_t(o) * cols);
     ConstRowMap<float> T(s.tile, t, W.cols, Eigen::OuterStride<>(W.cols));
     dx.noalias() += dy.middleCols(o0, t) * T;
+  }
+}
+
+/// Scratch bytes of qlinear_forward_int8_dynamic: one row's int8 activations (in bytes), their
+/// group scales (in/64 or in/block floats) and the VNNI lane offsets (in bytes), 64-byte aligned.
+inline std::size_t qlinear_int8_dynamic_workspace_bytes(const qweight& w) {
+  detail::require_qweight("qlinear_int8_dynamic_workspace_bytes", w);
+  const std::size_t cols = std::size_t(w.cols);
+  const std::size_t g = kernels::dyn_group(std::size_t(w.block));
+  workspace_planner p;
+  p.take<std::int8_t>(cols);
+  p.take<float>(g ? cols / g : 0);
+  p.take<std::int32_t>(cols / 4);
+  return p.bytes();
+}
+
+/// Quantized linear forward with dynamically quantized activations (LLM.int8()-style "vector-wise"
+/// int8 × int8, for batch-1 decoding): y = x·deq(W)ᵀ computed as
+///   y[m, o] = Σ_j sw[o, blk(j)] · sx[m, j] · Σ_{k ∈ group j} w[o, k] · xq[m, k],
+/// where each row of x is quantized per group of 64 elements (or of W.block when 64 does not
+/// divide it): sx = max|x| / 127 over the group, xq = rne(x / sx) ∈ [−127, 127].
+/// Shapes: x [M, in], y [M, out] (overwritten), W [out, in] in weight_format::int8_sym. Row-major.
+/// Memory: `ws` (qlinear_int8_dynamic_workspace_bytes), nothing else; no fp32 copy of W.
+/// Numerics: exact int32 sums inside a group (AVX512-VNNI vpdpbusd where compiled, else a portable
+/// loop), fp32 across groups. NOT the exact product with x: the activation rounding adds an error
+/// of at most sx/2 per element (relative error of y ~ 0.3–1% for Gaussian x; use qlinear_forward
+/// for the exact product, and for training). A non-finite group makes y NaN.
+/// Threads: rows of W split over `threads` (default 1; <= 0 means max_threads()) by
+/// lowmem::parallel_for; the result does not depend on the thread count (rows are independent).
+/// Preconditions: W int8_sym, x.cols == W.cols, y [x.rows, W.rows], workspace large enough.
+template <class Arch = simd::default_arch>
+inline void qlinear_forward_int8_dynamic(ConstRowRef<float> x, const qweight& W, RowRef<float> y,
+                                         workspace ws, int threads = 1) {
+  const char* fn = "qlinear_forward_int8_dynamic";
+  detail::require_qweight(fn, W);
+  require(W.format == weight_format::int8_sym, fn, "W.format", "int8_sym", "another format");
+  require_equal(fn, "x.cols (== W.cols)", W.cols, x.cols());
+  require_equal(fn, "y.rows (== x.rows)", x.rows(), y.rows());
+  require_equal(fn, "y.cols (== W.rows)", W.rows, y.cols());
+  require_workspace(fn, ws, qlinear_int8_dynamic_workspace_bytes(W));
+  const std::size_t cols = std::size_t(W.cols), block = std::size_t(W.block);
+  const std::size_t g = kernels::dyn_group(block);
+  std::int8_t* xq = ws.take<std::int8_t>(cols);
+  float* sx = ws.take<float>(cols / g);
+  std::int32_t* corr = ws.take<std::int32_t>(cols / 4);
+  const bool vnni = kernels::dyn_int8_vnni_available(block);
+  for (index_t m = 0; m < x.rows(); ++m) {
+    kernels::dyn_quantize_x<Arch>(x.row(m).data(), cols, g, xq, sx, vnni ? corr : nullptr);
+    float* yr = y.row(m).data();
+    parallel_for(
+        0, W.rows, 64,
+        [&](std::ptrdiff_t r0, std::ptrdiff_t r1, int) {
+#if LOWMEM_QUANT_HAVE_VNNI
+          if (vnni) {
+            kernels::dyn_int8_gemv_rows_vnni(W.codes, W.scales, cols, block, xq, sx, corr,
+                                             std::size_t(r0), std::size_t(r1), yr);
+            return;
+          }
+#endif
+          kernels::dyn_int8_gemv_rows_scalar(W.codes, W.scales, cols, block, g, xq, sx,
+                                             std::size_t(r0), std::size_t(r1), yr);
+        },
+        threads);
   }
 }
 
