@@ -64,11 +64,22 @@ attention_tensor<T> attention_bnhd(T* data, std::ptrdiff_t B, std::ptrdiff_t N, 
 inline constexpr std::ptrdiff_t attention_unbounded = std::numeric_limits<std::ptrdiff_t>::max();
 
 /// Additive fp32 bias bias(b, h, i, j) = data[b·stride_batch + h·stride_head + i·stride_row + j]
-/// (j contiguous; a zero stride broadcasts over batches or heads). -inf entries mask. Under varlen,
-/// i and j are positions in the packed sequences. No gradient is produced for it.
+/// (j contiguous; a zero stride broadcasts: stride_batch = 0 gives a per-head [Hq, Nq, Nk] bias,
+/// stride_head = 0 a [B, 1, Nq, Nk] one, both a shared [Nq, Nk] one, stride_row = 0 a key-padding
+/// row [B, H, 1, Nk]). -inf entries mask. Under varlen, i and j are positions in the packed
+/// sequences (batch 0).
+///
+/// Gradient: when `grad` is non-null, attention_backward ACCUMULATES ∂loss/∂bias into it, laid out
+/// with the same strides as data: grad[off(b, h, i, j)] += ∂loss/∂z_bhij = P∘(dP − D), summed
+/// over every (b, h, i, j) that maps to the same element (so zero strides reduce over the
+/// broadcast dimensions). Distinct elements of the [B, Hq, Nq, Nk] grid must map to the same
+/// offset only through zero strides. The sum order is fixed (bitwise identical for any thread
+/// count); requesting it selects the backward's two-pass schedule (see attention_backward).
 struct attention_bias {
   const float* data = nullptr;
   std::ptrdiff_t stride_batch = 0, stride_head = 0, stride_row = 0;
+  float* grad = nullptr; ///< optional: d(bias), accumulated by attention_backward (not read by
+                         ///< the forward)
 };
 
 /// Variable-length packed sequences: batch must be 1, sequence s owns queries
@@ -196,6 +207,9 @@ make_problem(const char* fn, const attention_tensor<const T>& q, const attention
   p.bias = opt.bias.data;
   p.bias_sb = opt.bias.stride_batch, p.bias_sh = opt.bias.stride_head;
   p.bias_si = opt.bias.stride_row;
+  if (opt.bias.grad)
+    require(opt.bias.data != nullptr, fn, "bias.grad", "bias.data set as well", "null bias.data");
+  p.dbias = opt.bias.grad;
   p.dropout = opt.dropout;
   p.rng = opt.dropout_rng;
   return p;
@@ -274,7 +288,8 @@ void attention_forward(const attention_tensor<Tq>& q,
 /// score tile from Q, K and L: D_i = Σ_k dO_ik O_ik, dV += (P∘M')ᵀ dO, dP = (dO Vᵀ)∘M',
 /// dS = P∘(dP − D), then the softcap chain rule and the scale, dQ += dS K, dK += dSᵀ Q
 /// (M' = dropout mask / (1 − p), regenerated from opt.dropout_rng). GQA: dK/dV sum over the
-/// query heads of each group. The bias gets no gradient.
+/// query heads of each group. With opt.bias.grad set, also d(bias) += P∘(dP − D) (reduced over
+/// the bias's zero-stride dimensions; see attention_bias).
 ///
 /// Shapes: as attention_forward; o, dout like q; dq (fp32) like q, dk, dv (fp32) like k, v.
 /// Memory: no allocation; `ws` as for the forward.
@@ -285,10 +300,12 @@ void attention_forward(const attention_tensor<Tq>& q,
 ///    per query tile, dK/dV rows straight into the caller's buffers. Used when
 ///    opt.deterministic is false, d is a multiple of the SIMD width and the B·Hkv items keep
 ///    the threads evenly busy (a multiple of the thread count, or >= 4 per thread).
-///  * two passes (14·N²·d flops: S and P are recomputed in both), used otherwise: dK/dV
-///    parallel over (batch, kv head, key tile), each tile looping over its query heads and query
-///    tiles; then dQ parallel over (batch, head, query tile) looping over key tiles. One sequence
-///    of one head uses every core.
+///  * two passes (14·N²·d flops: S and P are recomputed in both), used otherwise (and always
+///    when opt.bias.grad is set): dK/dV (and d(bias)) parallel over (batch, kv head, key tile),
+///    each tile looping over its query heads and query tiles; then dQ parallel over (batch, head,
+///    query tile) looping over key tiles. One sequence of one head uses every core. When d(bias)
+///    is broadcast over batches or heads, the first pass's items span every batch / kv head of
+///    their key tile (still parallel over key tiles).
 /// Since the default picks the schedule from the thread count, its bits may differ between
 /// thread counts; with opt.deterministic = true the result is bitwise identical for any thread
 /// count (and across runs).

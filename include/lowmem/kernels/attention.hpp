@@ -65,6 +65,7 @@ template <class T> struct problem {
   index_t wl = unbounded, wr = unbounded; // causal is folded into wr = min(wr, 0)
   const float* bias = nullptr;
   index_t bias_sb = 0, bias_sh = 0, bias_si = 0;
+  float* dbias = nullptr; // backward accumulates d(bias) here (bias strides; 0 = reduced over)
   float dropout = 0;
   random::stream rng{};
 };
@@ -291,7 +292,7 @@ inline void pack_rows(const T* x, index_t sn, index_t rows, index_t d, float* ou
 struct buffers {
   float *a, *b, *e, *acc1, *acc2; // d × 64 each: packed operands and accumulators
   float *s, *dp;                  // 64 × 64 tiles
-  float *m, *l, *dvec, *lvec, *drop_row;
+  float *m, *l, *dvec, *lvec, *drop_row, *dz_row;
   float* drop_tile; // 64 × 64
   float* grp;       // per-query-tile state of a group of q_group(d) query tiles
 };
@@ -318,6 +319,7 @@ template <class WS> inline buffers carve(WS& ws, index_t d) {
   b.dvec = ws.template take<float>(tile);
   b.lvec = ws.template take<float>(tile);
   b.drop_row = ws.template take<float>(tile);
+  b.dz_row = ws.template take<float>(tile);
   b.drop_tile = ws.template take<float>(tt);
   b.grp = ws.template take<float>(std::size_t(q_group(d) * (5 * d * tile + 2 * tile)));
   return b;
@@ -491,6 +493,16 @@ inline float safe_lse(float l) noexcept {
   return l == -std::numeric_limits<float>::infinity() ? std::numeric_limits<float>::infinity() : l;
 }
 
+/// y[0, n) += x[0, n) (x aligned, y not; n <= tile).
+template <class Arch> inline void add_row(const float* x, float* y, index_t n) noexcept {
+  using F = simd::fbatch<Arch>;
+  constexpr index_t W = index_t(simd::width<Arch>);
+  index_t c = 0;
+  for (; c + W <= n; c += W)
+    (F::load_unaligned(y + c) + F::load_aligned(x + c)).store_unaligned(y + c);
+  for (; c < n; ++c) y[c] += x[c];
+}
+
 /// dK, dV of one key tile of one KV head: loops over the query heads of its group and the query
 /// tiles that may attend it (keys in lanes).
 template <class Arch, class T>
@@ -519,9 +531,10 @@ void backward_kv_tile(const problem<T>& p, const bwd_io<T>& io, index_t s, index
     const T* oh = io.o + sg.b * io.o_sb + h * io.o_sh + sg.q_begin * io.o_sn;
     const T* doh = io.dout + sg.b * io.do_sb + h * io.do_sh + sg.q_begin * io.do_sn;
     const float* lh = io.lse + (sg.b * p.hq + h) * p.nq + sg.q_begin;
-    const float* bias0 = p.bias ? p.bias + sg.b * p.bias_sb + h * p.bias_sh +
-                                      sg.q_begin * p.bias_si + sg.k_begin + j0
-                                : nullptr;
+    const index_t bias_off =
+        sg.b * p.bias_sb + h * p.bias_sh + sg.q_begin * p.bias_si + sg.k_begin + j0;
+    const float* bias0 = p.bias ? p.bias + bias_off : nullptr;
+    float* dbias0 = p.dbias ? p.dbias + bias_off : nullptr;
     for (index_t i0 = ilo; i0 < ihi; i0 += tile) {
       const index_t nr = std::min(tile, ihi - i0);
       const bool masked = ncols < tile || !tile_full(i0, i0 + nr, j0, j0 + ncols, off, p.wl, p.wr);
@@ -553,8 +566,11 @@ void backward_kv_tile(const problem<T>& p, const bwd_io<T>& io, index_t s, index
             dpd = dpd * f;
           }
           Pd.store_aligned(srow + v * W);
-          (P * (dpd - F(Di)) * g).store_aligned(dprow + v * W);
+          const F dz = P * (dpd - F(Di)); // ∂loss/∂z_ij = ∂loss/∂bias_ij
+          (dz * g).store_aligned(dprow + v * W);
+          if (dbias0) dz.store_aligned(w.dz_row + v * W);
         }
+        if (dbias0) add_row<Arch>(w.dz_row, dbias0 + i * p.bias_si, ncols);
       }
       gemm<Arch, true>(doh + i0 * io.do_sn, 1, io.do_sn, d, nr, S, tile, dvt, tile);
       gemm<Arch, true>(qh + i0 * p.q_sn, 1, p.q_sn, d, nr, dP, tile, dkt, tile);
@@ -774,7 +790,7 @@ inline bool single_pass(const problem<T>& p, int threads, bool deterministic) no
   // count of equal items, or enough items (4 per thread) that the imbalance is small.
   const index_t items = p.nseg * p.hkv, t = index_t(threads);
   const bool balanced = items >= 4 * t || (!p.cu_q && items >= t && items % t == 0);
-  return !deterministic && p.d % index_t(simd::width<Arch>) == 0 && balanced;
+  return !deterministic && !p.dbias && p.d % index_t(simd::width<Arch>) == 0 && balanced;
 }
 
 template <class Arch, class T>
@@ -785,10 +801,18 @@ void backward(const problem<T>& p, const bwd_io<T>& io, int threads, bool determ
     });
     return;
   }
+  // dK/dV pass (and d(bias)): a work item owns one key tile of one (segment, kv head), or of
+  // every segment / kv head when the bias gradient is broadcast over batches / heads (zero
+  // stride): then several of them add into the same d(bias) rows, which must stay on one thread.
   const index_t ntk = key_tiles(p);
-  run_items(p.nseg * p.hkv * ntk, p.d, threads, ws, [&](index_t item, const buffers& w) {
-    const index_t t = item % ntk, sh = item / ntk;
-    backward_kv_tile<Arch>(p, io, sh / p.hkv, sh % p.hkv, balanced_tile(t, ntk), w);
+  const bool all_s = p.dbias && !p.cu_q && p.bias_sb == 0, all_h = p.dbias && p.bias_sh == 0;
+  const index_t ns = all_s ? 1 : p.nseg, nh = all_h ? 1 : p.hkv;
+  run_items(ns * nh * ntk, p.d, threads, ws, [&](index_t item, const buffers& w) {
+    const index_t t = balanced_tile(item % ntk, ntk), sh = item / ntk;
+    const index_t s0 = all_s ? 0 : sh / nh, s1 = all_s ? p.nseg : s0 + 1;
+    const index_t h0 = all_h ? 0 : sh % nh, h1 = all_h ? p.hkv : h0 + 1;
+    for (index_t s = s0; s < s1; ++s)
+      for (index_t hk = h0; hk < h1; ++hk) backward_kv_tile<Arch>(p, io, s, hk, t, w);
   });
   const index_t ntq = query_tiles(p);
   run_items(p.nseg * p.hq * ntq, p.d, threads, ws, [&](index_t item, const buffers& w) {
