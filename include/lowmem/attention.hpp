@@ -223,7 +223,7 @@ template <class X> using identity_t = typename identity<X>::type;
 /// Workspace bytes attention_forward and attention_backward need for head dimension d and a
 /// thread budget (<= 0: max_threads()): per thread, 64 × d fp32 tiles for packed operands and
 /// accumulators of a group of up to 4 query tiles (256 queries at d <= 64, 128 at d = 128, 64 at
-/// d >= 256), three 64 × 64 score tiles and a few 64-vectors: 450 KiB at d = 64, at most 768 KiB
+/// d >= 256), three 64 × 64 score tiles and a few 64-vectors: 434 KiB at d = 64, at most 640 KiB
 /// for d <= 256, independent of the sequence length.
 inline std::size_t attention_workspace_bytes(std::ptrdiff_t d, int threads = 0) {
   require_positive("attention_workspace_bytes", "d", d);
@@ -303,7 +303,8 @@ void attention_forward(const attention_tensor<Tq>& q,
 ///  * two passes (14·N²·d flops: S and P are recomputed in both), used otherwise (and always
 ///    when opt.bias.grad is set): dK/dV (and d(bias)) parallel over (batch, kv head, key tile),
 ///    each tile looping over its query heads and query tiles; then dQ parallel over (batch, head,
-///    query tile) looping over key tiles. One sequence of one head uses every core. When d(bias)
+///    group of up to 4 query tiles) looping over key tiles, each K/V tile read once per group.
+///    One sequence of one head uses every core. When d(bias)
 ///    is broadcast over batches or heads, the first pass's items span every batch / kv head of
 ///    their key tile (still parallel over key tiles).
 /// Since the default picks the schedule from the thread count, its bits may differ between
