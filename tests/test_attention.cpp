@@ -4,6 +4,7 @@
 #include <catch2/catch.hpp>
 #include <lowmem/attention.hpp>
 #include <lowmem/core/memory.hpp>
+#include <lowmem/core/tensor.hpp>
 
 #include <cmath>
 #include <cstring>
@@ -532,4 +533,20 @@ TEST_CASE("attention bias gradient matches central finite differences",
       test::gradcheck(loss, P.q.data(), P.q.size(), P.dq.data(), "dQ with bias");
     }
   }
+}
+
+TEST_CASE("attention_view takes core tensor views", "[attention][view]") {
+  std::vector<float> x(2 * 3 * 5 * 4);
+  const auto tm = attention_view(token_major_view(x.data(), 2, 5, 3, 4));
+  const auto ref_tm = attention_bnhd(x.data(), 2, 5, 3, 4);
+  const auto hm = attention_view(dense_view<float, 4>(x.data(), {2, 3, 5, 4}));
+  const auto ref_hm = attention_bhnd(x.data(), 2, 3, 5, 4);
+  for (const auto& [a, b] : {std::make_pair(tm, ref_tm), std::make_pair(hm, ref_hm)}) {
+    CHECK(a.data == b.data);
+    CHECK((a.batch == b.batch && a.heads == b.heads && a.seq == b.seq && a.dim == b.dim));
+    CHECK((a.stride_batch == b.stride_batch && a.stride_head == b.stride_head &&
+           a.stride_seq == b.stride_seq));
+  }
+  tensor_view<float, 4> strided{x.data(), {1, 1, 5, 4}, {0, 0, 8, 2}};
+  CHECK_THROWS_AS(attention_view(strided), invalid_argument);
 }

@@ -35,7 +35,8 @@ namespace lowmem {
 
 /// A 4-D attention tensor [batch, heads, seq, dim] over any layout whose last dimension is
 /// contiguous: element (b, h, n, k) is data[b·stride_batch + h·stride_head + n·stride_seq + k].
-/// attention_bhnd / attention_bnhd build the two usual layouts.
+/// attention_bhnd / attention_bnhd build the two usual layouts; attention_view converts a core
+/// tensor_view<T, 4>.
 template <class T> struct attention_tensor {
   T* data = nullptr;
   std::ptrdiff_t batch = 0, heads = 0, seq = 0, dim = 0;
@@ -46,6 +47,21 @@ template <class T> struct attention_tensor {
     return {data, batch, heads, seq, dim, stride_batch, stride_head, stride_seq};
   }
 };
+
+// core/tensor.hpp's strided view, declared here so this header stays free of Eigen (tensor.hpp
+// includes Eigen/Core for its TensorMap interop); attention_view instantiates only for callers
+// that include core/tensor.hpp themselves.
+template <class T, int Rank> struct tensor_view;
+
+/// A core strided view (core/tensor.hpp) of extents [B, H, N, d] as an attention tensor, e.g.
+/// attention_view(token_major_view(p, B, N, H, d)); the last dimension must be contiguous
+/// (lowmem::invalid_argument otherwise).
+template <class T> attention_tensor<T> attention_view(const tensor_view<T, 4>& t) {
+  require(t.stride[3] == 1, "attention_view", "t.stride[3]", "1 (contiguous last dimension)",
+          t.stride[3]);
+  return {t.data,      t.extent[0], t.extent[1], t.extent[2],
+          t.extent[3], t.stride[0], t.stride[1], t.stride[2]};
+}
 
 /// Head-major [B, H, N, d], row-major and packed.
 template <class T>
