@@ -4,6 +4,7 @@
 // backward counts 2.5× that, so fwd+bwd = 3.5×), peak_MiB (heap growth inside the timed loop).
 // The naive path reuses one N × N S and one dP per head (2·N² floats; the full-batch tensors
 // PyTorch builds are Hq times that). Naive cases are registered up to N = 4096.
+// BM_attention_fwdbwd_deterministic runs the two-pass backward (opt.deterministic).
 #include "bench_support.hpp"
 
 #include <Eigen/Core>
@@ -44,13 +45,14 @@ double fwd_flops(long N, long d, bool causal) {
   return 4.0 * double(N) * double(N) * double(d) * H * (causal ? 0.5 : 1.0);
 }
 
-void BM_lowmem(benchmark::State& state, bool backward) {
+void BM_lowmem(benchmark::State& state, bool backward, bool deterministic = false) {
   const long N = state.range(0), d = state.range(1), hkv = state.range(3);
   const bool causal = state.range(2) != 0;
   inputs in(N, d, hkv);
   lowmem::attention_options opt;
   opt.causal = causal;
   opt.threads = int(state.range(4));
+  opt.deterministic = deterministic;
   using lowmem::attention_bhnd;
   const auto Q = attention_bhnd<const float>(in.q.data(), 1, H, N, d);
   const auto K = attention_bhnd<const float>(in.k.data(), 1, hkv, N, d);
@@ -127,11 +129,23 @@ void shapes(benchmark::internal::Benchmark* b, bool naive) {
         b->Args({N, d, causal, 8, 1});
         if (d == 64) b->Args({N, d, causal, 2, 1}); // GQA 8:2
       }
-    if (!naive) b->Args({N, 64, 0, 8, 2}); // 2 threads
+    if (!naive)
+      for (long causal : {0L, 1L}) b->Args({N, 64, causal, 8, 2}); // 2 threads
   }
   b->UseRealTime()->Unit(benchmark::kMillisecond);
 }
 void shapes_lowmem(benchmark::internal::Benchmark* b) { shapes(b, false); }
+/// The deterministic (two-pass) backward: N = 2048 and 4096, d = 64, on 1 and 2 threads.
+void shapes_det(benchmark::internal::Benchmark* b) {
+  b->ArgNames({"N", "d", "causal", "hkv", "threads"});
+  for (long N : {2048L, 4096L}) {
+    if (lowmem::bench::smoke() && N > 512) N = 512;
+    for (long causal : {0L, 1L})
+      for (long threads : {1L, 2L}) b->Args({N, 64, causal, 8, threads});
+    if (lowmem::bench::smoke()) break;
+  }
+  b->UseRealTime()->Unit(benchmark::kMillisecond);
+}
 void shapes_naive(benchmark::internal::Benchmark* b) { shapes(b, true); }
 } // namespace
 
@@ -141,5 +155,8 @@ BENCHMARK_CAPTURE(BM_lowmem, fwdbwd, true)
     ->Name("BM_attention_fwdbwd/lowmem")
     ->Apply(shapes_lowmem);
 BENCHMARK_CAPTURE(BM_naive, fwdbwd, true)->Name("BM_attention_fwdbwd/naive")->Apply(shapes_naive);
+BENCHMARK_CAPTURE(BM_lowmem, fwdbwd_det, true, true)
+    ->Name("BM_attention_fwdbwd_deterministic/lowmem")
+    ->Apply(shapes_det);
 
 BENCHMARK_MAIN();

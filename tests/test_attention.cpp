@@ -4,6 +4,7 @@
 #include <catch2/catch.hpp>
 #include <lowmem/attention.hpp>
 #include <lowmem/core/memory.hpp>
+#include <lowmem/core/tensor.hpp>
 
 #include <cmath>
 #include <cstring>
@@ -362,6 +363,14 @@ TEST_CASE("attention bad input throws before writing", "[attention][errors]") {
   CHECK_THROWS_AS(attention_backward(P.Q(), P.K(), P.V(), P.Oc(), P.dO(), P.lse.data(), P.dQ(),
                                      bad_dk, P.dV(), ok),
                   invalid_argument);
+  // a bias gradient without the bias
+  std::vector<float> dbias(std::size_t(sh.Nq * sh.Nk), 7.f);
+  attention_options nobias;
+  nobias.bias.grad = dbias.data();
+  CHECK_THROWS_AS(attention_backward(P.Q(), P.K(), P.V(), P.Oc(), P.dO(), P.lse.data(), P.dQ(),
+                                     P.dK(), P.dV(), nobias),
+                  invalid_argument);
+  for (float x : dbias) REQUIRE(x == 7.f);
   CHECK_THROWS_WITH(fwd(P.Q(), bad_k, P.V(), ok),
                     Catch::Contains("attention_forward") && Catch::Contains("q.heads"));
   untouched();
@@ -385,4 +394,159 @@ TEST_CASE("attention with bf16 inputs is within bf16 tolerance", "[attention][bf
     CHECK(rel_err(P.packed(P.dk, sh.Hkv, sh.Nk), g.dk) <= 2e-2);
     CHECK(rel_err(P.packed(P.dv, sh.Hkv, sh.Nk), g.dv) <= 1e-4);
   }
+}
+
+namespace {
+
+/// A bias of `elems` floats with strides (sb, sh, si) and its gradient buffer.
+struct bias_case {
+  const char* what;
+  shape sh;
+  long sb, sh_, si;
+  std::size_t elems;
+};
+
+/// Forward + backward with opt.bias.grad set: d(bias) against the reference's (accumulated onto
+/// a non-zero start, so += is checked), for both schedules, and bitwise across 1 and 2 threads.
+template <class Arch>
+void check_bias_grad(const bias_case& c, const attention_options& opt_in, double tol = 1e-4) {
+  INFO(c.what << " B=" << c.sh.B << " Hq=" << c.sh.Hq << " Hkv=" << c.sh.Hkv << " Nq=" << c.sh.Nq
+              << " Nk=" << c.sh.Nk << " d=" << c.sh.d);
+  auto bias = ref::uniform_data(c.elems, 4242, -2.f, 2.f);
+  bias[c.elems / 3] = -INFINITY; // a masked entry: its gradient is 0
+  attention_options opt = opt_in;
+  opt.bias = {bias.data(), c.sb, c.sh_, c.si};
+  problem_data<> P(c.sh);
+  ref::attention_grads g;
+  const auto dO = P.dO();
+  const auto r = ref::attention<float>(P.Q(), P.K(), P.V(), opt, &dO, &g);
+  g.dbias.resize(c.elems, 0.0);
+  std::vector<double> expect(c.elems);
+  for (std::size_t i = 0; i < c.elems; ++i) expect[i] = 0.5 + g.dbias[i];
+  std::vector<float> first;
+  for (int run = 0; run < 3; ++run) {
+    INFO("run " << run);
+    std::vector<float> db(c.elems, 0.5f);
+    opt.bias.grad = db.data();
+    opt.deterministic = run == 1;
+    opt.threads = run == 2 ? 2 : 1;
+    std::fill(P.dq.begin(), P.dq.end(), 0.f);
+    std::fill(P.dk.begin(), P.dk.end(), 0.f);
+    std::fill(P.dv.begin(), P.dv.end(), 0.f);
+    attention_forward<Arch>(P.Q(), P.K(), P.V(), P.O(), P.lse.data(), opt);
+    attention_backward<Arch>(P.Q(), P.K(), P.V(), P.Oc(), P.dO(), P.lse.data(), P.dQ(), P.dK(),
+                             P.dV(), opt);
+    CHECK(rel_err(P.packed(P.o, c.sh.Hq, c.sh.Nq), r.o) <= 1e-5);
+    CHECK(rel_err(P.packed(P.dq, c.sh.Hq, c.sh.Nq), g.dq) <= tol);
+    CHECK(rel_err(P.packed(P.dk, c.sh.Hkv, c.sh.Nk), g.dk) <= tol);
+    CHECK(rel_err(P.packed(P.dv, c.sh.Hkv, c.sh.Nk), g.dv) <= tol);
+    CHECK(rel_err(std::vector<double>(db.begin(), db.end()), expect) <= tol);
+    if (run == 0)
+      first = db;
+    else
+      CHECK(ref::bitwise_equal(first.data(), db.data(), db.size()));
+  }
+}
+
+} // namespace
+
+LOWMEM_ARCH_TEST_CASE("attention bias gradient matches the reference for every broadcast",
+                      "[attention][bias]") {
+  using Arch = TestType;
+  LOWMEM_SKIP_IF_UNSUPPORTED();
+  attention_options causal, plain, mixed;
+  causal.causal = true;
+  const float slopes[4] = {0.5f, 0.25f, 0.125f, 0.0625f};
+  mixed.softcap = 2.f;
+  mixed.alibi_slopes = slopes;
+  mixed.window_left = 30;
+  mixed.dropout = 0.2f;
+  mixed.dropout_rng = random::stream{77, 3};
+  {
+    const long B = 2, Hq = 4, Nq = 70, Nk = 90; // per-head [Hq, Nq, Nk], broadcast over batch
+    const bias_case c{"per-head", {B, Hq, 2, Nq, Nk, 16},   0, Nq * Nk,
+                      Nk,         std::size_t(Hq * Nq * Nk)};
+    check_bias_grad<Arch>(c, causal);
+    check_bias_grad<Arch>(c, mixed);
+  }
+  {
+    const long B = 2, Hq = 2, N = 65; // full [B, Hq, Nq, Nk], MQA, token-major
+    const bias_case c{"full", {B, Hq, 1, N, N, 24, true}, Hq * N * N, N * N,
+                      N,      std::size_t(B * Hq * N * N)};
+    check_bias_grad<Arch>(c, plain);
+    check_bias_grad<Arch>(c, mixed);
+  }
+  {
+    const long Nq = 100, Nk = 130; // shared [Nq, Nk] over batch and heads, GQA
+    const bias_case c{"shared", {2, 4, 2, Nq, Nk, 32}, 0, 0, Nk, std::size_t(Nq * Nk)};
+    check_bias_grad<Arch>(c, causal);
+    check_bias_grad<Arch>(c, mixed);
+  }
+  {
+    const long B = 2, Nk = 70; // key padding [B, 1, 1, Nk]: reduced over heads and query rows
+    const bias_case c{"key padding", {B, 2, 2, 130, Nk, 8}, Nk, 0, 0, std::size_t(B * Nk)};
+    check_bias_grad<Arch>(c, plain);
+    check_bias_grad<Arch>(c, causal);
+  }
+  {
+    // varlen: per-head [Hq, total_q, total_k] over 3 packed sequences
+    const std::int32_t cq[4] = {0, 1, 71, 80}, ck[4] = {0, 4, 104, 104};
+    attention_options o = causal;
+    o.varlen = {cq, ck, 3};
+    const bias_case c{"varlen", {1, 2, 1, 80, 104, 16},   0, 80 * 104,
+                      104,      std::size_t(2 * 80 * 104)};
+    check_bias_grad<Arch>(c, o);
+  }
+}
+
+TEST_CASE("attention bias gradient matches central finite differences",
+          "[attention][bias][gradcheck]") {
+  const float slopes[2] = {0.3f, 0.1f};
+  std::vector<attention_options> opts(2);
+  opts[0].causal = true;
+  opts[1].softcap = 1.f, opts[1].alibi_slopes = slopes, opts[1].dropout = 0.25f;
+  opts[1].dropout_rng = random::stream{5, 6};
+  for (const auto& base : opts) {
+    const long B = 2, Hq = 2, Nq = 6, Nk = 9;
+    // per-head bias [Hq, Nq, Nk] (broadcast over the batch) and a key-padding one [B, 1, 1, Nk]
+    for (int kind = 0; kind < 2; ++kind) {
+      INFO("kind " << kind << " causal " << base.causal);
+      const std::size_t n = kind == 0 ? std::size_t(Hq * Nq * Nk) : std::size_t(B * Nk);
+      auto bias = ref::uniform_data(n, 99 + kind, -1.f, 1.f);
+      std::vector<float> db(n, 0.f);
+      attention_options opt = base;
+      opt.bias = kind == 0 ? attention_bias{bias.data(), 0, Nq * Nk, Nk, db.data()}
+                           : attention_bias{bias.data(), Nk, 0, 0, db.data()};
+      problem_data<> P({B, Hq, 1, Nq, Nk, 5}, 3);
+      const auto w = ref::uniform_data(P.nq_elems(), 555); // loss = Σ w ∘ O
+      P.dout.assign(w.begin(), w.end());
+      attention_forward(P.Q(), P.K(), P.V(), P.O(), P.lse.data(), opt);
+      attention_backward(P.Q(), P.K(), P.V(), P.Oc(), P.dO(), P.lse.data(), P.dQ(), P.dK(), P.dV(),
+                         opt);
+      const auto loss = [&] {
+        const auto r = ref::attention<float>(P.Q(), P.K(), P.V(), opt);
+        double l = 0;
+        for (std::size_t i = 0; i < r.o.size(); ++i) l += w[i] * r.o[i];
+        return l;
+      };
+      test::gradcheck(loss, bias.data(), n, db.data(), "dbias");
+      test::gradcheck(loss, P.q.data(), P.q.size(), P.dq.data(), "dQ with bias");
+    }
+  }
+}
+
+TEST_CASE("attention_view takes core tensor views", "[attention][view]") {
+  std::vector<float> x(2 * 3 * 5 * 4);
+  const auto tm = attention_view(token_major_view(x.data(), 2, 5, 3, 4));
+  const auto ref_tm = attention_bnhd(x.data(), 2, 5, 3, 4);
+  const auto hm = attention_view(dense_view<float, 4>(x.data(), {2, 3, 5, 4}));
+  const auto ref_hm = attention_bhnd(x.data(), 2, 3, 5, 4);
+  for (const auto& [a, b] : {std::make_pair(tm, ref_tm), std::make_pair(hm, ref_hm)}) {
+    CHECK(a.data == b.data);
+    CHECK((a.batch == b.batch && a.heads == b.heads && a.seq == b.seq && a.dim == b.dim));
+    CHECK((a.stride_batch == b.stride_batch && a.stride_head == b.stride_head &&
+           a.stride_seq == b.stride_seq));
+  }
+  tensor_view<float, 4> strided{x.data(), {1, 1, 5, 4}, {0, 0, 8, 2}};
+  CHECK_THROWS_AS(attention_view(strided), invalid_argument);
 }

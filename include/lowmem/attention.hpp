@@ -35,7 +35,8 @@ namespace lowmem {
 
 /// A 4-D attention tensor [batch, heads, seq, dim] over any layout whose last dimension is
 /// contiguous: element (b, h, n, k) is data[b·stride_batch + h·stride_head + n·stride_seq + k].
-/// attention_bhnd / attention_bnhd build the two usual layouts.
+/// attention_bhnd / attention_bnhd build the two usual layouts; attention_view converts a core
+/// tensor_view<T, 4>.
 template <class T> struct attention_tensor {
   T* data = nullptr;
   std::ptrdiff_t batch = 0, heads = 0, seq = 0, dim = 0;
@@ -46,6 +47,21 @@ template <class T> struct attention_tensor {
     return {data, batch, heads, seq, dim, stride_batch, stride_head, stride_seq};
   }
 };
+
+// core/tensor.hpp's strided view, declared here so this header stays free of Eigen (tensor.hpp
+// includes Eigen/Core for its TensorMap interop); attention_view instantiates only for callers
+// that include core/tensor.hpp themselves.
+template <class T, int Rank> struct tensor_view;
+
+/// A core strided view (core/tensor.hpp) of extents [B, H, N, d] as an attention tensor, e.g.
+/// attention_view(token_major_view(p, B, N, H, d)); the last dimension must be contiguous
+/// (lowmem::invalid_argument otherwise).
+template <class T> attention_tensor<T> attention_view(const tensor_view<T, 4>& t) {
+  require(t.stride[3] == 1, "attention_view", "t.stride[3]", "1 (contiguous last dimension)",
+          t.stride[3]);
+  return {t.data,      t.extent[0], t.extent[1], t.extent[2],
+          t.extent[3], t.stride[0], t.stride[1], t.stride[2]};
+}
 
 /// Head-major [B, H, N, d], row-major and packed.
 template <class T>
@@ -64,11 +80,22 @@ attention_tensor<T> attention_bnhd(T* data, std::ptrdiff_t B, std::ptrdiff_t N, 
 inline constexpr std::ptrdiff_t attention_unbounded = std::numeric_limits<std::ptrdiff_t>::max();
 
 /// Additive fp32 bias bias(b, h, i, j) = data[b·stride_batch + h·stride_head + i·stride_row + j]
-/// (j contiguous; a zero stride broadcasts over batches or heads). -inf entries mask. Under varlen,
-/// i and j are positions in the packed sequences. No gradient is produced for it.
+/// (j contiguous; a zero stride broadcasts: stride_batch = 0 gives a per-head [Hq, Nq, Nk] bias,
+/// stride_head = 0 a [B, 1, Nq, Nk] one, both a shared [Nq, Nk] one, stride_row = 0 a key-padding
+/// row [B, H, 1, Nk]). -inf entries mask. Under varlen, i and j are positions in the packed
+/// sequences (batch 0).
+///
+/// Gradient: when `grad` is non-null, attention_backward ACCUMULATES ∂loss/∂bias into it, laid out
+/// with the same strides as data: grad[off(b, h, i, j)] += ∂loss/∂z_bhij = P∘(dP − D), summed
+/// over every (b, h, i, j) that maps to the same element (so zero strides reduce over the
+/// broadcast dimensions). Distinct elements of the [B, Hq, Nq, Nk] grid must map to the same
+/// offset only through zero strides. The sum order is fixed (bitwise identical for any thread
+/// count); requesting it selects the backward's two-pass schedule (see attention_backward).
 struct attention_bias {
   const float* data = nullptr;
   std::ptrdiff_t stride_batch = 0, stride_head = 0, stride_row = 0;
+  float* grad = nullptr; ///< optional: d(bias), accumulated by attention_backward (not read by
+                         ///< the forward)
 };
 
 /// Variable-length packed sequences: batch must be 1, sequence s owns queries
@@ -196,6 +223,9 @@ make_problem(const char* fn, const attention_tensor<const T>& q, const attention
   p.bias = opt.bias.data;
   p.bias_sb = opt.bias.stride_batch, p.bias_sh = opt.bias.stride_head;
   p.bias_si = opt.bias.stride_row;
+  if (opt.bias.grad)
+    require(opt.bias.data != nullptr, fn, "bias.grad", "bias.data set as well", "null bias.data");
+  p.dbias = opt.bias.grad;
   p.dropout = opt.dropout;
   p.rng = opt.dropout_rng;
   return p;
@@ -209,7 +239,7 @@ template <class X> using identity_t = typename identity<X>::type;
 /// Workspace bytes attention_forward and attention_backward need for head dimension d and a
 /// thread budget (<= 0: max_threads()): per thread, 64 × d fp32 tiles for packed operands and
 /// accumulators of a group of up to 4 query tiles (256 queries at d <= 64, 128 at d = 128, 64 at
-/// d >= 256), three 64 × 64 score tiles and a few 64-vectors: 450 KiB at d = 64, at most 768 KiB
+/// d >= 256), three 64 × 64 score tiles and a few 64-vectors: 434 KiB at d = 64, at most 640 KiB
 /// for d <= 256, independent of the sequence length.
 inline std::size_t attention_workspace_bytes(std::ptrdiff_t d, int threads = 0) {
   require_positive("attention_workspace_bytes", "d", d);
@@ -274,7 +304,8 @@ void attention_forward(const attention_tensor<Tq>& q,
 /// score tile from Q, K and L: D_i = Σ_k dO_ik O_ik, dV += (P∘M')ᵀ dO, dP = (dO Vᵀ)∘M',
 /// dS = P∘(dP − D), then the softcap chain rule and the scale, dQ += dS K, dK += dSᵀ Q
 /// (M' = dropout mask / (1 − p), regenerated from opt.dropout_rng). GQA: dK/dV sum over the
-/// query heads of each group. The bias gets no gradient.
+/// query heads of each group. With opt.bias.grad set, also d(bias) += P∘(dP − D) (reduced over
+/// the bias's zero-stride dimensions; see attention_bias).
 ///
 /// Shapes: as attention_forward; o, dout like q; dq (fp32) like q, dk, dv (fp32) like k, v.
 /// Memory: no allocation; `ws` as for the forward.
@@ -285,10 +316,13 @@ void attention_forward(const attention_tensor<Tq>& q,
 ///    per query tile, dK/dV rows straight into the caller's buffers. Used when
 ///    opt.deterministic is false, d is a multiple of the SIMD width and the B·Hkv items keep
 ///    the threads evenly busy (a multiple of the thread count, or >= 4 per thread).
-///  * two passes (14·N²·d flops: S and P are recomputed in both), used otherwise: dK/dV
-///    parallel over (batch, kv head, key tile), each tile looping over its query heads and query
-///    tiles; then dQ parallel over (batch, head, query tile) looping over key tiles. One sequence
-///    of one head uses every core.
+///  * two passes (14·N²·d flops: S and P are recomputed in both), used otherwise (and always
+///    when opt.bias.grad is set): dK/dV (and d(bias)) parallel over (batch, kv head, key tile),
+///    each tile looping over its query heads and query tiles; then dQ parallel over (batch, head,
+///    group of up to 4 query tiles) looping over key tiles, each K/V tile read once per group.
+///    One sequence of one head uses every core. When d(bias)
+///    is broadcast over batches or heads, the first pass's items span every batch / kv head of
+///    their key tile (still parallel over key tiles).
 /// Since the default picks the schedule from the thread count, its bits may differ between
 /// thread counts; with opt.deterministic = true the result is bitwise identical for any thread
 /// count (and across runs).

@@ -15,6 +15,9 @@ namespace lowmem::ref {
 
 struct attention_grads {
   std::vector<double> dq, dk, dv; // packed [B, H, N, d] (dq like q, dk/dv like k)
+  /// d(bias) at the bias's own offsets (b·stride_batch + h·stride_head + i·stride_row + j),
+  /// summed where offsets coincide; sized to the largest offset used + 1 (empty without bias).
+  std::vector<double> dbias;
 };
 
 struct attention_result {
@@ -105,6 +108,7 @@ attention_result attention(const attention_tensor<const T>& q, const attention_t
     grads->dq.assign(r.o.size(), 0.0);
     grads->dk.assign(std::size_t(B * Hkv * Nk * d), 0.0);
     grads->dv.assign(grads->dk.size(), 0.0);
+    grads->dbias.clear();
   }
   std::vector<double> z, g, P;
   for (const seg& sg : segments(opt, B, Nq, Nk))
@@ -144,8 +148,15 @@ attention_result attention(const attention_tensor<const T>& q, const attention_t
         for (long j = 0; j < sg.nk; ++j) {
           const double p = P[std::size_t(i * sg.nk + j)];
           const double f = drop(opt, Hq, Nq, Nk, sg.b, h, gi, sg.kb + j);
-          const double ds = p * (dP[std::size_t(j)] - D) * g[std::size_t(i * sg.nk + j)];
+          const double dz = p * (dP[std::size_t(j)] - D);
+          const double ds = dz * g[std::size_t(i * sg.nk + j)];
           const long gj = sg.kb + j;
+          if (opt.bias.data) {
+            const auto off = std::size_t(sg.b * opt.bias.stride_batch + h * opt.bias.stride_head +
+                                         gi * opt.bias.stride_row + gj);
+            if (off >= grads->dbias.size()) grads->dbias.resize(off + 1, 0.0);
+            grads->dbias[off] += dz;
+          }
           for (long c = 0; c < d; ++c) {
             grads->dq[std::size_t(((sg.b * Hq + h) * Nq + gi) * d + c)] +=
                 ds * at(k, sg.b, hk, gj, c);

@@ -65,6 +65,7 @@ template <class T> struct problem {
   index_t wl = unbounded, wr = unbounded; // causal is folded into wr = min(wr, 0)
   const float* bias = nullptr;
   index_t bias_sb = 0, bias_sh = 0, bias_si = 0;
+  float* dbias = nullptr; // backward accumulates d(bias) here (bias strides; 0 = reduced over)
   float dropout = 0;
   random::stream rng{};
 };
@@ -288,19 +289,34 @@ inline void pack_rows(const T* x, index_t sn, index_t rows, index_t d, float* ou
 
 // ---- workspace ---------------------------------------------------------------------------------
 
-struct buffers {
-  float *a, *b, *e, *acc1, *acc2; // d × 64 each: packed operands and accumulators
-  float *s, *dp;                  // 64 × 64 tiles
-  float *m, *l, *dvec, *lvec, *drop_row;
-  float* drop_tile; // 64 × 64
-  float* grp;       // per-query-tile state of a group of q_group(d) query tiles
-};
+/// Most query tiles in a group (see q_group).
+inline constexpr index_t max_group = 4;
 
 /// Query tiles processed together against each key tile: K and V tiles are then read from
 /// memory once per group (not once per query tile), which keeps long sequences compute-bound.
 /// 4 tiles (256 queries) at d <= 64, fewer for larger d so the group's state stays ~128 KiB.
 inline index_t q_group(index_t d) noexcept {
-  return std::max<index_t>(1, std::min<index_t>(4, 256 / std::max<index_t>(d, 1)));
+  return std::max<index_t>(1, std::min<index_t>(max_group, 256 / std::max<index_t>(d, 1)));
+}
+
+struct buffers {
+  float *a, *b, *acc1, *acc2; // d × 64 each: packed K, V and dK, dV of the key-tile pass
+  float *s, *dp;              // 64 × 64 score tiles
+  float *drop_row, *dz_row;   // 64-vectors
+  float* drop_tile;           // 64 × 64
+  float* grp;                 // q_group(d) slots of per-query-tile state (see slot)
+};
+
+/// Per-query-tile state of a group: packed Qᵀ and dOᵀ (d × 64), Q and dO rows (64 × d, single
+/// pass only), an accumulator (Oᵀ or dQᵀ, d × 64) and two 64-vectors (m, l or D, L).
+struct slot {
+  float *qt, *dot, *qp, *dop, *acc, *v1, *v2;
+};
+inline index_t slot_floats(index_t d) noexcept { return 5 * d * tile + 2 * tile; }
+inline slot get_slot(const buffers& w, index_t g, index_t d) noexcept {
+  const index_t dt = d * tile;
+  float* b = w.grp + g * slot_floats(d);
+  return {b, b + dt, b + 2 * dt, b + 3 * dt, b + 4 * dt, b + 5 * dt, b + 5 * dt + tile};
 }
 
 template <class WS> inline buffers carve(WS& ws, index_t d) {
@@ -308,18 +324,14 @@ template <class WS> inline buffers carve(WS& ws, index_t d) {
   const std::size_t dt = std::size_t(d * tile), tt = std::size_t(tile * tile);
   b.a = ws.template take<float>(dt);
   b.b = ws.template take<float>(dt);
-  b.e = ws.template take<float>(dt);
   b.acc1 = ws.template take<float>(dt);
   b.acc2 = ws.template take<float>(dt);
   b.s = ws.template take<float>(tt);
   b.dp = ws.template take<float>(tt);
-  b.m = ws.template take<float>(tile);
-  b.l = ws.template take<float>(tile);
-  b.dvec = ws.template take<float>(tile);
-  b.lvec = ws.template take<float>(tile);
   b.drop_row = ws.template take<float>(tile);
+  b.dz_row = ws.template take<float>(tile);
   b.drop_tile = ws.template take<float>(tt);
-  b.grp = ws.template take<float>(std::size_t(q_group(d) * (5 * d * tile + 2 * tile)));
+  b.grp = ws.template take<float>(std::size_t(q_group(d) * slot_floats(d)));
   return b;
 }
 
@@ -336,6 +348,65 @@ inline index_t balanced_tile(index_t t, index_t nt) noexcept {
   return (t % 2 == 0) ? t / 2 : nt - 1 - t / 2;
 }
 
+// ---- tile-loop scaffolding shared by the forward and both backward passes --------------------
+
+/// Row n of head h of batch b of a strided [B, H, N, d] tensor.
+template <class X>
+inline X* row_at(X* base, index_t sb, index_t sh, index_t sn, index_t b, index_t h,
+                 index_t n) noexcept {
+  return base + b * sb + h * sh + n * sn;
+}
+/// Offset of bias(b, h, packed query gi, packed key gj).
+template <class T>
+inline index_t bias_offset(const problem<T>& p, index_t b, index_t h, index_t gi,
+                           index_t gj) noexcept {
+  return b * p.bias_sb + h * p.bias_sh + gi * p.bias_si + gj;
+}
+/// True when the (queries [i0, i1)) × (keys [j0, j1)) tile needs the per-element mask: some
+/// pair is outside the window, or the lane dimension (`lanes` valid of 64) has padding.
+inline bool needs_mask(index_t lanes, index_t i0, index_t i1, index_t j0, index_t j1, index_t off,
+                       index_t wl, index_t wr) noexcept {
+  return lanes < tile || !tile_full(i0, i1, j0, j1, off, wl, wr);
+}
+/// Dropout uniforms of queries [i, i + n) for key j (segment-relative), into out[0, n).
+template <class Arch, class T>
+inline void dropout_draws(const problem<T>& p, const segment& sg, index_t h, index_t i, index_t j,
+                          index_t n, float* out) noexcept {
+  random::kernels::fill<Arch, random::kernels::distribution::uniform>(
+      p.rng, drop_index(p, sg.b, h, sg.q_begin + i, sg.k_begin + j), out, std::size_t(n));
+}
+/// dst rows [0, rows) (row stride sn) += the transposed lanes of t (d × 64).
+inline void add_transposed(const float* t, index_t rows, index_t d, float* dst,
+                           index_t sn) noexcept {
+  for (index_t c = 0; c < rows; ++c)
+    for (index_t k = 0; k < d; ++k) dst[c * sn + k] += t[k * tile + c];
+}
+
+/// A group of up to q_group(d) consecutive query tiles [ibeg, ibeg + 64·ng) of one segment: the
+/// keys [lo, hi) each tile may see and the union [begin, end) on the 64-aligned key grid, so one
+/// pass over key tiles serves every tile of the group.
+struct tile_group {
+  index_t ibeg = 0, ng = 0, nq = 0, begin = 0, end = 0;
+  index_t lo[max_group] = {}, hi[max_group] = {};
+
+  tile_group(index_t ibeg_, index_t G, const segment& sg, index_t wl, index_t wr) noexcept
+      : ibeg(ibeg_), ng(std::min(G, (sg.nq - ibeg_ + tile - 1) / tile)), nq(sg.nq), begin(sg.nk) {
+    for (index_t g = 0; g < ng; ++g) {
+      key_range(i0(g), i0(g) + rows(g), sg.nk - sg.nq, wl, wr, sg.nk, lo[g], hi[g]);
+      if (lo[g] < hi[g]) {
+        begin = std::min(begin, lo[g] / tile * tile);
+        end = std::max(end, hi[g]);
+      }
+    }
+  }
+  index_t i0(index_t g) const noexcept { return ibeg + g * tile; }
+  index_t rows(index_t g) const noexcept { return std::min(tile, nq - i0(g)); }
+  /// Whether tile g sees some key of [j0, j0 + nc).
+  bool sees(index_t g, index_t j0, index_t nc) const noexcept {
+    return j0 + nc > lo[g] && j0 < hi[g];
+  }
+};
+
 // ---- forward -----------------------------------------------------------------------------------
 
 template <class T> struct fwd_out {
@@ -346,6 +417,7 @@ template <class T> struct fwd_out {
 
 /// A group of up to q_group(d) query tiles of one head of one segment: online softmax over the
 /// key tiles each may see; key tiles on the 64-aligned grid are shared by the group's tiles.
+/// Slot use: qt = Qᵀ, acc = Oᵀ, v1 = running max m, v2 = running sum l.
 template <class Arch, class T>
 void forward_group(const problem<T>& p, const fwd_out<T>& out, index_t s, index_t h, index_t tg,
                    const buffers& w) {
@@ -353,75 +425,60 @@ void forward_group(const problem<T>& p, const fwd_out<T>& out, index_t s, index_
   constexpr index_t W = index_t(simd::width<Arch>), NV = tile / W;
   const segment sg = get_segment(p, s);
   const index_t d = p.d, G = q_group(d);
-  const index_t ibeg = tg * G * tile;
-  if (ibeg >= sg.nq) return;
-  const index_t ng = std::min(G, (sg.nq - ibeg + tile - 1) / tile);
+  if (tg * G * tile >= sg.nq) return;
+  const tile_group grp(tg * G * tile, G, sg, p.wl, p.wr);
   const index_t hk = h / (p.hq / p.hkv), off = sg.nk - sg.nq;
-  const T* kb = p.k + sg.b * p.k_sb + hk * p.k_sh + sg.k_begin * p.k_sn;
-  const T* vb = p.v + sg.b * p.v_sb + hk * p.v_sh + sg.k_begin * p.v_sn;
+  const T* qb = row_at(p.q, p.q_sb, p.q_sh, p.q_sn, sg.b, h, sg.q_begin);
+  const T* kb = row_at(p.k, p.k_sb, p.k_sh, p.k_sn, sg.b, hk, sg.k_begin);
+  const T* vb = row_at(p.v, p.v_sb, p.v_sh, p.v_sn, sg.b, hk, sg.k_begin);
   const scorer<Arch> sc = make_scorer<Arch>(p, h);
   const F ninf(-std::numeric_limits<float>::infinity());
   float* S = w.s;
   std::fill(w.drop_row, w.drop_row + tile, 0.f);
 
-  index_t jlo_g[4], jhi_g[4], jstart = sg.nk, jend = 0;
-  for (index_t g = 0; g < ng; ++g) {
-    const index_t i0 = ibeg + g * tile, nrows = std::min(tile, sg.nq - i0);
-    float *qt = w.grp + g * d * tile, *ot = w.grp + (G + g) * d * tile;
-    float *m = w.grp + 2 * G * d * tile + g * tile, *l = m + G * tile;
-    pack_transposed(p.q + sg.b * p.q_sb + h * p.q_sh + (sg.q_begin + i0) * p.q_sn, p.q_sn, nrows, d,
-                    qt);
-    std::fill(ot, ot + d * tile, 0.f);
-    std::fill(m, m + tile, -std::numeric_limits<float>::infinity());
-    std::fill(l, l + tile, 0.f);
-    key_range(i0, i0 + nrows, off, p.wl, p.wr, sg.nk, jlo_g[g], jhi_g[g]);
-    if (jlo_g[g] < jhi_g[g]) {
-      jstart = std::min(jstart, jlo_g[g] / tile * tile);
-      jend = std::max(jend, jhi_g[g]);
-    }
+  for (index_t g = 0; g < grp.ng; ++g) {
+    const slot t = get_slot(w, g, d);
+    pack_transposed(qb + grp.i0(g) * p.q_sn, p.q_sn, grp.rows(g), d, t.qt);
+    std::fill(t.acc, t.acc + d * tile, 0.f);
+    std::fill(t.v1, t.v1 + tile, -std::numeric_limits<float>::infinity());
+    std::fill(t.v2, t.v2 + tile, 0.f);
   }
-  for (index_t j0 = jstart; j0 < jend; j0 += tile) {
+  for (index_t j0 = grp.begin; j0 < grp.end; j0 += tile) {
     const index_t nc = std::min(tile, sg.nk - j0);
-    for (index_t g = 0; g < ng; ++g) {
-      if (j0 + nc <= jlo_g[g] || j0 >= jhi_g[g]) continue;
-      const index_t i0 = ibeg + g * tile, nrows = std::min(tile, sg.nq - i0);
-      float *qt = w.grp + g * d * tile, *ot = w.grp + (G + g) * d * tile;
-      float *mv = w.grp + 2 * G * d * tile + g * tile, *lv = mv + G * tile;
-      const float* bias0 = p.bias ? p.bias + sg.b * p.bias_sb + h * p.bias_sh +
-                                        (sg.q_begin + i0) * p.bias_si + sg.k_begin
-                                  : nullptr;
-      const bool masked = nrows < tile || !tile_full(i0, i0 + nrows, j0, j0 + nc, off, p.wl, p.wr);
-      gemm<Arch, false>(kb + j0 * p.k_sn, p.k_sn, 1, nc, d, qt, tile, S, tile); // Sᵀ rows = keys
+    for (index_t g = 0; g < grp.ng; ++g) {
+      if (!grp.sees(g, j0, nc)) continue;
+      const index_t i0 = grp.i0(g), nrows = grp.rows(g);
+      const slot t = get_slot(w, g, d);
+      const float* bias0 =
+          p.bias ? p.bias + bias_offset(p, sg.b, h, sg.q_begin + i0, sg.k_begin) : nullptr;
+      const bool masked = needs_mask(nrows, i0, i0 + nrows, j0, j0 + nc, off, p.wl, p.wr);
+      gemm<Arch, false>(kb + j0 * p.k_sn, p.k_sn, 1, nc, d, t.qt, tile, S, tile); // Sᵀ: keys
       F tmax[NV];
       for (index_t v = 0; v < NV; ++v) tmax[v] = ninf;
       F gdummy;
       for (index_t r = 0; r < nc; ++r) {
         const index_t j = j0 + r;
-        const float rel0 = float(i0 + off - j);
         const float* brow = bias0 ? bias0 + j : nullptr;
         float* row = S + r * tile;
         for (index_t v = 0; v < NV; ++v) {
-          const F z = sc.template score<false>(F::load_aligned(row + v * W), v, rel0, 1.f, nrows,
-                                               masked, brow, p.bias_si, gdummy);
+          const F z = sc.template score<false>(F::load_aligned(row + v * W), v, float(i0 + off - j),
+                                               1.f, nrows, masked, brow, p.bias_si, gdummy);
           z.store_aligned(row + v * W);
           tmax[v] = xsimd::max(tmax[v], z);
         }
       }
       F mu[NV], alpha[NV], rs[NV];
       for (index_t v = 0; v < NV; ++v) {
-        const F mold = F::load_aligned(mv + v * W);
+        const F mold = F::load_aligned(t.v1 + v * W);
         const F mnew = xsimd::max(mold, tmax[v]);
         mu[v] = xsimd::select(mnew == ninf, F(0.f), mnew);
         alpha[v] = simd::exp<Arch>(mold - mu[v]);
-        mnew.store_aligned(mv + v * W);
+        mnew.store_aligned(t.v1 + v * W);
         rs[v] = F(0.f);
       }
       for (index_t r = 0; r < nc; ++r) {
         float* row = S + r * tile;
-        if (p.dropout > 0)
-          random::kernels::fill<Arch, random::kernels::distribution::uniform>(
-              p.rng, drop_index(p, sg.b, h, sg.q_begin + i0, sg.k_begin + j0 + r), w.drop_row,
-              std::size_t(nrows));
+        if (p.dropout > 0) dropout_draws<Arch>(p, sg, h, i0, j0 + r, nrows, w.drop_row);
         for (index_t v = 0; v < NV; ++v) {
           F P = simd::exp<Arch>(F::load_aligned(row + v * W) - mu[v]);
           rs[v] = rs[v] + P;
@@ -430,24 +487,24 @@ void forward_group(const problem<T>& p, const fwd_out<T>& out, index_t s, index_
         }
       }
       for (index_t v = 0; v < NV; ++v)
-        (alpha[v] * F::load_aligned(lv + v * W) + rs[v]).store_aligned(lv + v * W);
+        (alpha[v] * F::load_aligned(t.v2 + v * W) + rs[v]).store_aligned(t.v2 + v * W);
       for (index_t k = 0; k < d; ++k)
         for (index_t v = 0; v < NV; ++v)
-          (F::load_aligned(ot + k * tile + v * W) * alpha[v]).store_aligned(ot + k * tile + v * W);
-      gemm<Arch, true>(vb + j0 * p.v_sn, 1, p.v_sn, d, nc, S, tile, ot, tile); // Oᵀ += Vᵀ Pᵀ
+          (F::load_aligned(t.acc + k * tile + v * W) * alpha[v])
+              .store_aligned(t.acc + k * tile + v * W);
+      gemm<Arch, true>(vb + j0 * p.v_sn, 1, p.v_sn, d, nc, S, tile, t.acc, tile); // Oᵀ += Vᵀ Pᵀ
     }
   }
-  for (index_t g = 0; g < ng; ++g) {
-    const index_t i0 = ibeg + g * tile, nrows = std::min(tile, sg.nq - i0);
-    const float *ot = w.grp + (G + g) * d * tile, *mv = w.grp + 2 * G * d * tile + g * tile,
-                *lv = mv + G * tile;
-    T* ob = out.o + sg.b * out.o_sb + h * out.o_sh + (sg.q_begin + i0) * out.o_sn;
+  for (index_t g = 0; g < grp.ng; ++g) {
+    const index_t i0 = grp.i0(g);
+    const slot t = get_slot(w, g, d);
+    T* ob = row_at(out.o, out.o_sb, out.o_sh, out.o_sn, sg.b, h, sg.q_begin + i0);
     float* lse = out.lse + (sg.b * p.hq + h) * p.nq + sg.q_begin + i0;
-    for (index_t c = 0; c < nrows; ++c) {
-      const float l = lv[c];
+    for (index_t c = 0; c < grp.rows(g); ++c) {
+      const float l = t.v2[c];
       const float inv = l > 0 ? 1.f / l : 0.f;
-      for (index_t k = 0; k < d; ++k) store(ob + c * out.o_sn + k, ot[k * tile + c] * inv);
-      lse[c] = l > 0 ? mv[c] + std::log(l) : -std::numeric_limits<float>::infinity();
+      for (index_t k = 0; k < d; ++k) store(ob + c * out.o_sn + k, t.acc[k * tile + c] * inv);
+      lse[c] = l > 0 ? t.v1[c] + std::log(l) : -std::numeric_limits<float>::infinity();
     }
   }
 }
@@ -491,8 +548,18 @@ inline float safe_lse(float l) noexcept {
   return l == -std::numeric_limits<float>::infinity() ? std::numeric_limits<float>::infinity() : l;
 }
 
-/// dK, dV of one key tile of one KV head: loops over the query heads of its group and the query
-/// tiles that may attend it (keys in lanes).
+/// y[0, n) += x[0, n) (x aligned, y not; n <= tile).
+template <class Arch> inline void add_row(const float* x, float* y, index_t n) noexcept {
+  using F = simd::fbatch<Arch>;
+  constexpr index_t W = index_t(simd::width<Arch>);
+  index_t c = 0;
+  for (; c + W <= n; c += W)
+    (F::load_unaligned(y + c) + F::load_aligned(x + c)).store_unaligned(y + c);
+  for (; c < n; ++c) y[c] += x[c];
+}
+
+/// dK, dV (and d(bias)) of one key tile of one KV head: loops over the query heads of its group
+/// and the query tiles that may attend it (keys in lanes).
 template <class Arch, class T>
 void backward_kv_tile(const problem<T>& p, const bwd_io<T>& io, index_t s, index_t hk, index_t t,
                       const buffers& w) {
@@ -503,11 +570,11 @@ void backward_kv_tile(const problem<T>& p, const bwd_io<T>& io, index_t s, index
   if (j0 >= sg.nk) return;
   const index_t ncols = std::min(tile, sg.nk - j0), d = p.d, off = sg.nk - sg.nq;
   const index_t group = p.hq / p.hkv;
-  const T* kb = p.k + sg.b * p.k_sb + hk * p.k_sh + (sg.k_begin + j0) * p.k_sn;
-  const T* vb = p.v + sg.b * p.v_sb + hk * p.v_sh + (sg.k_begin + j0) * p.v_sn;
   float *kt = w.a, *vt = w.b, *dkt = w.acc1, *dvt = w.acc2, *S = w.s, *dP = w.dp;
-  pack_transposed(kb, p.k_sn, ncols, d, kt);
-  pack_transposed(vb, p.v_sn, ncols, d, vt);
+  pack_transposed(row_at(p.k, p.k_sb, p.k_sh, p.k_sn, sg.b, hk, sg.k_begin + j0), p.k_sn, ncols, d,
+                  kt);
+  pack_transposed(row_at(p.v, p.v_sb, p.v_sh, p.v_sn, sg.b, hk, sg.k_begin + j0), p.v_sn, ncols, d,
+                  vt);
   std::fill(dkt, dkt + d * tile, 0.f);
   std::fill(dvt, dvt + d * tile, 0.f);
   if (p.dropout > 0) std::fill(w.drop_tile, w.drop_tile + tile * tile, 0.f);
@@ -515,36 +582,33 @@ void backward_kv_tile(const problem<T>& p, const bwd_io<T>& io, index_t s, index
   query_range(j0, j0 + ncols, off, p.wl, p.wr, sg.nq, ilo, ihi);
   for (index_t h = hk * group; h < (hk + 1) * group; ++h) {
     const scorer<Arch> sc = make_scorer<Arch>(p, h);
-    const T* qh = p.q + sg.b * p.q_sb + h * p.q_sh + sg.q_begin * p.q_sn;
-    const T* oh = io.o + sg.b * io.o_sb + h * io.o_sh + sg.q_begin * io.o_sn;
-    const T* doh = io.dout + sg.b * io.do_sb + h * io.do_sh + sg.q_begin * io.do_sn;
+    const T* qh = row_at(p.q, p.q_sb, p.q_sh, p.q_sn, sg.b, h, sg.q_begin);
+    const T* oh = row_at(io.o, io.o_sb, io.o_sh, io.o_sn, sg.b, h, sg.q_begin);
+    const T* doh = row_at(io.dout, io.do_sb, io.do_sh, io.do_sn, sg.b, h, sg.q_begin);
     const float* lh = io.lse + (sg.b * p.hq + h) * p.nq + sg.q_begin;
-    const float* bias0 = p.bias ? p.bias + sg.b * p.bias_sb + h * p.bias_sh +
-                                      sg.q_begin * p.bias_si + sg.k_begin + j0
-                                : nullptr;
+    const index_t boff = bias_offset(p, sg.b, h, sg.q_begin, sg.k_begin + j0);
+    const float* bias0 = p.bias ? p.bias + boff : nullptr;
+    float* dbias0 = p.dbias ? p.dbias + boff : nullptr;
     for (index_t i0 = ilo; i0 < ihi; i0 += tile) {
       const index_t nr = std::min(tile, ihi - i0);
-      const bool masked = ncols < tile || !tile_full(i0, i0 + nr, j0, j0 + ncols, off, p.wl, p.wr);
+      const bool masked = needs_mask(ncols, i0, i0 + nr, j0, j0 + ncols, off, p.wl, p.wr);
       gemm<Arch, false>(qh + i0 * p.q_sn, p.q_sn, 1, nr, d, kt, tile, S, tile);
       gemm<Arch, false>(doh + i0 * io.do_sn, io.do_sn, 1, nr, d, vt, tile, dP, tile);
       if (p.dropout > 0)
         for (index_t c = 0; c < ncols; ++c)
-          random::kernels::fill<Arch, random::kernels::distribution::uniform>(
-              p.rng, drop_index(p, sg.b, h, sg.q_begin + i0, sg.k_begin + j0 + c),
-              w.drop_tile + c * tile, std::size_t(nr));
+          dropout_draws<Arch>(p, sg, h, i0, j0 + c, nr, w.drop_tile + c * tile);
       for (index_t r = 0; r < nr; ++r) {
         const index_t i = i0 + r;
         const float Di = row_dot<Arch>(doh + i * io.do_sn, oh + i * io.o_sn, d);
         const F L(safe_lse(lh[i]));
-        const float rel0 = float(i + off - j0);
         const float* brow = bias0 ? bias0 + i * p.bias_si : nullptr;
         if (p.dropout > 0)
           for (index_t c = 0; c < tile; ++c) w.drop_row[c] = w.drop_tile[c * tile + r];
         float *srow = S + r * tile, *dprow = dP + r * tile;
         for (index_t v = 0; v < NV; ++v) {
           F g;
-          const F z = sc.template score<true>(F::load_aligned(srow + v * W), v, rel0, -1.f, ncols,
-                                              masked, brow, 1, g);
+          const F z = sc.template score<true>(F::load_aligned(srow + v * W), v, float(i + off - j0),
+                                              -1.f, ncols, masked, brow, 1, g);
           const F P = simd::exp<Arch>(z - L);
           F dpd = F::load_aligned(dprow + v * W), Pd = P;
           if (p.dropout > 0) {
@@ -553,186 +617,106 @@ void backward_kv_tile(const problem<T>& p, const bwd_io<T>& io, index_t s, index
             dpd = dpd * f;
           }
           Pd.store_aligned(srow + v * W);
-          (P * (dpd - F(Di)) * g).store_aligned(dprow + v * W);
+          const F dz = P * (dpd - F(Di)); // ∂loss/∂z_ij = ∂loss/∂bias_ij
+          (dz * g).store_aligned(dprow + v * W);
+          if (dbias0) dz.store_aligned(w.dz_row + v * W);
         }
+        if (dbias0) add_row<Arch>(w.dz_row, dbias0 + i * p.bias_si, ncols);
       }
       gemm<Arch, true>(doh + i0 * io.do_sn, 1, io.do_sn, d, nr, S, tile, dvt, tile);
       gemm<Arch, true>(qh + i0 * p.q_sn, 1, p.q_sn, d, nr, dP, tile, dkt, tile);
     }
   }
-  float* dkb = io.dk + sg.b * io.dk_sb + hk * io.dk_sh + (sg.k_begin + j0) * io.dk_sn;
-  float* dvb = io.dv + sg.b * io.dv_sb + hk * io.dv_sh + (sg.k_begin + j0) * io.dv_sn;
-  for (index_t c = 0; c < ncols; ++c)
-    for (index_t k = 0; k < d; ++k) {
-      dkb[c * io.dk_sn + k] += dkt[k * tile + c];
-      dvb[c * io.dv_sn + k] += dvt[k * tile + c];
-    }
+  add_transposed(dkt, ncols, d,
+                 row_at(io.dk, io.dk_sb, io.dk_sh, io.dk_sn, sg.b, hk, sg.k_begin + j0), io.dk_sn);
+  add_transposed(dvt, ncols, d,
+                 row_at(io.dv, io.dv_sb, io.dv_sh, io.dv_sn, sg.b, hk, sg.k_begin + j0), io.dv_sn);
 }
 
-/// dQ of one query tile of one head (queries in lanes).
-template <class Arch, class T>
-void backward_q_tile(const problem<T>& p, const bwd_io<T>& io, index_t s, index_t h, index_t t,
-                     const buffers& w) {
+/// Backward of one group of up to q_group(d) query tiles [ibeg, ...) of head h (queries in
+/// lanes): each key tile the group sees is read once for all its tiles (S = K·Qᵀ, dP = V·dOᵀ,
+/// dQᵀ += Kᵀ·dSᵀ summed in the group's slots, then added to the caller's rows). With KV (single
+/// pass) also dK += dSᵀ·Q and dV += (P∘M')ᵀ·dO straight into the caller's rows, which the work
+/// item must own; that needs d % W == 0 (aligned packed Q / dO rows).
+/// Slot use: qt = Qᵀ, dot = dOᵀ, qp / dop = Q / dO rows (KV only), acc = dQᵀ, v1 = D, v2 = L.
+template <class Arch, bool KV, class T>
+void backward_qgroup(const problem<T>& p, const bwd_io<T>& io, const segment& sg, index_t h,
+                     index_t ibeg, const buffers& w) {
   using F = simd::fbatch<Arch>;
   constexpr index_t W = index_t(simd::width<Arch>), NV = tile / W;
-  const segment sg = get_segment(p, s);
-  const index_t i0 = t * tile;
-  if (i0 >= sg.nq) return;
-  const index_t nrows = std::min(tile, sg.nq - i0), d = p.d;
-  const index_t hk = h / (p.hq / p.hkv), off = sg.nk - sg.nq;
-  const T* qb = p.q + sg.b * p.q_sb + h * p.q_sh + (sg.q_begin + i0) * p.q_sn;
-  const T* ob = io.o + sg.b * io.o_sb + h * io.o_sh + (sg.q_begin + i0) * io.o_sn;
-  const T* dob = io.dout + sg.b * io.do_sb + h * io.do_sh + (sg.q_begin + i0) * io.do_sn;
-  const T* kb = p.k + sg.b * p.k_sb + hk * p.k_sh + sg.k_begin * p.k_sn;
-  const T* vb = p.v + sg.b * p.v_sb + hk * p.v_sh + sg.k_begin * p.v_sn;
-  const float* lb = io.lse + (sg.b * p.hq + h) * p.nq + sg.q_begin + i0;
+  const index_t d = p.d, off = sg.nk - sg.nq, hk = h / (p.hq / p.hkv);
+  const tile_group grp(ibeg, q_group(d), sg, p.wl, p.wr);
   const scorer<Arch> sc = make_scorer<Arch>(p, h);
-  const float* bias0 = p.bias ? p.bias + sg.b * p.bias_sb + h * p.bias_sh +
-                                    (sg.q_begin + i0) * p.bias_si + sg.k_begin
-                              : nullptr;
-  float *qt = w.a, *dot = w.b, *dqt = w.acc1, *S = w.s, *dP = w.dp;
-  pack_transposed(qb, p.q_sn, nrows, d, qt);
-  pack_transposed(dob, io.do_sn, nrows, d, dot);
-  std::fill(dqt, dqt + d * tile, 0.f);
-  std::fill(w.drop_row, w.drop_row + tile, 0.f);
-  for (index_t c = 0; c < tile; ++c) {
-    w.dvec[c] = c < nrows ? row_dot<Arch>(dob + c * io.do_sn, ob + c * io.o_sn, d) : 0.f;
-    w.lvec[c] = c < nrows ? safe_lse(lb[c]) : std::numeric_limits<float>::infinity();
-  }
-  index_t jlo, jhi;
-  key_range(i0, i0 + nrows, off, p.wl, p.wr, sg.nk, jlo, jhi);
-  for (index_t j0 = jlo; j0 < jhi; j0 += tile) {
-    const index_t nc = std::min(tile, jhi - j0);
-    const bool masked = nrows < tile || !tile_full(i0, i0 + nrows, j0, j0 + nc, off, p.wl, p.wr);
-    gemm<Arch, false>(kb + j0 * p.k_sn, p.k_sn, 1, nc, d, qt, tile, S, tile);
-    gemm<Arch, false>(vb + j0 * p.v_sn, p.v_sn, 1, nc, d, dot, tile, dP, tile);
-    for (index_t r = 0; r < nc; ++r) {
-      const index_t j = j0 + r;
-      const float rel0 = float(i0 + off - j);
-      const float* brow = bias0 ? bias0 + j : nullptr;
-      if (p.dropout > 0)
-        random::kernels::fill<Arch, random::kernels::distribution::uniform>(
-            p.rng, drop_index(p, sg.b, h, sg.q_begin + i0, sg.k_begin + j), w.drop_row,
-            std::size_t(nrows));
-      float *srow = S + r * tile, *dprow = dP + r * tile;
-      for (index_t v = 0; v < NV; ++v) {
-        F g;
-        const F z = sc.template score<true>(F::load_aligned(srow + v * W), v, rel0, 1.f, nrows,
-                                            masked, brow, p.bias_si, g);
-        const F P = simd::exp<Arch>(z - F::load_aligned(w.lvec + v * W));
-        F dpd = F::load_aligned(dprow + v * W);
-        if (p.dropout > 0) dpd = dpd * sc.drop_factor(F::load_aligned(w.drop_row + v * W));
-        (P * (dpd - F::load_aligned(w.dvec + v * W)) * g).store_aligned(srow + v * W);
-      }
-    }
-    gemm<Arch, true>(kb + j0 * p.k_sn, 1, p.k_sn, d, nc, S, tile, dqt, tile); // dQᵀ += Kᵀ dSᵀ
-  }
-  float* dqb = io.dq + sg.b * io.dq_sb + h * io.dq_sh + (sg.q_begin + i0) * io.dq_sn;
-  for (index_t c = 0; c < nrows; ++c)
-    for (index_t k = 0; k < d; ++k) dqb[c * io.dq_sn + k] += dqt[k * tile + c];
-}
-
-/// Single-pass backward (FA-2 flop count) of one (segment, kv head): loops over its query heads
-/// and query tiles; for each, over the key tiles it sees (queries in lanes). dQ is accumulated per
-/// query tile in a buffer; dK and dV rows are accumulated straight into the caller's gradients,
-/// which only this work item touches. Requires d % W == 0 (aligned packed rows).
-template <class Arch, class T>
-void backward_group(const problem<T>& p, const bwd_io<T>& io, index_t s, index_t hk,
-                    const buffers& w) {
-  using F = simd::fbatch<Arch>;
-  constexpr index_t W = index_t(simd::width<Arch>), NV = tile / W;
-  const segment sg = get_segment(p, s);
-  const index_t d = p.d, off = sg.nk - sg.nq, group = p.hq / p.hkv, G = q_group(d);
-  const index_t dt = d * tile, stride_g = 5 * dt + 2 * tile;
-  const T* kb = p.k + sg.b * p.k_sb + hk * p.k_sh + sg.k_begin * p.k_sn;
-  const T* vb = p.v + sg.b * p.v_sb + hk * p.v_sh + sg.k_begin * p.v_sn;
-  float* dkb = io.dk + sg.b * io.dk_sb + hk * io.dk_sh + sg.k_begin * io.dk_sn;
-  float* dvb = io.dv + sg.b * io.dv_sb + hk * io.dv_sh + sg.k_begin * io.dv_sn;
+  const T* kb = row_at(p.k, p.k_sb, p.k_sh, p.k_sn, sg.b, hk, sg.k_begin);
+  const T* vb = row_at(p.v, p.v_sb, p.v_sh, p.v_sn, sg.b, hk, sg.k_begin);
+  const T* qh = row_at(p.q, p.q_sb, p.q_sh, p.q_sn, sg.b, h, sg.q_begin);
+  const T* oh = row_at(io.o, io.o_sb, io.o_sh, io.o_sn, sg.b, h, sg.q_begin);
+  const T* doh = row_at(io.dout, io.do_sb, io.do_sh, io.do_sn, sg.b, h, sg.q_begin);
+  const float* lh = io.lse + (sg.b * p.hq + h) * p.nq + sg.q_begin;
   float *S = w.s, *dP = w.dp;
-  std::fill(w.drop_row, w.drop_row + tile, 0.f);
-  for (index_t h = hk * group; h < (hk + 1) * group; ++h) {
-    const scorer<Arch> sc = make_scorer<Arch>(p, h);
-    const T* qh = p.q + sg.b * p.q_sb + h * p.q_sh + sg.q_begin * p.q_sn;
-    const T* oh = io.o + sg.b * io.o_sb + h * io.o_sh + sg.q_begin * io.o_sn;
-    const T* doh = io.dout + sg.b * io.do_sb + h * io.do_sh + sg.q_begin * io.do_sn;
-    const float* lh = io.lse + (sg.b * p.hq + h) * p.nq + sg.q_begin;
-    for (index_t ibeg = 0; ibeg < sg.nq; ibeg += G * tile) {
-      const index_t ng = std::min(G, (sg.nq - ibeg + tile - 1) / tile);
-      index_t jlo_g[4], jhi_g[4], jstart = sg.nk, jend = 0;
-      for (index_t g = 0; g < ng; ++g) {
-        const index_t i0 = ibeg + g * tile, nrows = std::min(tile, sg.nq - i0);
-        float* base = w.grp + g * stride_g;
-        float *qt = base, *dot = base + dt, *qp = base + 2 * dt, *dop = base + 3 * dt,
-              *dqt = base + 4 * dt, *dvec = base + 5 * dt, *lvec = dvec + tile;
-        pack_transposed(qh + i0 * p.q_sn, p.q_sn, nrows, d, qt);
-        pack_transposed(doh + i0 * io.do_sn, io.do_sn, nrows, d, dot);
-        pack_rows(qh + i0 * p.q_sn, p.q_sn, nrows, d, qp);
-        pack_rows(doh + i0 * io.do_sn, io.do_sn, nrows, d, dop);
-        std::fill(dqt, dqt + dt, 0.f);
-        for (index_t c = 0; c < tile; ++c) {
-          const index_t i = i0 + c;
-          dvec[c] = c < nrows ? row_dot<Arch>(doh + i * io.do_sn, oh + i * io.o_sn, d) : 0.f;
-          lvec[c] = c < nrows ? safe_lse(lh[i]) : std::numeric_limits<float>::infinity();
-        }
-        key_range(i0, i0 + nrows, off, p.wl, p.wr, sg.nk, jlo_g[g], jhi_g[g]);
-        if (jlo_g[g] < jhi_g[g]) {
-          jstart = std::min(jstart, jlo_g[g] / tile * tile);
-          jend = std::max(jend, jhi_g[g]);
-        }
-      }
-      for (index_t j0 = jstart; j0 < jend; j0 += tile) {
-        const index_t nc = std::min(tile, sg.nk - j0);
-        for (index_t g = 0; g < ng; ++g) {
-          if (j0 + nc <= jlo_g[g] || j0 >= jhi_g[g]) continue;
-          const index_t i0 = ibeg + g * tile, nrows = std::min(tile, sg.nq - i0);
-          float* base = w.grp + g * stride_g;
-          float *qt = base, *dot = base + dt, *qp = base + 2 * dt, *dop = base + 3 * dt,
-                *dqt = base + 4 * dt, *dvec = base + 5 * dt, *lvec = dvec + tile;
-          const float* bias0 = p.bias ? p.bias + sg.b * p.bias_sb + h * p.bias_sh +
-                                            (sg.q_begin + i0) * p.bias_si + sg.k_begin
-                                      : nullptr;
-          const bool masked =
-              nrows < tile || !tile_full(i0, i0 + nrows, j0, j0 + nc, off, p.wl, p.wr);
-          gemm<Arch, false>(kb + j0 * p.k_sn, p.k_sn, 1, nc, d, qt, tile, S, tile);
-          gemm<Arch, false>(vb + j0 * p.v_sn, p.v_sn, 1, nc, d, dot, tile, dP, tile);
-          for (index_t r = 0; r < nc; ++r) {
-            const index_t j = j0 + r;
-            const float rel0 = float(i0 + off - j);
-            const float* brow = bias0 ? bias0 + j : nullptr;
-            if (p.dropout > 0)
-              random::kernels::fill<Arch, random::kernels::distribution::uniform>(
-                  p.rng, drop_index(p, sg.b, h, sg.q_begin + i0, sg.k_begin + j), w.drop_row,
-                  std::size_t(nrows));
-            float *srow = S + r * tile, *dprow = dP + r * tile;
-            for (index_t v = 0; v < NV; ++v) {
-              F g2;
-              const F z = sc.template score<true>(F::load_aligned(srow + v * W), v, rel0, 1.f,
-                                                  nrows, masked, brow, p.bias_si, g2);
-              const F P = simd::exp<Arch>(z - F::load_aligned(lvec + v * W));
-              F dpd = F::load_aligned(dprow + v * W), Pd = P;
-              if (p.dropout > 0) {
-                const F f = sc.drop_factor(F::load_aligned(w.drop_row + v * W));
-                Pd = P * f;
-                dpd = dpd * f;
-              }
-              Pd.store_aligned(srow + v * W);
-              (P * (dpd - F::load_aligned(dvec + v * W)) * g2).store_aligned(dprow + v * W);
-            }
+  if (p.dropout > 0) std::fill(w.drop_row, w.drop_row + tile, 0.f); // lanes >= rows stay finite
+  for (index_t g = 0; g < grp.ng; ++g) {
+    const index_t i0 = grp.i0(g), nrows = grp.rows(g);
+    const slot t = get_slot(w, g, d);
+    pack_transposed(qh + i0 * p.q_sn, p.q_sn, nrows, d, t.qt);
+    pack_transposed(doh + i0 * io.do_sn, io.do_sn, nrows, d, t.dot);
+    if constexpr (KV) {
+      pack_rows(qh + i0 * p.q_sn, p.q_sn, nrows, d, t.qp);
+      pack_rows(doh + i0 * io.do_sn, io.do_sn, nrows, d, t.dop);
+    }
+    std::fill(t.acc, t.acc + d * tile, 0.f);
+    for (index_t c = 0; c < tile; ++c) {
+      const index_t i = i0 + c;
+      t.v1[c] = c < nrows ? row_dot<Arch>(doh + i * io.do_sn, oh + i * io.o_sn, d) : 0.f;
+      t.v2[c] = c < nrows ? safe_lse(lh[i]) : std::numeric_limits<float>::infinity();
+    }
+  }
+  for (index_t j0 = grp.begin; j0 < grp.end; j0 += tile) {
+    const index_t nc = std::min(tile, sg.nk - j0);
+    for (index_t g = 0; g < grp.ng; ++g) {
+      if (!grp.sees(g, j0, nc)) continue;
+      const index_t i0 = grp.i0(g), nrows = grp.rows(g);
+      const slot t = get_slot(w, g, d);
+      const float* bias0 =
+          p.bias ? p.bias + bias_offset(p, sg.b, h, sg.q_begin + i0, sg.k_begin) : nullptr;
+      const bool masked = needs_mask(nrows, i0, i0 + nrows, j0, j0 + nc, off, p.wl, p.wr);
+      gemm<Arch, false>(kb + j0 * p.k_sn, p.k_sn, 1, nc, d, t.qt, tile, S, tile);
+      gemm<Arch, false>(vb + j0 * p.v_sn, p.v_sn, 1, nc, d, t.dot, tile, dP, tile);
+      for (index_t r = 0; r < nc; ++r) {
+        const index_t j = j0 + r;
+        const float* brow = bias0 ? bias0 + j : nullptr;
+        if (p.dropout > 0) dropout_draws<Arch>(p, sg, h, i0, j, nrows, w.drop_row);
+        float *srow = S + r * tile, *dprow = dP + r * tile;
+        for (index_t v = 0; v < NV; ++v) {
+          F g2;
+          const F z = sc.template score<true>(F::load_aligned(srow + v * W), v, float(i0 + off - j),
+                                              1.f, nrows, masked, brow, p.bias_si, g2);
+          const F P = simd::exp<Arch>(z - F::load_aligned(t.v2 + v * W));
+          F dpd = F::load_aligned(dprow + v * W), Pd = P;
+          if (p.dropout > 0) {
+            const F f = sc.drop_factor(F::load_aligned(w.drop_row + v * W));
+            Pd = P * f;
+            dpd = dpd * f;
           }
-          gemm<Arch, true>(kb + j0 * p.k_sn, 1, p.k_sn, d, nc, dP, tile, dqt, tile);
-          gemm_acc_rows<Arch>(S, tile, 1, nc, nrows, dop, d, dvb + j0 * io.dv_sn, io.dv_sn, d);
-          gemm_acc_rows<Arch>(dP, tile, 1, nc, nrows, qp, d, dkb + j0 * io.dk_sn, io.dk_sn, d);
+          if constexpr (KV) Pd.store_aligned(srow + v * W);
+          (P * (dpd - F::load_aligned(t.v1 + v * W)) * g2).store_aligned(dprow + v * W);
         }
       }
-      for (index_t g = 0; g < ng; ++g) {
-        const index_t i0 = ibeg + g * tile, nrows = std::min(tile, sg.nq - i0);
-        const float* dqt = w.grp + g * stride_g + 4 * dt;
-        float* dqb = io.dq + sg.b * io.dq_sb + h * io.dq_sh + (sg.q_begin + i0) * io.dq_sn;
-        for (index_t c = 0; c < nrows; ++c)
-          for (index_t k = 0; k < d; ++k) dqb[c * io.dq_sn + k] += dqt[k * tile + c];
+      gemm<Arch, true>(kb + j0 * p.k_sn, 1, p.k_sn, d, nc, dP, tile, t.acc, tile); // dQᵀ += Kᵀ dSᵀ
+      if constexpr (KV) {
+        gemm_acc_rows<Arch>(S, tile, 1, nc, nrows, t.dop, d,
+                            row_at(io.dv, io.dv_sb, io.dv_sh, io.dv_sn, sg.b, hk, sg.k_begin + j0),
+                            io.dv_sn, d);
+        gemm_acc_rows<Arch>(dP, tile, 1, nc, nrows, t.qp, d,
+                            row_at(io.dk, io.dk_sb, io.dk_sh, io.dk_sn, sg.b, hk, sg.k_begin + j0),
+                            io.dk_sn, d);
       }
     }
   }
+  for (index_t g = 0; g < grp.ng; ++g)
+    add_transposed(get_slot(w, g, d).acc, grp.rows(g), d,
+                   row_at(io.dq, io.dq_sb, io.dq_sh, io.dq_sn, sg.b, h, sg.q_begin + grp.i0(g)),
+                   io.dq_sn);
 }
 
 // ---- drivers -----------------------------------------------------------------------------------
@@ -774,26 +758,41 @@ inline bool single_pass(const problem<T>& p, int threads, bool deterministic) no
   // count of equal items, or enough items (4 per thread) that the imbalance is small.
   const index_t items = p.nseg * p.hkv, t = index_t(threads);
   const bool balanced = items >= 4 * t || (!p.cu_q && items >= t && items % t == 0);
-  return !deterministic && p.d % index_t(simd::width<Arch>) == 0 && balanced;
+  return !deterministic && !p.dbias && p.d % index_t(simd::width<Arch>) == 0 && balanced;
 }
 
 template <class Arch, class T>
 void backward(const problem<T>& p, const bwd_io<T>& io, int threads, bool deterministic, void* ws) {
+  const index_t G = q_group(p.d);
   if (single_pass<Arch>(p, threads, deterministic)) {
     run_items(p.nseg * p.hkv, p.d, threads, ws, [&](index_t item, const buffers& w) {
-      backward_group<Arch>(p, io, item / p.hkv, item % p.hkv, w);
+      const segment sg = get_segment(p, item / p.hkv);
+      const index_t hk = item % p.hkv, group = p.hq / p.hkv;
+      for (index_t h = hk * group; h < (hk + 1) * group; ++h)
+        for (index_t ibeg = 0; ibeg < sg.nq; ibeg += G * tile)
+          backward_qgroup<Arch, true>(p, io, sg, h, ibeg, w);
     });
     return;
   }
+  // dK/dV pass (and d(bias)): a work item owns one key tile of one (segment, kv head), or of
+  // every segment / kv head when the bias gradient is broadcast over batches / heads (zero
+  // stride): then several of them add into the same d(bias) rows, which must stay on one thread.
   const index_t ntk = key_tiles(p);
-  run_items(p.nseg * p.hkv * ntk, p.d, threads, ws, [&](index_t item, const buffers& w) {
-    const index_t t = item % ntk, sh = item / ntk;
-    backward_kv_tile<Arch>(p, io, sh / p.hkv, sh % p.hkv, balanced_tile(t, ntk), w);
+  const bool all_s = p.dbias && !p.cu_q && p.bias_sb == 0, all_h = p.dbias && p.bias_sh == 0;
+  const index_t ns = all_s ? 1 : p.nseg, nh = all_h ? 1 : p.hkv;
+  run_items(ns * nh * ntk, p.d, threads, ws, [&](index_t item, const buffers& w) {
+    const index_t t = balanced_tile(item % ntk, ntk), sh = item / ntk;
+    const index_t s0 = all_s ? 0 : sh / nh, s1 = all_s ? p.nseg : s0 + 1;
+    const index_t h0 = all_h ? 0 : sh % nh, h1 = all_h ? p.hkv : h0 + 1;
+    for (index_t s = s0; s < s1; ++s)
+      for (index_t hk = h0; hk < h1; ++hk) backward_kv_tile<Arch>(p, io, s, hk, t, w);
   });
-  const index_t ntq = query_tiles(p);
-  run_items(p.nseg * p.hq * ntq, p.d, threads, ws, [&](index_t item, const buffers& w) {
-    const index_t t = item % ntq, sh = item / ntq;
-    backward_q_tile<Arch>(p, io, sh / p.hq, sh % p.hq, balanced_tile(t, ntq), w);
+  // dQ pass: a work item is a group of up to G query tiles of one (segment, head).
+  const index_t ntg = (query_tiles(p) + G - 1) / G;
+  run_items(p.nseg * p.hq * ntg, p.d, threads, ws, [&](index_t item, const buffers& w) {
+    const index_t tg = balanced_tile(item % ntg, ntg), sh = item / ntg;
+    const segment sg = get_segment(p, sh / p.hq);
+    if (tg * G * tile < sg.nq) backward_qgroup<Arch, false>(p, io, sg, sh % p.hq, tg * G * tile, w);
   });
 }
 
