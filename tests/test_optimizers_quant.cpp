@@ -361,6 +361,40 @@ LOWMEM_ARCH_TEST_CASE("8/4-bit AdamW with bf16 gradients equals the widened fp32
   }
 }
 
+LOWMEM_ARCH_TEST_CASE("quantize_group codes exact boundaries like the scalar lookup",
+                      "[optimizers][quant]") {
+  using Arch = TestType;
+  LOWMEM_SKIP_IF_UNSUPPORTED();
+  for (int bits : {8, 4}) {
+    for (int mo = 0; mo < 2; ++mo) {
+      optim::quantized_state st(k::group_size, bits, 2, 0);
+      k::qmoment_view q = st.view(mo);
+      // block scale 1 (the group max is 1 and every block holds a 1): boundaries, their float
+      // neighbours and the codes themselves hit exactly
+      std::vector<float> x;
+      while (x.size() < k::group_size) {
+        if (x.size() % 128 == 0) x.push_back(1.0f);
+        for (int j = 0; j + 1 < q.cb->size && x.size() < k::group_size; ++j)
+          for (float v : {q.cb->mid[j], std::nextafter(q.cb->mid[j], 2.0f),
+                          std::nextafter(q.cb->mid[j], -2.0f), q.cb->values[j]})
+            if (x.size() < k::group_size && x.size() % 128 != 0) x.push_back(v);
+      }
+      if (bits == 8)
+        k::quantize_group<Arch, 8>(x.data(), 0, x.size(), q);
+      else
+        k::quantize_group<Arch, 4>(x.data(), 0, x.size(), q);
+      std::size_t bad = 0;
+      for (std::size_t i = 0; i < x.size(); ++i) {
+        const unsigned code = bits == 8 ? q.codes[i] : (q.codes[i / 2] >> (4 * (i & 1))) & 15u;
+        bad += int(code) != q.cb->nearest(x[i]);
+      }
+      INFO("bits=" << bits << " moment=" << mo);
+      CHECK(q.group_scale[0] == 1.0f);
+      CHECK(bad == 0);
+    }
+  }
+}
+
 TEST_CASE("quantized state bytes per parameter", "[optimizers][quant][memory]") {
   const std::size_t n = std::size_t(1) << 20;
   optim::quantized_state s8(n, 8, 2), s4(n, 4, 2), l8(n, 8, 1), small(4095, 8, 2);

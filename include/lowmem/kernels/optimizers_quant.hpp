@@ -21,7 +21,8 @@
 //    instructions per 16 values, no gathers, no table in memory.
 //    Negative inputs of the signed map use their magnitude nudged up by one ulp, which turns
 //    "boundaries below x" into "magnitude boundaries <= |x|" (the mirrored count).
-//  * 16-code maps (4-bit): 15 in-register compares.
+//  * 16-code maps (4-bit): 15 in-register compares; the linear map k/16 by arithmetic
+//    (clamp(ceil(16x − 1.5), 0, 15), exact).
 //  * The scalar path (other archs, tails) counts boundaries with a bucket table indexed by the
 //    float's sign, exponent and top 6 mantissa bits (at most two boundaries per bucket, checked at
 //    construction) plus two compares: the same function, bit for bit.
@@ -78,6 +79,7 @@ struct codebook {
   // [2^(e-31), 2^(e-30)), e = 0..31, smaller magnitudes clamped into e = 0, larger into 31)
   // starts in segment bin_seg[e] and contains at most the one segment boundary bin_bound[e].
   bool segmented = false, is_signed = false;
+  bool linear16 = false; // the 16-code map k/16, k = 1..16 (boundaries (c + 1.5)/16)
   alignas(64) std::int32_t bin_seg[32] = {};
   alignas(64) float bin_bound[32] = {};
   alignas(64) float seg_c0[16] = {}, seg_c1[16] = {}, seg_r1[16] = {}, seg_c0r1[16] = {},
@@ -211,6 +213,7 @@ inline codebook make_linear_map_nozero(int bits) {
   codebook cb;
   cb.size = 1 << bits;
   for (int k = 0; k < cb.size; ++k) cb.values[k] = float(double(k + 1) / cb.size);
+  cb.linear16 = bits == 4;
   cb.finalize();
   return cb;
 }
@@ -550,8 +553,18 @@ inline void quantize_group(const float* in, std::size_t begin, std::size_t n,
         for (; j + 16 <= len; j += 16) {
           const __m512 xv = _mm512_mul_ps(_mm512_loadu_ps(in + j0 + j), vinv);
           __m512i qv = _mm512_setzero_si512();
-          for (int k = 0; k < 15; ++k)
-            qv = _mm512_mask_add_epi32(qv, _mm512_cmp_ps_mask(xv, mids[k], _CMP_GT_OQ), qv, one);
+          if (q.cb->linear16) {
+            // boundaries (c + 1.5)/16: count = clamp(ceil(16x − 1.5), 0, 15), exact in float
+            // (16x is exact and 16x − 1.5 is exact wherever it is positive); NaN -> 0
+            const __m512 y =
+                _mm512_sub_ps(_mm512_mul_ps(xv, _mm512_set1_ps(16.0f)), _mm512_set1_ps(1.5f));
+            __m512 t = _mm512_roundscale_ps(y, _MM_FROUND_TO_POS_INF | _MM_FROUND_NO_EXC);
+            t = _mm512_min_ps(_mm512_max_ps(t, _mm512_setzero_ps()), _mm512_set1_ps(15.0f));
+            qv = _mm512_cvttps_epi32(t);
+          } else {
+            for (int k = 0; k < 15; ++k)
+              qv = _mm512_mask_add_epi32(qv, _mm512_cmp_ps_mask(xv, mids[k], _CMP_GT_OQ), qv, one);
+          }
           const __m128i bytes = _mm512_cvtepi32_epi8(qv);
           const __m128i packed = _mm_packus_epi16(_mm_maddubs_epi16(bytes, pair), bytes);
           _mm_storel_epi64(reinterpret_cast<__m128i*>(c + j / 2), packed);
