@@ -67,6 +67,44 @@ LOWMEM_ARCH_TEST_CASE("AdamW and Adam match a double reference of PyTorch step b
   }
 }
 
+LOWMEM_ARCH_TEST_CASE("AdamW with bf16 gradients matches the reference and the widened fp32 path",
+                      "[optimizers][adam][bf16]") {
+  using Arch = TestType;
+  LOWMEM_SKIP_IF_UNSUPPORTED();
+  for (std::size_t n : test::tail_sizes<Arch>()) {
+    auto p = ref::uniform_data(n, 11), p2 = p;
+    std::vector<bf16> pb(n), pb2(n);
+    for (std::size_t i = 0; i < n; ++i) pb[i] = pb2[i] = to_bf16(p[i]);
+    std::vector<float> m(n, 0.f), v(n, 0.f), m2 = m, v2 = v, mb = m, vb = v, mb2 = m, vb2 = v;
+    const optim::adamw_config cfg{1e-2, 0.9, 0.99, 1e-8, 0.1};
+    double worst_p = 0;
+    bool same = true;
+    for (std::int64_t t = 1; t <= 100; ++t) {
+      const auto g32 = ref::uniform_data(n, 1500 + std::uint64_t(t), -2.f, 2.f);
+      std::vector<bf16> g(n);
+      std::vector<float> gw(n); // the bf16 gradient widened
+      for (std::size_t i = 0; i < n; ++i) g[i] = to_bf16(g32[i]), gw[i] = to_float(g[i]);
+      auto rp = to_double(p), rm = to_double(m), rv = to_double(v);
+      ref::adam_step(rp.data(), gw.data(), rm.data(), rv.data(), n, t,
+                     {cfg.lr, cfg.beta1, cfg.beta2, cfg.eps, cfg.weight_decay, true});
+      optim::adamw_step<Arch>(p.data(), g.data(), m.data(), v.data(), n, t, cfg);
+      optim::adamw_step<Arch>(p2.data(), gw.data(), m2.data(), v2.data(), n, t, cfg);
+      worst_p = std::max(worst_p, ref::max_rel_error(p.data(), rp.data(), n));
+      same = same && ref::bitwise_equal(p.data(), p2.data(), n) &&
+             ref::bitwise_equal(m.data(), m2.data(), n) &&
+             ref::bitwise_equal(v.data(), v2.data(), n);
+      // bf16 parameters too (same rounding stream: same bits)
+      const random::stream rs{4, std::uint64_t(t)};
+      optim::adamw_step<Arch>(pb.data(), g.data(), mb.data(), vb.data(), n, t, cfg, rs);
+      optim::adamw_step<Arch>(pb2.data(), gw.data(), mb2.data(), vb2.data(), n, t, cfg, rs);
+      for (std::size_t i = 0; i < n; ++i) same = same && pb[i].bits == pb2[i].bits;
+    }
+    INFO("n=" << n);
+    CHECK(worst_p < 1e-6);
+    CHECK(same);
+  }
+}
+
 TEST_CASE("AdamW free-running 100 steps stays within 1e-5 of the double trajectory",
           "[optimizers][adam]") {
   const std::size_t n = 4099;
@@ -239,12 +277,15 @@ TEST_CASE("fp32 optimizer steps allocate nothing", "[optimizers][memory]") {
   const auto g = ref::uniform_data(n, 12);
   std::vector<float> m(n, 0.f), v(n, 0.f);
   std::vector<bf16> pb(n);
+  const std::vector<bf16> gb(n);
   memory::region r;
   optim::adamw_step(p.data(), g.data(), m.data(), v.data(), n, 1, {}, 2);
   optim::adam_step(p.data(), g.data(), m.data(), v.data(), n, 2, {});
   optim::sgd_step(p.data(), g.data(), m.data(), n, 1, {0.1, 0.9, 0.0, 0.0, false});
   optim::lion_step(p.data(), g.data(), m.data(), n, {});
   optim::adamw_step(pb.data(), g.data(), m.data(), v.data(), n, 3, {}, random::stream{1, 3});
+  optim::adamw_step(p.data(), gb.data(), m.data(), v.data(), n, 4, {});
+  optim::adamw_step(pb.data(), gb.data(), m.data(), v.data(), n, 5, {}, random::stream{1, 5});
   CHECK(r.allocations() == 0);
 }
 
@@ -271,6 +312,13 @@ TEST_CASE("bad optimizer input throws before any write", "[optimizers][errors]")
   CHECK_THROWS_AS(optim::adamw_step(p.data(), g.data(), m.data(), v.data(), n, 0, adamw_config{}),
                   invalid_argument);
   CHECK_THROWS_AS(optim::adamw_step(p.data(), g.data(), m.data(), nullptr, n, 1, adamw_config{}),
+                  invalid_argument);
+  const bf16* no_grad = nullptr;
+  CHECK_THROWS_AS(optim::adamw_step(p.data(), no_grad, m.data(), v.data(), n, 1, adamw_config{}),
+                  invalid_argument);
+  const std::vector<bf16> gb(n);
+  CHECK_THROWS_AS(optim::adamw_step(p.data(), gb.data(), m.data(), v.data(), n, 1,
+                                    adamw_config{1e-3, 0.9, 0.999, -1e-8, 0.0}),
                   invalid_argument);
   CHECK_THROWS_AS(optim::adam_step(p.data(), g.data(), m.data(), v.data(), n, 1,
                                    optim::adam_config{1e-3, 0.9, 0.999, -1.0, 0.0}),

@@ -68,7 +68,7 @@ struct projected_ref {
   }
 };
 
-void run_against_reference(index_t rows, index_t cols, optim::projected_config cfg) {
+std::int64_t run_against_reference(index_t rows, index_t cols, optim::projected_config cfg) {
   optim::projected_adam opt(rows, cols, cfg);
   RowMatrixXf W = random_matrix(rows, cols, 1);
   const bool tr = rows > cols;
@@ -82,12 +82,13 @@ void run_against_reference(index_t rows, index_t cols, optim::projected_config c
                     random_matrix(rows, cols, 300 + std::uint64_t(t), 0.05f);
     opt.step(W, G);
     const Md Gd = tr ? Md(G.cast<double>().transpose()) : Md(G.cast<double>());
-    ref.step(Wd, Gd, opt.projection().cast<double>());
+    ref.step(Wd, Gd, opt.dequantized_projection().cast<double>()); // int8 P: as dequantized
     const Md Wf = tr ? Md(W.cast<double>().transpose()) : Md(W.cast<double>());
     worst = std::max(worst, (Wf - Wd).cwiseAbs().maxCoeff() / Wd.cwiseAbs().maxCoeff());
   }
   INFO("rows=" << rows << " cols=" << cols << " method=" << int(cfg.method));
   CHECK(worst < 2e-5); // float vs double over 100 steps (sign steps of FRUGAL are exact)
+  return opt.refreshes();
 }
 
 } // namespace
@@ -108,6 +109,58 @@ TEST_CASE("GaLore, APOLLO, APOLLO-Mini and FRUGAL match a double reference over 
     c.rank = 1, c.scale = 128;
     run_against_reference(shape.first, shape.second, c);
   }
+}
+
+TEST_CASE("Q-GaLore: int8 projection and lazy refresh match the double reference",
+          "[optimizers][projected][qgalore]") {
+  for (auto shape : {std::pair<index_t, index_t>{24, 40}, {40, 24}, {130, 70}}) {
+    optim::projected_config c;
+    c.lr = 1e-2, c.rank = 4, c.update_gap = 10, c.weight_decay = 0.1, c.seed = 5;
+    c.projection_bits = 8; // d = 70 > 64: two row blocks of P
+    CHECK(run_against_reference(shape.first, shape.second, c) == 10);
+    // lazy: the test gradients' dominant subspace only changes every 25 steps
+    c.subspace_threshold = 0.6, c.subspace_patience = 1; // rank 4 > 3: one column is noise
+    CHECK(run_against_reference(shape.first, shape.second, c) < 10);
+    c.projection_bits = 32;
+    CHECK(run_against_reference(shape.first, shape.second, c) < 10);
+  }
+}
+
+TEST_CASE("Q-GaLore: int8 projection within half a step of the fp32 one; lazy period",
+          "[optimizers][projected][qgalore]") {
+  const index_t m = 96, n = 48, r = 6;
+  optim::projected_config c;
+  c.rank = r, c.update_gap = 4, c.seed = 3;
+  optim::projected_adam f32(m, n, c);
+  c.projection_bits = 8;
+  optim::projected_adam i8(m, n, c);
+  CHECK(i8.state_bytes() == std::size_t(2 * r * m * 4 + n * r + 4 * r) + sizeof(double));
+  RowMatrixXf W1 = random_matrix(m, n, 1), W2 = W1;
+  const RowMatrixXf G = random_matrix(m, n, 2);
+  f32.step(W1, G);
+  i8.step(W2, G);
+  const Md P = f32.projection().cast<double>(), Q = i8.dequantized_projection().cast<double>();
+  bool within = true;
+  for (index_t j = 0; j < r; ++j) {
+    const double half = P.col(j).cwiseAbs().maxCoeff() / 254.0;
+    within = within && (P.col(j) - Q.col(j)).cwiseAbs().maxCoeff() <= half * 1.0001 + 1e-9;
+  }
+  CHECK(within);
+  // lazy refresh: a fixed rank-r gradient keeps the subspace -> the period doubles
+  // (patience 2: after every two similar refreshes); fresh noise each step keeps it
+  optim::projected_config lz = c;
+  lz.subspace_threshold = 0.9, lz.subspace_patience = 2, lz.max_update_gap = 16;
+  optim::projected_adam stable(m, n, lz), noisy(m, n, lz);
+  const RowMatrixXf L = random_matrix(m, r, 4) * random_matrix(r, n, 5);
+  for (std::int64_t t = 1; t <= 60; ++t) {
+    stable.step(W1, L + random_matrix(m, n, 600 + std::uint64_t(t), 1e-3f));
+    noisy.step(W2, random_matrix(m, n, 700 + std::uint64_t(t)));
+  }
+  CHECK(stable.update_gap() == 16);
+  CHECK(stable.last_similarity() > 0.9);
+  CHECK(stable.refreshes() < 15);
+  CHECK(noisy.update_gap() == 4);
+  CHECK(noisy.refreshes() == 15);
 }
 
 TEST_CASE("GaLore's randomized SVD finds the top-r singular subspace", "[optimizers][projected]") {
@@ -154,6 +207,15 @@ TEST_CASE("projected state bytes and bad input", "[optimizers][projected][errors
   c.lr = 1e-3, c.beta2 = 1.0;
   CHECK_THROWS_AS(optim::projected_adam(64, 256, c), invalid_argument);
   c.beta2 = 0.999;
+  c.projection_bits = 4;
+  CHECK_THROWS_AS(optim::projected_adam(64, 256, c), invalid_argument);
+  c.projection_bits = 8;
+  c.method = projection_method::apollo;
+  CHECK_THROWS_AS(optim::projected_adam(64, 256, c), invalid_argument); // int8 P: GaLore only
+  c.method = projection_method::galore;
+  c.subspace_threshold = 1.5;
+  CHECK_THROWS_AS(optim::projected_adam(64, 256, c), invalid_argument);
+  c.subspace_threshold = 0, c.projection_bits = 32;
   optim::projected_adam ok(16, 32, c);
   RowMatrixXf W = random_matrix(16, 32, 9), W0 = W;
   const RowMatrixXf G = random_matrix(16, 31, 10);

@@ -7,11 +7,29 @@
 //    or 2^(i+N-E+1)+1 (unsigned), N = total_bits-1; plus 0 and 1. 8-bit: E = 7; 4-bit signed
 //    (torchao's 4-bit m map, no zero padding): E = 3.
 //  * linear map without zero (torchao's 4-bit v map): k / 16, k = 1..16.
-// Quantization picks the nearest code (ties to the lower code). Instead of a binary search, a
-// bucket table indexed by the float's sign, exponent (clamped to 2^-23..2) and top 6 mantissa bits
-// gives the number of code midpoints below the bucket; at most two midpoints fall inside one
-// bucket for these codebooks (checked at construction), so two vector gathers and compares finish
-// the search.
+// Quantization picks the nearest code: code = number of decision boundaries ("midpoints") below
+// x, so ties go to the lower code.
+//  * 256-code dynamic maps: each decade i holds codes equally spaced by c1 = 0.9·10^(i-E+1)/(F-1),
+//    so the boundary between its codes j-1 and j is fma(c1, j, c0) with c0 = 0.1·10^(i-E+1),
+//    evaluated in float (the reference `nearest` and the vector encoder use this same float); the
+//    boundary between two decades (and around the codes 0 and 1) is the float mean of its two
+//    codes. The AVX-512 encoder finds the segment (decade) from the float's exponent (a 32-entry
+//    in-register table of "segments below this binade" plus the one decade boundary a binade can
+//    hold, decades being 10× apart), estimates the in-decade index with one fmsub and floor, and
+//    corrects it with one compare-and-adjust against the next boundary (the estimate is biased
+//    low by 2^-10, far above its float error, so it is exact or one short): about 30 vector
+//    instructions per 16 values, no gathers, no table in memory.
+//    Negative inputs of the signed map use their magnitude nudged up by one ulp, which turns
+//    "boundaries below x" into "magnitude boundaries <= |x|" (the mirrored count).
+//  * 16-code maps (4-bit): 15 in-register compares; the linear map k/16 by arithmetic
+//    (clamp(ceil(16x − 1.5), 0, 15), exact).
+//  * The scalar path (other archs, tails) counts boundaries with a bucket table indexed by the
+//    float's sign, exponent and top 6 mantissa bits (at most two boundaries per bucket, checked at
+//    construction) plus two compares: the same function, bit for bit.
+// Decoding an 8-bit code is a 256-entry table lookup: with AVX512-VBMI, 64 codes at a time as four
+// byte planes (two vpermi2b and a blend each) re-interleaved into floats; else 16-register
+// vpermt2ps trees. NaN policy: NaN state maps to some valid code (unspecified; a NaN moment means
+// the run diverged); ±inf clamp to the extreme codes.
 //
 // Scales (two levels, so that the scales cost < 0.02 bytes/param): a group of 2048 elements keeps
 // one fp32 scale S = max |x| over the group; each block (256 elements for 8-bit, 128 for 4-bit)
@@ -31,6 +49,7 @@
 #include <cstdint>
 #include <cstring>
 #include <limits>
+#include <optional>
 #include <type_traits>
 #include <vector>
 
@@ -47,18 +66,38 @@ struct codebook {
   static constexpr int rows = 26, cols = 64; // exponent rows (2^-23 .. 2), 6 mantissa bits
   int size = 0;
   alignas(64) float values[256] = {};
-  alignas(64) float mid[258] = {}; // mid[k] = (values[k] + values[k+1]) / 2, +inf padded
+  alignas(64) float mid[258] = {}; // decision boundaries, sorted; +inf padded
   alignas(64) std::int32_t bucket[2 * rows * cols] = {};
-  // Binary-search levels for 256-code books: level L (step s = 128 >> L) holds the midpoints
-  // mid[j·2s + s − 1], j < 128 / s, so that an 8-step branchless search needs only in-register
-  // permutes (AVX-512) instead of gathers.
-  alignas(64) float level[8][128] = {};
+  // Byte planes of values (plane p = byte p of each float's bits) for the VBMI decoder.
+  alignas(64) std::uint8_t planes[4][256] = {};
   int max_mids_per_bucket = 0;
 
-  /// Builds mid[] and bucket[] from values[0..size) (sorted ascending).
+  // Segment encoder of the 256-code dynamic maps (empty for other books). The magnitude axis is
+  // cut into segments (the code 0, one per decade, the code 1) by the boundaries between them;
+  // segment d holds seg_n[d] codes starting at magnitude index seg_off[d], inner boundaries
+  // fma(seg_c1[d], j, seg_c0[d]), j = 1 .. seg_n[d] - 1. Binade e (magnitudes in
+  // [2^(e-31), 2^(e-30)), e = 0..31, smaller magnitudes clamped into e = 0, larger into 31)
+  // starts in segment bin_seg[e] and contains at most the one segment boundary bin_bound[e].
+  bool segmented = false, is_signed = false;
+  bool linear16 = false; // the 16-code map k/16, k = 1..16 (boundaries (c + 1.5)/16)
+  alignas(64) std::int32_t bin_seg[32] = {};
+  alignas(64) float bin_bound[32] = {};
+  alignas(64) float seg_c0[16] = {}, seg_c1[16] = {}, seg_r1[16] = {}, seg_c0r1[16] = {},
+                    seg_nmax[16] = {}, seg_off[16] = {};
+
+  /// Builds mid[] (from values[] unless the segment construction already set it), bucket[] and
+  /// the decoder planes from values[0..size) (sorted ascending).
   void finalize() {
     const float inf = std::numeric_limits<float>::infinity();
-    for (int k = 0; k < 258; ++k) mid[k] = k + 1 < size ? 0.5f * (values[k] + values[k + 1]) : inf;
+    if (!segmented)
+      for (int k = 0; k < 258; ++k)
+        mid[k] = k + 1 < size ? 0.5f * (values[k] + values[k + 1]) : inf;
+    for (int k = size - 1; k < 258; ++k) mid[k] = inf;
+    for (int c = 0; c < 256; ++c) {
+      std::uint32_t u;
+      std::memcpy(&u, &values[c], 4);
+      for (int p = 0; p < 4; ++p) planes[p][c] = std::uint8_t(u >> (8 * p));
+    }
     for (int s = 0; s < 2; ++s)
       for (int r = 0; r < rows; ++r)
         for (int c = 0; c < cols; ++c) {
@@ -82,11 +121,6 @@ struct codebook {
           bucket[(s * rows + r) * cols + c] = below;
           max_mids_per_bucket = std::max(max_mids_per_bucket, inside);
         }
-    if (size == 256)
-      for (int L = 0; L < 8; ++L) {
-        const int st = 128 >> L;
-        for (int j = 0; j < 128 / st; ++j) level[L][j] = mid[j * 2 * st + st - 1];
-      }
   }
 
   /// Nearest code index of x (scalar; same result as the vector path).
@@ -126,6 +160,50 @@ inline codebook make_dynamic_map(bool is_signed, int max_exponent_bits, int tota
   codebook cb;
   cb.size = int(data.size());
   for (int k = 0; k < cb.size; ++k) cb.values[k] = float(data[std::size_t(k)]);
+  if (cb.size == 256 && additional == 0) {
+    // Segment boundaries: magnitude codes (signed: the non-negative half) in segments {0},
+    // decade 0 .. E-1, {1}; inner boundaries fma(c1, j, c0) (float), outer ones float means.
+    cb.segmented = true;
+    cb.is_signed = is_signed;
+    const float* mag = cb.values + (is_signed ? 127 : 0); // magnitude codes, ascending
+    float mags_mid[256];
+    int nmid = 0, off = 0, nseg = 0;
+    float bounds[16];
+    auto add_segment = [&](int n, float c0, float c1) {
+      if (nseg > 0) bounds[nseg - 1] = mags_mid[nmid++] = 0.5f * (mag[off - 1] + mag[off]);
+      cb.seg_c0[nseg] = c0, cb.seg_c1[nseg] = c1, cb.seg_r1[nseg] = 1.0f / c1;
+      // biased by 2^-10 so that floor(a·r1 − c0r1) undershoots the in-segment count by at most 1
+      // (its float error is ~1e-5), and one compare against the next boundary finishes
+      cb.seg_c0r1[nseg] = c0 * cb.seg_r1[nseg] + 0x1p-10f;
+      cb.seg_nmax[nseg] = float(n - 1), cb.seg_off[nseg] = float(off);
+      for (int j = 1; j < n; ++j) mags_mid[nmid++] = std::fma(c1, float(j), c0);
+      off += n, ++nseg;
+    };
+    add_segment(1, 0.0f, 1.0f);
+    for (int d = 0; d < max_exponent_bits; ++d) {
+      const int items = is_signed ? (1 << (d + nsb - max_exponent_bits)) + 1
+                                  : (1 << (d + nsb - max_exponent_bits + 1)) + 1;
+      const double scale = std::pow(10.0, -(max_exponent_bits - 1) + d);
+      add_segment(items - 1, float(0.1 * scale), float(0.9 * scale / (items - 1)));
+    }
+    add_segment(1, 0.0f, 1.0f);
+    for (int k = 0; k < 258; ++k) cb.mid[k] = std::numeric_limits<float>::infinity();
+    if (is_signed) {
+      for (int k = 0; k < 127; ++k) cb.mid[k] = -mags_mid[126 - k];
+      for (int k = 0; k < nmid; ++k) cb.mid[127 + k] = mags_mid[k];
+    } else {
+      for (int k = 0; k < nmid; ++k) cb.mid[k] = mags_mid[k];
+    }
+    for (int e = 0; e < 32; ++e) {
+      const float lo = std::ldexp(1.0f, e - 31), hi = std::ldexp(1.0f, e - 30);
+      cb.bin_seg[e] = 0;
+      cb.bin_bound[e] = std::numeric_limits<float>::infinity();
+      for (int b = 0; b + 1 < nseg; ++b) {
+        if (bounds[b] < lo) ++cb.bin_seg[e];
+        if (bounds[b] >= lo && bounds[b] < hi) cb.bin_bound[e] = bounds[b]; // at most one
+      }
+    }
+  }
   cb.finalize();
   return cb;
 }
@@ -135,6 +213,7 @@ inline codebook make_linear_map_nozero(int bits) {
   codebook cb;
   cb.size = 1 << bits;
   for (int k = 0; k < cb.size; ++k) cb.values[k] = float(double(k + 1) / cb.size);
+  cb.linear16 = bits == 4;
   cb.finalize();
   return cb;
 }
@@ -183,7 +262,12 @@ struct qmoment_view {
 inline std::uint8_t block_exponent(float S, float a) noexcept {
   if (!(a > 0.0f) || !(S > 0.0f)) return 255;
   const float* t = pow2_eighths();
-  int k = int(std::floor(8.0 * std::log2(double(S) / double(a))));
+  // estimate 8·log2(S/a) from the float's bits (exponent + linear mantissa, within 0.7 of the
+  // truth), then the exact compares below settle it
+  const float r = S / a;
+  std::uint32_t u;
+  std::memcpy(&u, &r, 4);
+  int k = std::clamp(int((u >> 23) & 0xFF) - 127, 0, 32) * 8 + int((u & 0x7FFFFF) >> 20);
   k = std::clamp(k, 0, 255);
   while (k > 0 && S * t[k] < a) --k;
   while (k < 255 && S * t[k + 1] >= a) ++k;
@@ -203,36 +287,87 @@ template <int R> inline __m512 lut(const __m512* t, __m512i idx) noexcept {
     return _mm512_mask_blend_ps(_mm512_test_epi32_mask(idx, _mm512_set1_epi32(8 * R)), lo, hi);
   }
 }
-/// Count of midpoints below x for a 256-code book: 8-step branchless binary search whose
-/// per-level midpoint tables live in registers (levels 0..4 one register, 5: 2, 6: 4, 7: 8).
-struct search256 {
-  __m512 l0, l1, l2, l3, l4, l5[2], l6[4], l7[8];
-  explicit search256(const codebook& cb) noexcept {
-    l0 = _mm512_set1_ps(cb.level[0][0]);
-    l1 = _mm512_loadu_ps(cb.level[1]);
-    l2 = _mm512_loadu_ps(cb.level[2]);
-    l3 = _mm512_loadu_ps(cb.level[3]);
-    l4 = _mm512_loadu_ps(cb.level[4]);
-    for (int r = 0; r < 2; ++r) l5[r] = _mm512_loadu_ps(cb.level[5] + 16 * r);
-    for (int r = 0; r < 4; ++r) l6[r] = _mm512_loadu_ps(cb.level[6] + 16 * r);
-    for (int r = 0; r < 8; ++r) l7[r] = _mm512_loadu_ps(cb.level[7] + 16 * r);
+/// Nearest code of 16 values x (already divided by the block scale) for a segmented 256-code book
+/// (see the header comment): segment from the exponent, in-decade index from one fmsub + floor,
+/// then one compare-and-adjust against the boundaries on each side.
+struct encode256 {
+  __m512i seg_lo, seg_hi;
+  __m512 bound_lo, bound_hi, c0, c1, r1, c0r1, nmax, off;
+  bool is_signed;
+  explicit encode256(const codebook& cb) noexcept : is_signed(cb.is_signed) {
+    seg_lo = _mm512_loadu_si512(cb.bin_seg);
+    seg_hi = _mm512_loadu_si512(cb.bin_seg + 16);
+    bound_lo = _mm512_loadu_ps(cb.bin_bound);
+    bound_hi = _mm512_loadu_ps(cb.bin_bound + 16);
+    c0 = _mm512_loadu_ps(cb.seg_c0), c1 = _mm512_loadu_ps(cb.seg_c1);
+    r1 = _mm512_loadu_ps(cb.seg_r1), c0r1 = _mm512_loadu_ps(cb.seg_c0r1);
+    nmax = _mm512_loadu_ps(cb.seg_nmax), off = _mm512_loadu_ps(cb.seg_off);
   }
   __m512i operator()(__m512 x) const noexcept {
-    __m512i q = _mm512_setzero_si512();
-    auto step = [&](__m512 m, int s) {
-      q = _mm512_mask_add_epi32(q, _mm512_cmp_ps_mask(x, m, _CMP_GT_OQ), q, _mm512_set1_epi32(s));
-    };
-    step(l0, 128); // level 0: one midpoint, broadcast
-    step(_mm512_permutexvar_ps(_mm512_srli_epi32(q, 7), l1), 64);
-    step(_mm512_permutexvar_ps(_mm512_srli_epi32(q, 6), l2), 32);
-    step(_mm512_permutexvar_ps(_mm512_srli_epi32(q, 5), l3), 16);
-    step(_mm512_permutexvar_ps(_mm512_srli_epi32(q, 4), l4), 8);
-    step(lut<2>(l5, _mm512_srli_epi32(q, 3)), 4);
-    step(lut<4>(l6, _mm512_srli_epi32(q, 2)), 2);
-    step(lut<8>(l7, _mm512_srli_epi32(q, 1)), 1);
-    return q;
+    const __m512i xb = _mm512_castps_si512(x), sign = _mm512_set1_epi32(int(0x80000000u));
+    const __m512 one = _mm512_set1_ps(1.0f), zero = _mm512_setzero_ps();
+    __m512i ab;
+    if (is_signed) {
+      // |x|, plus one ulp for negative x: "boundaries < |x|+" = "boundaries <= |x|"
+      ab = _mm512_andnot_si512(sign, xb);
+      ab = _mm512_mask_add_epi32(ab, _mm512_test_epi32_mask(xb, sign), ab, _mm512_set1_epi32(1));
+    } else {
+      ab = _mm512_castps_si512(_mm512_max_ps(x, zero)); // negative -> 0, -0 -> +0
+    }
+    // clamp to [2^-31, 1] (NaN -> 1): binades 0..31 by the low 5 bits of the exponent field
+    ab = _mm512_castps_si512(_mm512_min_ps(_mm512_castsi512_ps(ab), one));
+    ab = _mm512_max_epi32(ab, _mm512_set1_epi32(0x30000000)); // 2^-31
+    const __m512 a = _mm512_castsi512_ps(ab);
+    const __m512i e = _mm512_srli_epi32(ab, 23);
+    __m512i d = _mm512_permutex2var_epi32(seg_lo, e, seg_hi);
+    const __m512 bnd = _mm512_permutex2var_ps(bound_lo, e, bound_hi);
+    d = _mm512_mask_add_epi32(d, _mm512_cmp_ps_mask(a, bnd, _CMP_GT_OQ), d, _mm512_set1_epi32(1));
+    const __m512 sc0 = _mm512_permutexvar_ps(d, c0), sc1 = _mm512_permutexvar_ps(d, c1);
+    const __m512 t =
+        _mm512_fmsub_ps(a, _mm512_permutexvar_ps(d, r1), _mm512_permutexvar_ps(d, c0r1));
+    // kf is the count of inner boundaries below a, or one less: compare with boundary kf + 1
+    const __m512 kf1 =
+        _mm512_roundscale_ps(_mm512_add_ps(t, one), _MM_FROUND_TO_NEG_INF | _MM_FROUND_NO_EXC);
+    const __m512 j = _mm512_mask_sub_ps(
+        kf1, _mm512_cmp_ps_mask(a, _mm512_fmadd_ps(sc1, kf1, sc0), _CMP_LE_OQ), kf1, one);
+    // j >= 0 already (every segment's boundary below lies above its c0); decades can reach nmax+1
+    const __m512 cnt = _mm512_min_ps(j, _mm512_permutexvar_ps(d, nmax));
+    __m512 q = _mm512_add_ps(cnt, _mm512_permutexvar_ps(d, off));
+    if (is_signed) { // 127 ± magnitude index, the missing -1 code clamped to 0
+      q = _mm512_castsi512_ps(_mm512_or_si512(_mm512_castps_si512(q), _mm512_and_si512(xb, sign)));
+      q = _mm512_max_ps(_mm512_add_ps(q, _mm512_set1_ps(127.0f)), zero);
+    }
+    return _mm512_cvttps_epi32(q);
   }
 };
+
+#if defined(__AVX512VBMI__)
+/// 64 codes -> 64 floats × s: the 256-entry table as four byte planes (vpermi2b on each 128-entry
+/// half, blended by the code's top bit), re-interleaved with unpacks. The codes are first permuted
+/// (4×4 dword transpose) so that the in-lane unpacks leave the floats in natural order.
+struct decode256 {
+  __m512i t[4][4];
+  explicit decode256(const codebook& cb) noexcept {
+    for (int p = 0; p < 4; ++p)
+      for (int r = 0; r < 4; ++r) t[p][r] = _mm512_loadu_si512(cb.planes[p] + 64 * r);
+  }
+  void operator()(const std::uint8_t* c, __m512 s, float* out) const noexcept {
+    const __m512i perm = _mm512_set_epi32(15, 11, 7, 3, 14, 10, 6, 2, 13, 9, 5, 1, 12, 8, 4, 0);
+    const __m512i codes = _mm512_permutexvar_epi32(perm, _mm512_loadu_si512(c));
+    const __mmask64 hi = _mm512_movepi8_mask(codes);
+    __m512i P[4];
+    for (int p = 0; p < 4; ++p)
+      P[p] = _mm512_mask_blend_epi8(hi, _mm512_permutex2var_epi8(t[p][0], codes, t[p][1]),
+                                    _mm512_permutex2var_epi8(t[p][2], codes, t[p][3]));
+    const __m512i a = _mm512_unpacklo_epi8(P[0], P[1]), b = _mm512_unpackhi_epi8(P[0], P[1]);
+    const __m512i c2 = _mm512_unpacklo_epi8(P[2], P[3]), d = _mm512_unpackhi_epi8(P[2], P[3]);
+    const __m512i R[4] = {_mm512_unpacklo_epi16(a, c2), _mm512_unpackhi_epi16(a, c2),
+                          _mm512_unpacklo_epi16(b, d), _mm512_unpackhi_epi16(b, d)};
+    for (int r = 0; r < 4; ++r)
+      _mm512_storeu_ps(out + 16 * r, _mm512_mul_ps(_mm512_castsi512_ps(R[r]), s));
+  }
+};
+#endif
 } // namespace avx512
 #endif
 
@@ -279,6 +414,21 @@ inline void dequantize_group(const qmoment_view& q, std::size_t begin, std::size
   constexpr std::size_t B = block_size<Bits>;
   const float S = q.group_scale[begin / group_size];
   const float* t = pow2_eighths();
+#if XSIMD_WITH_AVX512F && defined(__AVX512VBMI__)
+  if constexpr (Bits == 8 && std::is_base_of<xsimd::avx512bw, Arch>::value) {
+    const avx512::decode256 decode(*q.cb);
+    for (std::size_t b = 0; b * B < n; ++b) {
+      const std::size_t j0 = b * B, len = std::min(n, j0 + B) - j0;
+      const float s = S * t[q.block_exp[begin / B + b]];
+      const __m512 vs = _mm512_set1_ps(s);
+      std::size_t j = 0;
+      for (; j + 64 <= len; j += 64) decode(q.codes + begin + j0 + j, vs, out + j0 + j);
+      if (j < len)
+        dequantize_block<Arch, Bits>(*q.cb, q.codes + begin + j0 + j, s, len - j, out + j0 + j);
+    }
+    return;
+  }
+#endif
   for (std::size_t b = 0; b * B < n; ++b) {
     const std::size_t j0 = b * B, len = std::min(n, j0 + B) - j0;
     const std::uint8_t* c = q.codes + (Bits == 8 ? begin + j0 : (begin + j0) / 2);
@@ -297,6 +447,11 @@ inline void nearest_codes(const codebook& cb, const float* x, float inv, std::si
 #if XSIMD_WITH_AVX512F
   if constexpr (std::is_base_of<xsimd::avx512f, Arch>::value) {
     const __m512 vinv = _mm512_set1_ps(inv);
+    if (cb.segmented) {
+      const avx512::encode256 encode(cb);
+      for (; i + 16 <= n; i += 16)
+        _mm512_storeu_si512(q_out + i, encode(_mm512_mul_ps(_mm512_loadu_ps(x + i), vinv)));
+    }
     const __m512i one = _mm512_set1_epi32(1), zero = _mm512_setzero_si512();
     const __m512i lo = _mm512_set1_epi32(103), top = _mm512_set1_epi32(codebook::rows - 1);
     const __m512i sign_stride = _mm512_set1_epi32(codebook::rows * codebook::cols);
@@ -372,6 +527,12 @@ inline void quantize_group(const float* in, std::size_t begin, std::size_t n,
   q.group_scale[begin / group_size] = S;
   const float* t = pow2_eighths();
   alignas(64) std::int32_t codes[B];
+#if XSIMD_WITH_AVX512F
+  // the encoder's tables live in registers across the group's blocks
+  std::optional<avx512::encode256> encode;
+  if constexpr (Bits == 8 && std::is_base_of<xsimd::avx512f, Arch>::value)
+    if (q.cb->segmented) encode.emplace(*q.cb);
+#endif
   for (std::size_t b = 0; b < nb; ++b) {
     const std::size_t j0 = b * B, len = std::min(n, j0 + B) - j0;
     const std::uint8_t k = block_exponent(S, amax[b]);
@@ -392,18 +553,27 @@ inline void quantize_group(const float* in, std::size_t begin, std::size_t n,
         for (; j + 16 <= len; j += 16) {
           const __m512 xv = _mm512_mul_ps(_mm512_loadu_ps(in + j0 + j), vinv);
           __m512i qv = _mm512_setzero_si512();
-          for (int k = 0; k < 15; ++k)
-            qv = _mm512_mask_add_epi32(qv, _mm512_cmp_ps_mask(xv, mids[k], _CMP_GT_OQ), qv, one);
+          if (q.cb->linear16) {
+            // boundaries (c + 1.5)/16: count = clamp(ceil(16x − 1.5), 0, 15), exact in float
+            // (16x is exact and 16x − 1.5 is exact wherever it is positive); NaN -> 0
+            const __m512 y =
+                _mm512_sub_ps(_mm512_mul_ps(xv, _mm512_set1_ps(16.0f)), _mm512_set1_ps(1.5f));
+            __m512 t = _mm512_roundscale_ps(y, _MM_FROUND_TO_POS_INF | _MM_FROUND_NO_EXC);
+            t = _mm512_min_ps(_mm512_max_ps(t, _mm512_setzero_ps()), _mm512_set1_ps(15.0f));
+            qv = _mm512_cvttps_epi32(t);
+          } else {
+            for (int k = 0; k < 15; ++k)
+              qv = _mm512_mask_add_epi32(qv, _mm512_cmp_ps_mask(xv, mids[k], _CMP_GT_OQ), qv, one);
+          }
           const __m128i bytes = _mm512_cvtepi32_epi8(qv);
           const __m128i packed = _mm_packus_epi16(_mm_maddubs_epi16(bytes, pair), bytes);
           _mm_storel_epi64(reinterpret_cast<__m128i*>(c + j / 2), packed);
         }
-      } else {
-        const avx512::search256 search(*q.cb);
+      } else if (q.cb->segmented) {
         const __m512 vinv = _mm512_set1_ps(inv);
         for (; j + 16 <= len; j += 16) {
           const __m512 xv = _mm512_mul_ps(_mm512_loadu_ps(in + j0 + j), vinv);
-          _mm_storeu_si128(reinterpret_cast<__m128i*>(c + j), _mm512_cvtepi32_epi8(search(xv)));
+          _mm_storeu_si128(reinterpret_cast<__m128i*>(c + j), _mm512_cvtepi32_epi8((*encode)(xv)));
         }
       }
     }

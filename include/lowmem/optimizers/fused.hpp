@@ -16,7 +16,8 @@
 //
 // Conventions: parameters fp32 or bf16 (bf16 written back with stochastic rounding from a caller
 // stream, element i of the tensor uses value i of the stream: pass a fresh stream per step, e.g.
-// {seed, step}), gradients fp32. Hyper-parameters as PyTorch names them; `step` is the 1-based step
+// {seed, step}), gradients fp32 (AdamW, fp32 or quantized state: also bf16, widened exactly in
+// 64-element stack chunks). Hyper-parameters as PyTorch names them; `step` is the 1-based step
 // count t after increment (PyTorch's state['step'] when the update runs). `threads` <= 0 means
 // lowmem::max_threads(); results are bitwise identical for every thread count (chunks are aligned
 // to 64 elements / 2048-element groups and every element's arithmetic is independent of them).
@@ -63,7 +64,7 @@ namespace detail {
 inline constexpr std::ptrdiff_t unit = 64;          // fp32 threading granule (elements)
 inline constexpr std::ptrdiff_t grain_units = 4096; // >= 256K elements per thread
 
-inline void check_common(const char* fn, const void* p, const float* g, std::size_t n, double lr) {
+inline void check_common(const char* fn, const void* p, const void* g, std::size_t n, double lr) {
   require_data(fn, "param", p, n);
   require_data(fn, "grad", g, n);
   require_non_negative(fn, "lr", lr);
@@ -93,29 +94,62 @@ inline kernels::adam_coeffs adam_coeffs(double lr, double b1, double b2, double 
   return c;
 }
 
-template <class Arch, class P>
-inline void adam_dispatch(P* p, const float* g, float* m, float* v, std::size_t n,
+/// Calls span(offset, const float* g_f32, count) over g[0, n): fp32 gradients directly, bf16 ones
+/// widened (exactly) into a 64-element stack buffer chunk by chunk. The span kernels are
+/// element-wise with chunk-independent results, so bf16 gradients give bit for bit the result of
+/// their fp32 widening.
+template <class Arch, class G, class Span>
+inline void grad_chunks(const G* g, std::size_t n, Span&& span) noexcept {
+  if constexpr (std::is_same<G, float>::value) {
+    span(std::size_t(0), g, n);
+  } else {
+    alignas(64) float gf[64];
+    for (std::size_t i = 0; i < n; i += 64) {
+      const std::size_t k = std::min<std::size_t>(64, n - i);
+      to_float<Arch>(g + i, gf, k);
+      span(i, static_cast<const float*>(gf), k);
+    }
+  }
+}
+
+template <class Arch, class P, class G>
+inline void adam_dispatch(P* p, const G* g, float* m, float* v, std::size_t n,
                           const kernels::adam_coeffs& c, const random::stream* rs, int threads) {
   const std::ptrdiff_t units = std::ptrdiff_t((n + unit - 1) / unit);
+  auto run = [&c](float* pp, const G* gg, float* mm, float* vv, std::size_t k) {
+    grad_chunks<Arch>(gg, k, [&](std::size_t o, const float* gf, std::size_t kk) {
+      if (c.l2 != 0.0f)
+        kernels::adam_span<Arch, true>(pp + o, gf, mm + o, vv + o, kk, c);
+      else
+        kernels::adam_span<Arch, false>(pp + o, gf, mm + o, vv + o, kk, c);
+    });
+  };
   parallel_for(
       0, units, grain_units,
       [&](std::ptrdiff_t ub, std::ptrdiff_t ue, int) {
         const std::size_t b = std::size_t(ub * unit), e = std::min(n, std::size_t(ue * unit));
         if constexpr (std::is_same<P, float>::value) {
-          if (c.l2 != 0.0f)
-            kernels::adam_span<Arch, true>(p + b, g + b, m + b, v + b, e - b, c);
-          else
-            kernels::adam_span<Arch, false>(p + b, g + b, m + b, v + b, e - b, c);
+          run(p + b, g + b, m + b, v + b, e - b);
         } else {
           kernels::bf16_params<Arch>(p, b, e, *rs, [&](float* pf, std::size_t i, std::size_t k) {
-            if (c.l2 != 0.0f)
-              kernels::adam_span<Arch, true>(pf, g + i, m + i, v + i, k, c);
-            else
-              kernels::adam_span<Arch, false>(pf, g + i, m + i, v + i, k, c);
+            run(pf, g + i, m + i, v + i, k);
           });
         }
       },
       threads);
+}
+
+template <class Arch, class P, class G>
+inline void adamw_fp32(P* param, const G* grad, float* m, float* v, std::size_t n,
+                       std::int64_t step, const adamw_config& cfg, const random::stream* rs,
+                       int threads) {
+  const char* fn = "optim::adamw_step";
+  check_common(fn, param, grad, n, cfg.lr);
+  require_data(fn, "m", m, n);
+  require_data(fn, "v", v, n);
+  check_adam(fn, cfg, step);
+  const auto c = adam_coeffs(cfg.lr, cfg.beta1, cfg.beta2, cfg.eps, cfg.weight_decay, true, step);
+  adam_dispatch<Arch, P, G>(param, grad, m, v, n, c, rs, threads);
 }
 
 } // namespace detail
@@ -134,14 +168,17 @@ inline void adam_dispatch(P* p, const float* g, float* m, float* v, std::size_t 
 template <class Arch = simd::default_arch>
 inline void adamw_step(float* param, const float* grad, float* m, float* v, std::size_t n,
                        std::int64_t step, const adamw_config& cfg, int threads = 1) {
-  const char* fn = "optim::adamw_step";
-  detail::check_common(fn, param, grad, n, cfg.lr);
-  require_data(fn, "m", m, n);
-  require_data(fn, "v", v, n);
-  detail::check_adam(fn, cfg, step);
-  const auto c =
-      detail::adam_coeffs(cfg.lr, cfg.beta1, cfg.beta2, cfg.eps, cfg.weight_decay, true, step);
-  detail::adam_dispatch<Arch, float>(param, grad, m, v, n, c, nullptr, threads);
+  detail::adamw_fp32<Arch>(param, grad, m, v, n, step, cfg, nullptr, threads);
+}
+
+/// AdamW with bf16 gradients (mixed-precision backward): each gradient is widened exactly to fp32
+/// in 64-element stack chunks, so the result is bit for bit that of the fp32 overload on the
+/// widened gradient. Memory: reads 2 bytes of gradient per parameter instead of 4 (26 bytes moved
+/// per parameter), no allocation. Shapes, numerics and preconditions as the fp32 overload.
+template <class Arch = simd::default_arch>
+inline void adamw_step(float* param, const bf16* grad, float* m, float* v, std::size_t n,
+                       std::int64_t step, const adamw_config& cfg, int threads = 1) {
+  detail::adamw_fp32<Arch>(param, grad, m, v, n, step, cfg, nullptr, threads);
 }
 
 /// AdamW on bf16 parameters: the update is computed in fp32 from the bf16 value and written back
@@ -151,14 +188,16 @@ template <class Arch = simd::default_arch>
 inline void adamw_step(bf16* param, const float* grad, float* m, float* v, std::size_t n,
                        std::int64_t step, const adamw_config& cfg, const random::stream& rounding,
                        int threads = 1) {
-  const char* fn = "optim::adamw_step";
-  detail::check_common(fn, param, grad, n, cfg.lr);
-  require_data(fn, "m", m, n);
-  require_data(fn, "v", v, n);
-  detail::check_adam(fn, cfg, step);
-  const auto c =
-      detail::adam_coeffs(cfg.lr, cfg.beta1, cfg.beta2, cfg.eps, cfg.weight_decay, true, step);
-  detail::adam_dispatch<Arch, bf16>(param, grad, m, v, n, c, &rounding, threads);
+  detail::adamw_fp32<Arch>(param, grad, m, v, n, step, cfg, &rounding, threads);
+}
+
+/// AdamW on bf16 parameters with bf16 gradients (gradients widened exactly, as above; parameters
+/// written back with stochastic rounding from `rounding`). Otherwise as the fp32 overload.
+template <class Arch = simd::default_arch>
+inline void adamw_step(bf16* param, const bf16* grad, float* m, float* v, std::size_t n,
+                       std::int64_t step, const adamw_config& cfg, const random::stream& rounding,
+                       int threads = 1) {
+  detail::adamw_fp32<Arch>(param, grad, m, v, n, step, cfg, &rounding, threads);
 }
 
 /// Adam (PyTorch 1.13): g ← g + wd·p (coupled L2), then the AdamW moments and update without
@@ -311,9 +350,15 @@ private:
 
 namespace detail {
 
-template <class Arch, int Bits, class P, class Span>
-inline void quantized_dispatch(P* p, const float* g, quantized_state& s, std::size_t n,
-                               const random::stream* rs, int threads, Span&& span) {
+template <class Arch, int Bits, class P, class G, class Span>
+inline void quantized_dispatch(P* p, const G* g, quantized_state& s, std::size_t n,
+                               const random::stream* rs, int threads, Span&& span_f32) {
+  // span_f32 on fp32 gradients; bf16 ones widened chunk by chunk (grad_chunks)
+  auto span = [&span_f32](float* pp, const G* gg, float* mm, float* vv, std::size_t k) {
+    grad_chunks<Arch>(gg, k, [&](std::size_t o, const float* gf, std::size_t kk) {
+      span_f32(pp + o, gf, mm + o, vv ? vv + o : nullptr, kk);
+    });
+  };
   if (!s.quantized()) {
     // fp32 moments: the same fused span over 64-element units
     const std::ptrdiff_t units = std::ptrdiff_t((n + unit - 1) / unit);
@@ -357,8 +402,8 @@ inline void quantized_dispatch(P* p, const float* g, quantized_state& s, std::si
       threads);
 }
 
-template <class Arch, class P>
-inline void adamw_quantized(const char* fn, P* param, const float* grad, quantized_state& state,
+template <class Arch, class P, class G>
+inline void adamw_quantized(const char* fn, P* param, const G* grad, quantized_state& state,
                             std::size_t n, std::int64_t step, const adamw_config& cfg,
                             const random::stream* rs, int threads) {
   check_common(fn, param, grad, n, cfg.lr);
@@ -393,6 +438,22 @@ inline void adamw_step(float* param, const float* grad, quantized_state& state, 
 /// Quantized-state AdamW on bf16 parameters (stochastic rounding from `rounding`).
 template <class Arch = simd::default_arch>
 inline void adamw_step(bf16* param, const float* grad, quantized_state& state, std::size_t n,
+                       std::int64_t step, const adamw_config& cfg, const random::stream& rounding,
+                       int threads = 1) {
+  detail::adamw_quantized<Arch, bf16>("optim::adamw_step", param, grad, state, n, step, cfg,
+                                      &rounding, threads);
+}
+/// Quantized-state AdamW with bf16 gradients, fp32 parameters: the gradient is widened exactly in
+/// 64-element stack chunks (bit for bit the fp32-gradient result on the widened values).
+template <class Arch = simd::default_arch>
+inline void adamw_step(float* param, const bf16* grad, quantized_state& state, std::size_t n,
+                       std::int64_t step, const adamw_config& cfg, int threads = 1) {
+  detail::adamw_quantized<Arch, float>("optim::adamw_step", param, grad, state, n, step, cfg,
+                                       nullptr, threads);
+}
+/// Quantized-state AdamW with bf16 gradients and bf16 parameters (stochastic rounding).
+template <class Arch = simd::default_arch>
+inline void adamw_step(bf16* param, const bf16* grad, quantized_state& state, std::size_t n,
                        std::int64_t step, const adamw_config& cfg, const random::stream& rounding,
                        int threads = 1) {
   detail::adamw_quantized<Arch, bf16>("optim::adamw_step", param, grad, state, n, step, cfg,

@@ -21,10 +21,20 @@
 //  * FRUGAL (GaLore's projection, state-full on the subspace, state-free on the residual):
 //    W ← W − step_size·α·P N − lr_free · sign(Ĝ − P Pᵀ Ĝ).
 //
-// Memory: state 2·r·D floats (+ P [d, r] for GaLore/FRUGAL); the object allocates its state and
-// scratch once at construction. Steps allocate nothing themselves; Eigen's GEMM may allocate its
-// packing buffers for large products (bounded by its blocking sizes, not by m·n), and the SVD
-// refresh uses Eigen's SelfAdjointEigenSolver on an (r+p)² matrix.
+// Q-GaLore (arXiv:2407.08296), GaLore options: `projection_bits = 8` stores P as int8 with one
+// fp32 scale per column (symmetric absmax, round to nearest even; 1 byte per entry instead of 4)
+// and projects through 64-row blocks of P dequantized into a small scratch, never a full fp32 P;
+// `subspace_threshold > 0` makes the refresh lazy per layer: at each refresh the cosine
+// similarity of the new and previous projections (mean over columns of |cos|, singular vectors
+// being defined up to sign) is compared with the threshold, and after `subspace_patience`
+// consecutive refreshes above it the refresh period doubles (up to `max_update_gap`), skipping
+// SVDs while the subspace is stable. (Q-GaLore's int8 weights with stochastic rounding are not
+// here: the weight W stays fp32.)
+//
+// Memory: state 2·r·D floats (+ P [d, r] for GaLore/FRUGAL: floats, or int8 + r scales); the object
+// allocates its state and scratch once at construction. Steps allocate nothing themselves; Eigen's
+// GEMM may allocate its packing buffers for large products (bounded by its blocking sizes, not by
+// m·n), and the SVD refresh uses Eigen's SelfAdjointEigenSolver on an (r+p)² matrix.
 #pragma once
 
 #include <Eigen/Core>
@@ -55,7 +65,11 @@ struct projected_config {
   double scale = 1;              // APOLLO's scale (sqrt applied, as the authors' code); Mini: 128
   double limiter = 1.01;         // norm-growth limiter γ (APOLLO)
   double lr_free = 1e-3;         // FRUGAL's signSGD learning rate on the residual
-  int power_iterations = 2;      // randomized SVD
+  int projection_bits = 32;      // Q-GaLore: 8 = int8 P (GaLore only), 32 = fp32 P
+  double subspace_threshold = 0; // Q-GaLore lazy refresh: 0 = off, else |cos| threshold in (0, 1]
+  int subspace_patience = 2;     // consecutive similar refreshes before the period doubles
+  std::int64_t max_update_gap = 1 << 16;
+  int power_iterations = 2; // randomized SVD
   int oversample = 8;
   std::uint64_t seed = 0;
 };
@@ -91,12 +105,28 @@ public:
     require_non_negative(fn, "lr_free", cfg.lr_free);
     require_non_negative(fn, "power_iterations", cfg.power_iterations);
     require_non_negative(fn, "oversample", cfg.oversample);
+    require(cfg.projection_bits == 32 || cfg.projection_bits == 8, fn, "projection_bits", "8 or 32",
+            cfg.projection_bits);
+    if (cfg.projection_bits == 8)
+      require(cfg.method == projection_method::galore, fn, "projection_bits",
+              "32 unless method is galore", cfg.projection_bits);
+    require_in_closed(fn, "subspace_threshold", 0.0, 1.0, cfg.subspace_threshold);
+    require(cfg.subspace_patience >= 1, fn, "subspace_patience", ">= 1", cfg.subspace_patience);
+    require(cfg.max_update_gap >= cfg.update_gap, fn, "max_update_gap", ">= update_gap",
+            cfg.max_update_gap);
+    gap_ = cfg.update_gap;
     const index_t r = cfg.rank;
     k_ = std::min<index_t>(d_, r + cfg.oversample);
     M_.setZero(r, D_);
     V_.setZero(r, D_);
     R_.resize(r, D_);
-    P_.resize(d_, r);
+    if (quantized_projection()) {
+      Pq_.setZero(d_, r);
+      pscale_.setZero(r);
+      Pb_.resize(std::min<index_t>(d_, block_rows), r);
+    } else {
+      P_.resize(d_, r);
+    }
     if (stores_projection()) {
       Y_.resize(d_, k_);
       Z_.resize(D_, k_);
@@ -113,14 +143,29 @@ public:
   /// Persistent optimizer state in bytes (moments, stored projection, limiter scalar).
   std::size_t state_bytes() const noexcept {
     std::size_t b = std::size_t(M_.size() + V_.size()) * sizeof(float) + sizeof(double);
-    if (stores_projection()) b += std::size_t(P_.size()) * sizeof(float);
+    if (quantized_projection())
+      b += std::size_t(Pq_.size()) + std::size_t(pscale_.size()) * sizeof(float);
+    else if (stores_projection())
+      b += std::size_t(P_.size()) * sizeof(float);
     return b;
   }
-  /// The projection in use [d, r] (GaLore/FRUGAL: stored; APOLLO: regenerated from the seed).
+  /// Current refresh period (grows under Q-GaLore's lazy refresh) and refreshes so far.
+  std::int64_t update_gap() const noexcept { return gap_; }
+  std::int64_t refreshes() const noexcept { return refreshes_; }
+  /// Mean |cos| between the last two projections (lazy refresh only; 0 before).
+  double last_similarity() const noexcept { return last_similarity_; }
+  /// The projection in use as fp32 [d, r] (int8 P dequantized; allocates: tests, checkpoints).
+  ColMatrix dequantized_projection() const {
+    if (!quantized_projection()) return P_;
+    return Pq_.cast<float>() * pscale_.asDiagonal();
+  }
+  /// The projection in use [d, r] (GaLore/FRUGAL: stored; APOLLO: regenerated from the seed;
+  /// empty with projection_bits = 8: see dequantized_projection()).
   const ColMatrix& projection() const noexcept { return P_; }
 
   /// One step: W ← update(W, G) as in the header comment; t increments first (t = 1 at the first
-  /// call), the projection refreshes when (t − 1) % T == 0.
+  /// call), the projection refreshes when (t − 1) % T == 0 (lazy refresh: T grows as described
+  /// in the header comment, the next refresh coming T steps after the last).
   /// Shapes: W and G [rows, cols] row-major. Preconditions: shapes match (throws before writing).
   void step(RowRef<float> W, ConstRowRef<float> G) {
     const char* fn = "optim::projected_adam::step";
@@ -129,22 +174,24 @@ public:
     require_equal(fn, "G.rows", rows_, index_t(G.rows()));
     require_equal(fn, "G.cols", cols_, index_t(G.cols()));
     ++t_;
-    const bool refresh = (t_ - 1) % cfg_.update_gap == 0;
+    const bool refresh = t_ == next_refresh_;
+    if (refresh) next_refresh_ = t_ + gap_; // gap_ may grow inside the refresh (lazy)
     if (rows_ <= cols_) {
       Eigen::Map<RowMatrixXf, 0, Eigen::OuterStride<>> w(W.data(), rows_, cols_,
                                                          Eigen::OuterStride<>(W.outerStride()));
       Eigen::Map<const RowMatrixXf, 0, Eigen::OuterStride<>> g(
           G.data(), rows_, cols_, Eigen::OuterStride<>(G.outerStride()));
-      if (refresh) refresh_projection(g);
+      if (refresh) refresh_projection(g, true);
       apply(w, g);
     } else { // the transposed view: a row-major m×n block is a column-major n×m one
       Eigen::Map<ColMatrix, 0, Eigen::OuterStride<>> w(W.data(), cols_, rows_,
                                                        Eigen::OuterStride<>(W.outerStride()));
       Eigen::Map<const ColMatrix, 0, Eigen::OuterStride<>> g(G.data(), cols_, rows_,
                                                              Eigen::OuterStride<>(G.outerStride()));
-      if (refresh) refresh_projection(g);
+      if (refresh) refresh_projection(g, true);
       apply(w, g);
     }
+    if (refresh) ++refreshes_;
   }
 
   /// Recomputes the projection from G without updating W (for timing the SVD refresh alone).
@@ -153,10 +200,12 @@ public:
     require_equal("optim::projected_adam::refresh", "G.cols", cols_, index_t(G.cols()));
     if (rows_ <= cols_) {
       refresh_projection(Eigen::Map<const RowMatrixXf, 0, Eigen::OuterStride<>>(
-          G.data(), rows_, cols_, Eigen::OuterStride<>(G.outerStride())));
+                             G.data(), rows_, cols_, Eigen::OuterStride<>(G.outerStride())),
+                         false);
     } else {
       refresh_projection(Eigen::Map<const ColMatrix, 0, Eigen::OuterStride<>>(
-          G.data(), cols_, rows_, Eigen::OuterStride<>(G.outerStride())));
+                             G.data(), cols_, rows_, Eigen::OuterStride<>(G.outerStride())),
+                         false);
     }
   }
 
@@ -169,6 +218,8 @@ private:
     const index_t d = std::min(rows, cols);
     return std::max<index_t>(0, std::min<index_t>(d, c.rank + c.oversample));
   }
+  static constexpr index_t block_rows = 64; // int8 P dequantized 64 rows at a time
+  bool quantized_projection() const noexcept { return cfg_.projection_bits == 8; }
   bool stores_projection() const noexcept {
     return cfg_.method == projection_method::galore || cfg_.method == projection_method::frugal;
   }
@@ -183,9 +234,10 @@ private:
       }
   }
 
-  template <class GMap> void refresh_projection(const GMap& g) {
+  template <class GMap> void refresh_projection(const GMap& g, bool from_step) {
     const index_t r = cfg_.rank;
-    const std::uint64_t refresh_index = std::uint64_t((t_ > 0 ? t_ - 1 : 0) / cfg_.update_gap);
+    // (t − 1) / T while T is fixed
+    const std::uint64_t refresh_index = std::uint64_t(refreshes_);
     const random::stream s{cfg_.seed, refresh_index};
     if (!stores_projection()) {
       // APOLLO: N(0, 1/r) entries regenerated from (seed, refresh index)
@@ -206,7 +258,50 @@ private:
     B_.noalias() = Y_.transpose() * g;  // [k, D]
     C_.noalias() = B_ * B_.transpose(); // [k, k] = Yᵀ Ĝ Ĝᵀ Y
     eig_.compute(C_);                   // ascending eigenvalues
-    P_.noalias() = Y_ * eig_.eigenvectors().rightCols(r).rowwise().reverse();
+    // the new P [d, r] in Z_'s storage (D·k >= d·r floats), so the old one is still there
+    Eigen::Map<ColMatrix> Pnew(Z_.data(), d_, r);
+    Pnew.noalias() = Y_ * eig_.eigenvectors().rightCols(r).rowwise().reverse();
+    if (from_step && cfg_.subspace_threshold > 0 && refreshes_ >= 1) {
+      // Q-GaLore: mean over columns of |cos(old, new)|; stable for `patience` refreshes in a
+      // row -> the period doubles
+      double sim = 0;
+      for (index_t j = 0; j < r; ++j) {
+        double dot = 0, no = 0, nn = 0;
+        for (index_t i = 0; i < d_; ++i) {
+          const double o =
+              quantized_projection() ? double(Pq_(i, j)) * pscale_(j) : double(P_(i, j));
+          dot += o * double(Pnew(i, j));
+          no += o * o;
+          nn += double(Pnew(i, j)) * double(Pnew(i, j));
+        }
+        sim += std::fabs(dot) / (std::sqrt(no * nn) + 1e-30);
+      }
+      last_similarity_ = sim / double(r);
+      stable_ = last_similarity_ >= cfg_.subspace_threshold ? stable_ + 1 : 0;
+      if (stable_ >= cfg_.subspace_patience) {
+        gap_ = std::min(cfg_.max_update_gap, 2 * gap_);
+        next_refresh_ = t_ + gap_;
+        stable_ = 0;
+      }
+    }
+    if (!quantized_projection()) {
+      P_ = Pnew;
+      return;
+    }
+    // int8, symmetric per column: code = round-to-nearest-even(P / s), s = max |P| / 127
+    for (index_t j = 0; j < r; ++j) {
+      const float amax = Pnew.col(j).cwiseAbs().maxCoeff();
+      const float sc = amax > 0 ? amax / 127.0f : 1.0f, inv = 1.0f / sc;
+      pscale_(j) = sc;
+      for (index_t i = 0; i < d_; ++i)
+        Pq_(i, j) = std::int8_t(std::clamp(std::nearbyint(Pnew(i, j) * inv), -127.0f, 127.0f));
+    }
+  }
+
+  /// Pb_ rows [0, nb) = dequantized rows [b, b + nb) of the int8 projection.
+  void dequantize_rows(index_t b, index_t nb) {
+    for (index_t j = 0; j < Pq_.cols(); ++j)
+      for (index_t i = 0; i < nb; ++i) Pb_(i, j) = float(Pq_(b + i, j)) * pscale_(j);
   }
 
   template <class WMap, class GMap> void apply(WMap& w, const GMap& g) {
@@ -214,6 +309,23 @@ private:
     const double bc1 = 1 - std::pow(b1, double(t_)), bc2 = 1 - std::pow(b2, double(t_));
     const float step_size = float(cfg_.lr * std::sqrt(bc2) / bc1);
     if (cfg_.weight_decay > 0) w *= float(1 - cfg_.lr * cfg_.weight_decay);
+    if (quantized_projection()) { // Q-GaLore: R = Pᵀ Ĝ and W −= c·P N by 64-row blocks of P
+      R_.setZero();
+      for (index_t b = 0; b < d_; b += block_rows) {
+        const index_t nb = std::min(block_rows, d_ - b);
+        dequantize_rows(b, nb);
+        R_.noalias() += Pb_.topRows(nb).transpose() * g.middleRows(b, nb);
+      }
+      M_.array() = float(b1) * M_.array() + float(1 - b1) * R_.array();
+      V_.array() = float(b2) * V_.array() + float(1 - b2) * R_.array().square();
+      R_.array() = M_.array() / (V_.array().sqrt() + float(cfg_.eps));
+      for (index_t b = 0; b < d_; b += block_rows) {
+        const index_t nb = std::min(block_rows, d_ - b);
+        dequantize_rows(b, nb);
+        w.middleRows(b, nb).noalias() -= (step_size * float(cfg_.alpha)) * (Pb_.topRows(nb) * R_);
+      }
+      return;
+    }
     R_.noalias() = P_.transpose() * g; // [r, D]
     M_.array() = float(b1) * M_.array() + float(1 - b1) * R_.array();
     V_.array() = float(b2) * V_.array() + float(1 - b2) * R_.array().square();
@@ -272,8 +384,13 @@ private:
   index_t rows_, cols_, d_ = 0, D_ = 0, k_ = 0;
   projected_config cfg_;
   std::int64_t t_ = 0;
+  std::int64_t gap_ = 1, next_refresh_ = 1, refreshes_ = 0;
+  int stable_ = 0;
+  double last_similarity_ = 0;
   double prev_norm_ = 0;
-  ColMatrix M_, V_, R_, P_, Y_, Z_, C_, B_;
+  ColMatrix M_, V_, R_, P_, Y_, Z_, C_, B_, Pb_;
+  Eigen::Matrix<std::int8_t, Eigen::Dynamic, Eigen::Dynamic> Pq_;
+  Eigen::VectorXf pscale_;
   Eigen::VectorXf colscale_, colbuf_;
   Eigen::SelfAdjointEigenSolver<ColMatrix> eig_;
 };
