@@ -4,7 +4,12 @@
 //   BM_adapters_lora/lowmem     lora_forward + lora_backward (dx, dA, dB)
 //   BM_adapters_lora/naive      plain Eigen, same math, forming ΔW = s·B·A and dΔW = dyᵀ·x
 //   BM_adapters_dora, _vera, _shira, _kron: lowmem kernels (and naive dense forms where cheap)
+//   BM_adapters_multi_lora      three rank-r adapters on one W in one pass vs adapter by adapter
+//   BM_adapters_lora_ga         LoRA-GA init from (x, dy) without forming G vs forming G
 //   BM_adapters_pissa           PiSSA init (randomized SVD) vs Eigen BDCSVD on a smaller W
+// Time: process CPU time per iteration (manual timing), as the peer measures it: the machine is
+// shared, and CPU time is far less disturbed by other jobs than wall time. With 2 threads it is
+// the CPU time of both threads (wall time × ~2 on an idle machine).
 // Counters: flops (rate, the dense fwd+bwd count 4·rows·in·out plus the adapter's own GEMMs),
 // peak_MiB (heap growth during the timed loop beyond the inputs and workspaces).
 #include "bench_support.hpp"
@@ -14,6 +19,7 @@
 #include <Eigen/SVD>
 #include <algorithm>
 #include <cmath>
+#include <ctime>
 #include <vector>
 
 namespace {
@@ -38,6 +44,18 @@ struct layer {
   }
 };
 
+double cpu_now() {
+  timespec t{};
+  clock_gettime(CLOCK_PROCESS_CPUTIME_ID, &t);
+  return double(t.tv_sec) + 1e-9 * double(t.tv_nsec);
+}
+/// Sets the iteration's (manual) time to the process CPU time spent in its scope.
+struct cpu_iteration {
+  benchmark::State& state;
+  double t0 = cpu_now();
+  ~cpu_iteration() { state.SetIterationTime(cpu_now() - t0); }
+};
+
 void set_threads(benchmark::State& state) {
   Eigen::setNbThreads(int(state.range(4)));
 #if defined(_OPENMP)
@@ -55,6 +73,7 @@ void BM_frozen(benchmark::State& state) {
   layer l(state.range(0), state.range(1), state.range(2), state.range(3));
   bench::peak_memory peak;
   for (auto _ : state) {
+    const cpu_iteration timer{state};
     l.y.noalias() = l.x * l.W.transpose();
     l.dx.noalias() = l.dy * l.W;
     benchmark::ClobberMemory();
@@ -70,6 +89,7 @@ void BM_lora_lowmem(benchmark::State& state) {
   const float s = lora_scale(16.0f, l.r);
   bench::peak_memory peak;
   for (auto _ : state) {
+    const cpu_iteration timer{state};
     lora_forward(l.x, l.W, nullptr, l.A, l.B, s, {}, l.y, l.u, ws.get());
     l.dx.setZero();
     lora_backward(l.x, l.W, l.A, l.B, l.u, l.dy, s, {}, l.dx, l.dA, l.dB, ws.get());
@@ -85,6 +105,7 @@ void BM_lora_naive(benchmark::State& state) {
   const float s = lora_scale(16.0f, l.r);
   bench::peak_memory peak;
   for (auto _ : state) {
+    const cpu_iteration timer{state};
     RowMatrixXf Weff = l.W;
     Weff.noalias() += s * l.B * l.A;
     l.y.noalias() = l.x * Weff.transpose();
@@ -108,6 +129,7 @@ void BM_dora_lowmem(benchmark::State& state) {
   const float s = lora_scale(16.0f, l.r);
   bench::peak_memory peak;
   for (auto _ : state) {
+    const cpu_iteration timer{state};
     dora_forward(l.x, l.W, nullptr, l.A, l.B, m, s, l.y, l.u, norms, ws.get());
     l.dx.setZero();
     dora_backward(l.x, l.W, nullptr, l.A, l.B, m, l.u, norms, l.y, l.dy, s, exact, l.dx, l.dA, l.dB,
@@ -125,6 +147,7 @@ void BM_dora_naive(benchmark::State& state) {
   const float s = lora_scale(16.0f, l.r);
   bench::peak_memory peak;
   for (auto _ : state) { // peft's way: form V = W + s·B·A and its norms, scale, dense backward
+    const cpu_iteration timer{state};
     RowMatrixXf V = l.W;
     V.noalias() += s * l.B * l.A;
     const Eigen::VectorXf c = m.cwiseQuotient(V.rowwise().norm());
@@ -149,6 +172,7 @@ void BM_vera_lowmem(benchmark::State& state) {
                   dd = Eigen::VectorXf::Zero(l.r), db = Eigen::VectorXf::Zero(l.out);
   bench::peak_memory peak;
   for (auto _ : state) {
+    const cpu_iteration timer{state};
     vera_forward(l.x, l.W, nullptr, 42, d, b, 1.0f, l.y, l.u, ws.get());
     l.dx.setZero();
     vera_backward(l.x, l.W, 42, d, b, l.u, l.dy, 1.0f, l.dx, dd, db, ws.get());
@@ -171,6 +195,7 @@ void BM_shira_lowmem(benchmark::State& state) {
   owned_workspace ws(shira_backward_workspace_bytes(l.in, l.out));
   bench::peak_memory peak;
   for (auto _ : state) {
+    const cpu_iteration timer{state};
     shira_forward(l.x, l.W, nullptr, S, val.data(), l.y, ws.get());
     l.dx.setZero();
     shira_backward(l.x, l.W, S, val.data(), l.dy, l.dx, dval.data(), ws.get());
@@ -190,6 +215,7 @@ void BM_kron_lowmem(benchmark::State& state) {
   owned_workspace ws(kron_workspace_bytes(a, l.out / a));
   bench::peak_memory peak;
   for (auto _ : state) {
+    const cpu_iteration timer{state};
     kron_forward(l.x, l.W, nullptr, A, B, 0.5f, l.y, ws.get());
     l.dx.setZero();
     kron_backward(l.x, l.W, A, B, l.dy, 0.5f, l.dx, dA, dB, ws.get());
@@ -197,6 +223,103 @@ void BM_kron_lowmem(benchmark::State& state) {
   }
   peak.report(state);
   bench::set_flops(state, dense_flops(l) + 10.0 * double(l.rows) * double(a) * double(l.in));
+}
+
+// Three rank-r adapters on one W: multi_lora (one pass, stacked) vs plain Eigen adapter by
+// adapter (peft's loop: base once, then each adapter's thin GEMMs and gradients).
+void BM_multi_lowmem(benchmark::State& state) {
+  set_threads(state);
+  layer l(state.range(0), state.range(1), state.range(2), state.range(3));
+  const index_t r = l.r;
+  std::vector<RowMatrixXf> A(3), B(3), dA(3), dB(3);
+  std::vector<lora_adapter> list;
+  std::vector<lora_adapter_grads> grads;
+  for (int k = 0; k < 3; ++k) {
+    A[k] = RowMatrixXf::Random(r, l.in) * 0.02f;
+    B[k] = RowMatrixXf::Random(l.out, r) * 0.02f;
+    dA[k].setZero(r, l.in);
+    dB[k].setZero(l.out, r);
+  }
+  for (int k = 0; k < 3; ++k) {
+    list.push_back({make_view<const float>(A[k].data(), r, l.in),
+                    make_view<const float>(B[k].data(), l.out, r),
+                    lora_scale(16.0f, r),
+                    {}});
+    grads.push_back({view_of(dA[k]), view_of(dB[k])});
+  }
+  RowMatrixXf u(l.rows, 3 * r);
+  owned_workspace ws(multi_lora_backward_workspace_bytes(l.rows, l.in, l.out, list.data(), 3));
+  bench::peak_memory peak;
+  for (auto _ : state) {
+    const cpu_iteration timer{state};
+    multi_lora_forward(l.x, l.W, nullptr, list.data(), 3, l.y, u, ws.get());
+    l.dx.setZero();
+    multi_lora_backward(l.x, l.W, list.data(), 3, u, l.dy, l.dx, grads.data(), ws.get());
+    benchmark::ClobberMemory();
+  }
+  peak.report(state);
+  bench::set_flops(state, dense_flops(l) + 3.0 * lora_extra_flops(l));
+}
+void BM_multi_naive(benchmark::State& state) {
+  set_threads(state);
+  layer l(state.range(0), state.range(1), state.range(2), state.range(3));
+  const index_t r = l.r;
+  std::vector<RowMatrixXf> A(3), B(3), dA(3), dB(3);
+  for (int k = 0; k < 3; ++k) {
+    A[k] = RowMatrixXf::Random(r, l.in) * 0.02f;
+    B[k] = RowMatrixXf::Random(l.out, r) * 0.02f;
+    dA[k].setZero(r, l.in);
+    dB[k].setZero(l.out, r);
+  }
+  const float s = lora_scale(16.0f, r);
+  RowMatrixXf u(l.rows, r), du(l.rows, r);
+  bench::peak_memory peak;
+  for (auto _ : state) {
+    const cpu_iteration timer{state};
+    l.y.noalias() = l.x * l.W.transpose();
+    l.dx.noalias() = l.dy * l.W;
+    for (int k = 0; k < 3; ++k) {
+      u.noalias() = l.x * A[k].transpose();
+      l.y.noalias() += (s * u) * B[k].transpose();
+      du.noalias() = (s * l.dy) * B[k];
+      dB[k].noalias() += (s * l.dy.transpose()) * u;
+      dA[k].noalias() += du.transpose() * l.x;
+      l.dx.noalias() += du * A[k];
+    }
+    benchmark::ClobberMemory();
+  }
+  peak.report(state);
+  bench::set_flops(state, dense_flops(l) + 3.0 * lora_extra_flops(l));
+}
+
+// LoRA-GA init from one batch (x, dy): factored randomized SVD (lowmem, G never formed) vs
+// forming G = dyᵀ·x densely and running the same init on it (naive).
+void BM_lora_ga_lowmem(benchmark::State& state) {
+  set_threads(state);
+  layer l(state.range(0), state.range(1), state.range(2), state.range(3));
+  RowMatrixXf W(l.out, l.in);
+  bench::peak_memory peak;
+  for (auto _ : state) {
+    W = l.W;
+    const cpu_iteration timer{state};
+    lora_ga_init_from_batch(W, l.x, l.dy, lora_scale(16.0f, l.r, true), {}, l.A, l.B);
+    benchmark::ClobberMemory();
+  }
+  peak.report(state);
+}
+void BM_lora_ga_naive(benchmark::State& state) {
+  set_threads(state);
+  layer l(state.range(0), state.range(1), state.range(2), state.range(3));
+  RowMatrixXf W(l.out, l.in);
+  bench::peak_memory peak;
+  for (auto _ : state) {
+    W = l.W;
+    const cpu_iteration timer{state};
+    RowMatrixXf G = l.dy.transpose() * l.x;
+    lora_ga_init(W, G, lora_scale(16.0f, l.r, true), {}, l.A, l.B);
+    benchmark::ClobberMemory();
+  }
+  peak.report(state);
 }
 
 // PiSSA init (randomized SVD, r + 8 columns, 2 power iterations) vs Eigen's full BDCSVD
@@ -207,9 +330,8 @@ void BM_pissa_lowmem(benchmark::State& state) {
   bench::peak_memory peak;
   double err = 0;
   for (auto _ : state) {
-    state.PauseTiming();
     W = W0;
-    state.ResumeTiming();
+    const cpu_iteration timer{state};
     pissa_init(W, 1.0f, {}, A, B);
     benchmark::ClobberMemory();
   }
@@ -225,6 +347,7 @@ void BM_pissa_naive(benchmark::State& state) {
   RowMatrixXf A(r, n), B(n, r);
   bench::peak_memory peak;
   for (auto _ : state) {
+    const cpu_iteration timer{state};
     Eigen::BDCSVD<Eigen::MatrixXf> svd(W, Eigen::ComputeThinU | Eigen::ComputeThinV);
     for (index_t j = 0; j < r; ++j) {
       const float root = std::sqrt(svd.singularValues()[j]);
@@ -250,7 +373,7 @@ void shapes(benchmark::internal::Benchmark* b, bool with_rank = true) {
         b->Args({4096, 4096, 4096, 16, t});
     }
   }
-  b->UseRealTime()->Unit(benchmark::kMillisecond);
+  b->UseManualTime()->Unit(benchmark::kMillisecond);
 }
 void shapes_rank(benchmark::internal::Benchmark* b) { shapes(b, true); }
 void shapes_one(benchmark::internal::Benchmark* b) { shapes(b, false); }
@@ -264,13 +387,13 @@ void pissa_shapes(benchmark::internal::Benchmark* b) {
     b->Args({1024, 1024, 1024, 64, 1});
     b->Args({4096, 4096, 4096, 64, 1});
   }
-  b->UseRealTime()->Unit(benchmark::kMillisecond);
+  b->UseManualTime()->Unit(benchmark::kMillisecond);
 }
 void pissa_naive_shapes(benchmark::internal::Benchmark* b) {
   b->ArgNames({"n", "in", "out", "r", "threads"});
   b->Args(bench::smoke() ? std::vector<std::int64_t>{256, 256, 256, 16, 1}
                          : std::vector<std::int64_t>{1024, 1024, 1024, 64, 1});
-  b->UseRealTime()->Unit(benchmark::kMillisecond);
+  b->UseManualTime()->Unit(benchmark::kMillisecond);
 }
 
 } // namespace
@@ -284,6 +407,10 @@ BENCHMARK(BM_dora_naive)->Name("BM_adapters_dora/naive")->Apply(shapes_one);
 BENCHMARK(BM_vera_lowmem)->Name("BM_adapters_vera/lowmem")->Apply(shapes_one);
 BENCHMARK(BM_shira_lowmem)->Name("BM_adapters_shira/lowmem")->Apply(shapes_one);
 BENCHMARK(BM_kron_lowmem)->Name("BM_adapters_kron/lowmem")->Apply(shapes_one);
+BENCHMARK(BM_multi_lowmem)->Name("BM_adapters_multi_lora/lowmem")->Apply(shapes_one);
+BENCHMARK(BM_multi_naive)->Name("BM_adapters_multi_lora/naive")->Apply(shapes_one);
+BENCHMARK(BM_lora_ga_lowmem)->Name("BM_adapters_lora_ga/lowmem")->Apply(shapes_one);
+BENCHMARK(BM_lora_ga_naive)->Name("BM_adapters_lora_ga/naive")->Apply(shapes_one);
 BENCHMARK(BM_pissa_lowmem)->Name("BM_adapters_pissa/lowmem")->Apply(pissa_shapes);
 BENCHMARK(BM_pissa_naive)->Name("BM_adapters_pissa/naive")->Apply(pissa_naive_shapes);
 

@@ -8,69 +8,15 @@
 #include <lowmem/core/memory.hpp>
 #include <lowmem/core/memory_hooks.hpp>
 
-#include <common/fashion_mnist.hpp>
+#include <common/adapters_mlp.hpp> // Fashion-MNIST splits, softmax CE, Adam, the MLP
 
+#include <algorithm>
 #include <cmath>
 #include <cstdio>
 #include <vector>
 
 using namespace lowmem;
-using Mat = RowMatrixXf;
-using Row = Eigen::RowVectorXf;
-
-namespace {
-struct adam {
-  std::vector<float> m, v;
-  int t = 0;
-  template <class M> void step(M& p, const M& g, float lr) {
-    const std::size_t n = std::size_t(p.size());
-    if (m.size() != n) m.assign(n, 0.f), v.assign(n, 0.f);
-    ++t;
-    const float c1 = 1 - std::pow(0.9f, float(t)), c2 = 1 - std::pow(0.999f, float(t));
-    for (std::size_t i = 0; i < n; ++i) {
-      m[i] = 0.9f * m[i] + 0.1f * g.data()[i];
-      v[i] = 0.999f * v[i] + 0.001f * g.data()[i] * g.data()[i];
-      p.data()[i] -= lr * (m[i] / c1) / (std::sqrt(v[i] / c2) + 1e-8f);
-    }
-  }
-};
-
-// mean cross-entropy, dlogits = (softmax - onehot) / n, and the count of correct argmaxes
-double softmax_ce(const Mat& logits, const std::vector<std::uint8_t>& y, Mat& dl, int& correct) {
-  const index_t n = logits.rows();
-  dl.resize(n, logits.cols());
-  double loss = 0;
-  correct = 0;
-  for (index_t i = 0; i < n; ++i) {
-    index_t arg;
-    const float mx = logits.row(i).maxCoeff(&arg);
-    correct += arg == index_t(y[std::size_t(i)]);
-    dl.row(i) = (logits.row(i).array() - mx).exp().matrix();
-    const float z = dl.row(i).sum();
-    loss -= std::log(dl(i, y[std::size_t(i)]) / z);
-    dl.row(i) /= z * float(n);
-    dl(i, y[std::size_t(i)]) -= 1.0f / float(n);
-  }
-  return loss / double(n);
-}
-
-struct split {
-  Mat x;
-  std::vector<std::uint8_t> y;
-};
-split take(const data::image_set& s, std::size_t begin, std::size_t count, int max_label) {
-  split d;
-  std::vector<std::size_t> idx;
-  for (std::size_t i = begin; i < s.count && idx.size() < count; ++i)
-    if (s.labels[i] <= max_label) idx.push_back(i);
-  d.x.resize(index_t(idx.size()), 784);
-  for (std::size_t k = 0; k < idx.size(); ++k) {
-    d.x.row(index_t(k)) = Eigen::Map<const Row>(s.images.data() + idx[k] * 784, 784);
-    d.y.push_back(s.labels[idx[k]]);
-  }
-  return d;
-}
-} // namespace
+using namespace lowmem::examples::adapters_mlp;
 
 int main() {
   const auto train = data::load_fashion_mnist("train", 12000);
@@ -80,26 +26,10 @@ int main() {
   const index_t in = 784, hid = 256, cls = 10, r = 8, n = fine.x.rows();
 
   // --- the "pretrained" model: full training on classes 0-4 only -------------------------------
-  Mat W1 = Mat::Random(hid, in) / std::sqrt(float(in)), W2 = Mat::Random(cls, hid) / 16.0f;
-  Row b1 = Row::Zero(hid), b2 = Row::Zero(cls);
-  {
-    adam o1, o2, o3, o4;
-    Mat pre1, h, logits, dl, dh;
-    int correct = 0;
-    for (int s = 0; s < 60; ++s) {
-      pre1 = pre.x * W1.transpose();
-      pre1.rowwise() += b1;
-      h = pre1.cwiseMax(0.f);
-      logits = h * W2.transpose();
-      logits.rowwise() += b2;
-      softmax_ce(logits, pre.y, dl, correct);
-      dh = (dl * W2).cwiseProduct((pre1.array() > 0.f).cast<float>().matrix());
-      Mat gW2 = dl.transpose() * h, gW1 = dh.transpose() * pre.x;
-      Row gb2 = dl.colwise().sum(), gb1 = dh.colwise().sum();
-      o1.step(W1, gW1, 3e-3f), o2.step(W2, gW2, 3e-3f), o3.step(b1, gb1, 3e-3f),
-          o4.step(b2, gb2, 3e-3f);
-    }
-  }
+  mlp model = make_mlp(in, hid, cls);
+  train_full(model, pre, 60, 3e-3f);
+  Mat &W1 = model.W1, &W2 = model.W2;
+  Row &b1 = model.b1, &b2 = model.b2;
 
   // --- LoRA fine-tuning on all classes: W1, W2 frozen ------------------------------------------
   Mat A1(r, in), B1(hid, r), A2(r, hid), B2(cls, r);
@@ -114,13 +44,7 @@ int main() {
                                lora_backward_workspace_bytes(n, in, r, drop),
                                lora_backward_workspace_bytes(n, hid, r, drop)}));
   adam o[6];
-  auto evaluate = [&](const split& d, int& correct) {
-    Mat p = d.x * W1.transpose(), dummy;
-    p.rowwise() += b1;
-    Mat lg = p.cwiseMax(0.f) * W2.transpose();
-    lg.rowwise() += b2;
-    return softmax_ce(lg, d.y, dummy, correct);
-  };
+  auto evaluate = [&](const split& d, int& correct) { return eval_loss(model, d, &correct); };
   int correct = 0;
   double test_loss = evaluate(test, correct);
   std::printf("before fine-tuning: held-out loss %.4f, accuracy %.1f%%\n", test_loss,
@@ -133,7 +57,7 @@ int main() {
     lora_forward(fine.x, W1, b1.data(), A1, B1, s, drop, pre1, u1, ws.get());
     h = pre1.cwiseMax(0.f);
     lora_forward(h, W2, b2.data(), A2, B2, s, drop2, logits, u2, ws.get());
-    const double loss = softmax_ce(logits, fine.y, dl, correct);
+    const double loss = softmax_ce(logits, fine.y, dl, &correct);
     dA1.setZero(), dB1.setZero(), dA2.setZero(), dB2.setZero(), dh.setZero();
     lora_backward(h, W2, A2, B2, u2, dl, s, drop2, dh, dA2, dB2, ws.get());
     db2 = dl.colwise().sum();

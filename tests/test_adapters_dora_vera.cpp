@@ -188,12 +188,15 @@ struct vera_ref {
 };
 vera_ref vera_reference(const ref::Md& x, const ref::Md& W, const ref::Md& A, const ref::Md& B,
                         const ref::Vd& d, const ref::Vd& b, const float* bias, double s,
-                        const ref::Md& dy) {
-  const ref::Md Weff = W + s * b.asDiagonal() * B * d.asDiagonal() * A;
+                        const ref::Md& dy, const ref::Md* mask = nullptr) {
+  const ref::Md xd = mask ? ref::Md(x.array() * mask->array()) : x;
+  const ref::Md dW = s * b.asDiagonal() * B * d.asDiagonal() * A;
   vera_ref o;
-  o.y = ref::linear(x, Weff, bias);
-  o.dx = dy * Weff;
-  const ref::Md dD = dy.transpose() * x; // dΔW
+  o.y = ref::linear(x, W, bias) + xd * dW.transpose();
+  ref::Md dxa = dy * dW;
+  if (mask) dxa = (dxa.array() * mask->array()).matrix();
+  o.dx = dy * W + dxa;
+  const ref::Md dD = dy.transpose() * xd; // dΔW
   // ΔW_jc = s b_j Σ_k B_jk d_k A_kc
   const ref::Md BA_d = B * d.asDiagonal() * A;
   o.db = s * (dD.array() * BA_d.array()).rowwise().sum();
@@ -274,5 +277,144 @@ TEST_CASE("VeRA gradients pass finite differences; bad input throws", "[adapters
                   VMap(bvec.data(), out), Map(u.data(), rows, r), Map(dy.data(), rows, out), 1.f,
                   Map(dx.data(), rows, in), VMap(dd.data(), r), VMap(db.data(), out), ws.get());
     CHECK(region.allocations() == 0);
+  }
+}
+
+// ---- adapter dropout on DoRA and VeRA
+// ------------------------------------------------------------
+LOWMEM_ARCH_TEST_CASE("DoRA and VeRA with adapter dropout match the dense double reference",
+                      "[adapters][dora][vera][dropout]") {
+  using Arch = TestType;
+  LOWMEM_SKIP_IF_UNSUPPORTED();
+  for (const shape& sh : shapes) {
+    const adapter_dropout drop{0.3f, random::stream{91, std::uint64_t(sh.rows)}};
+    const ref::Md mask = ref::dropout_factors(drop.stream, drop.p, sh.rows, sh.in);
+    INFO("rows " << sh.rows << " in " << sh.in << " out " << sh.out << " r " << sh.r);
+    for (bool exact : {false, true}) {
+      dora_data d(sh, 60 + std::uint64_t(sh.in));
+      const float s = lora_scale(2.0f, d.r);
+      std::vector<float> y(d.rows * d.out), u(d.rows * d.r), n(d.out);
+      auto dx = ref::uniform_data(d.rows * d.in, 9), dA = ref::uniform_data(d.r * d.in, 10),
+           dB = ref::uniform_data(d.out * d.r, 11), dm = ref::uniform_data(d.out, 12);
+      const auto dx0 = dx, dA0 = dA, dB0 = dB, dm0 = dm;
+      owned_workspace ws(
+          std::max(dora_forward_workspace_bytes(d.in, d.out, d.r, drop),
+                   dora_backward_workspace_bytes(d.rows, d.in, d.out, d.r, exact, drop)));
+      Map xm(d.x.data(), d.rows, d.in), Wm(d.W.data(), d.out, d.in), Am(d.A.data(), d.r, d.in),
+          Bm(d.B.data(), d.out, d.r), ym(y.data(), d.rows, d.out), um(u.data(), d.rows, d.r);
+      VMap mm(d.m.data(), d.out), nm(n.data(), d.out);
+      dora_forward<Arch>(xm, Wm, d.bias.data(), Am, Bm, mm, s, drop, ym, um, nm, ws.get());
+      dora_backward<Arch>(xm, Wm, d.bias.data(), Am, Bm, mm, um, nm, ym,
+                          Map(d.dy.data(), d.rows, d.out), s, exact, drop,
+                          Map(dx.data(), d.rows, d.in), Map(dA.data(), d.r, d.in),
+                          Map(dB.data(), d.out, d.r), VMap(dm.data(), d.out), ws.get());
+      const auto g =
+          ref::dora(ref::dense(d.x, d.rows, d.in), ref::dense(d.W, d.out, d.in), d.bias.data(),
+                    ref::dense(d.A, d.r, d.in), ref::dense(d.B, d.out, d.r), vec(d.m), s, exact,
+                    ref::dense(d.dy, d.rows, d.out), &mask);
+      INFO("DoRA exact " << exact);
+      CHECK(rel(y, g.y) < 1e-5);
+      CHECK(rel(minus(dx, dx0), g.dx) < 1e-5);
+      CHECK(rel(minus(dA, dA0), g.dA) < 1e-4);
+      CHECK(rel(minus(dB, dB0), g.dB) < 1e-4);
+      CHECK(relv(minus(dm, dm0), g.dm) < 1e-4);
+    }
+    // VeRA
+    const index_t rows = sh.rows, in = sh.in, out = sh.out, r = sh.r;
+    auto x = ref::uniform_data(rows * in, 1), W = ref::uniform_data(out * in, 2),
+         dvec = ref::uniform_data(r, 3), bvec = ref::uniform_data(out, 4),
+         dy = ref::uniform_data(rows * out, 5), bias = ref::uniform_data(out, 6);
+    std::vector<float> y(rows * out), u(rows * r), dx(rows * in, 0.f), dd(r, 0.f), db(out, 0.f);
+    owned_workspace ws(vera_backward_workspace_bytes(rows, in, out, r, drop));
+    REQUIRE(vera_forward_workspace_bytes(in, out, r, drop) <= ws.capacity());
+    Map xm(x.data(), rows, in), Wm(W.data(), out, in), um(u.data(), rows, r);
+    vera_forward<Arch>(xm, Wm, bias.data(), 77, VMap(dvec.data(), r), VMap(bvec.data(), out), 0.8f,
+                       drop, Map(y.data(), rows, out), um, ws.get());
+    vera_backward<Arch>(xm, Wm, 77, VMap(dvec.data(), r), VMap(bvec.data(), out), um,
+                        Map(dy.data(), rows, out), 0.8f, drop, Map(dx.data(), rows, in),
+                        VMap(dd.data(), r), VMap(db.data(), out), ws.get());
+    std::vector<float> A(r * in), B(out * r);
+    vera_projections<Arch>(77, Map(A.data(), r, in), Map(B.data(), out, r));
+    const auto g = vera_reference(ref::dense(x, rows, in), ref::dense(W, out, in),
+                                  ref::dense(A, r, in), ref::dense(B, out, r), vec(dvec), vec(bvec),
+                                  bias.data(), 0.8, ref::dense(dy, rows, out), &mask);
+    CHECK(rel(y, g.y) < 1e-5);
+    CHECK(rel(dx, g.dx) < 1e-5);
+    CHECK(relv(dd, g.dd) < 1e-5);
+    CHECK(relv(db, g.db) < 1e-5);
+  }
+}
+
+TEST_CASE("DoRA and VeRA dropout gradients pass finite differences and allocate nothing",
+          "[adapters][dora][vera][dropout][gradcheck]") {
+  const adapter_dropout drop{0.25f, random::stream{8, 9}};
+  {
+    dora_data d({5, 9, 7, 2}, 177);
+    const float s = 1.5f;
+    const auto G = ref::dense(d.dy, d.rows, d.out);
+    const ref::Md mask = ref::dropout_factors(drop.stream, drop.p, d.rows, d.in);
+    auto loss = [&] {
+      return ref::inner(G, ref::dora(ref::dense(d.x, d.rows, d.in), ref::dense(d.W, d.out, d.in),
+                                     d.bias.data(), ref::dense(d.A, d.r, d.in),
+                                     ref::dense(d.B, d.out, d.r), vec(d.m), s, true, G, &mask)
+                               .y);
+    };
+    std::vector<float> y(d.rows * d.out), u(d.rows * d.r), n(d.out), dx(d.rows * d.in, 0.f),
+        dA(d.r * d.in, 0.f), dB(d.out * d.r, 0.f), dm(d.out, 0.f);
+    owned_workspace ws(dora_backward_workspace_bytes(d.rows, d.in, d.out, d.r, true, drop));
+    Map xm(d.x.data(), d.rows, d.in), Wm(d.W.data(), d.out, d.in), Am(d.A.data(), d.r, d.in),
+        Bm(d.B.data(), d.out, d.r), ym(y.data(), d.rows, d.out), um(u.data(), d.rows, d.r),
+        dym(d.dy.data(), d.rows, d.out), dxm(dx.data(), d.rows, d.in), dAm(dA.data(), d.r, d.in),
+        dBm(dB.data(), d.out, d.r);
+    VMap mm(d.m.data(), d.out), nm(n.data(), d.out), dmm(dm.data(), d.out);
+    {
+      memory::region region;
+      dora_forward(xm, Wm, d.bias.data(), Am, Bm, mm, s, drop, ym, um, nm, ws.get());
+      dora_backward(xm, Wm, d.bias.data(), Am, Bm, mm, um, nm, ym, dym, s, true, drop, dxm, dAm,
+                    dBm, dmm, ws.get());
+      if (memory::tracking_enabled()) CHECK(region.allocations() == 0);
+    }
+    test::gradcheck(loss, d.A.data(), d.A.size(), dA.data(), "DoRA dA");
+    test::gradcheck(loss, d.B.data(), d.B.size(), dB.data(), "DoRA dB");
+    test::gradcheck(loss, d.m.data(), d.m.size(), dm.data(), "DoRA dm");
+    test::gradcheck(loss, d.x.data(), d.x.size(), dx.data(), "DoRA dx");
+    // a dropout p outside [0, 1) throws before anything is written
+    const auto y0 = y;
+    CHECK_THROWS_AS(dora_forward(xm, Wm, nullptr, Am, Bm, mm, s, adapter_dropout{1.0f, {}}, ym, um,
+                                 nm, ws.get()),
+                    invalid_argument);
+    CHECK(y == y0);
+  }
+  {
+    const index_t rows = 4, in = 9, out = 6, r = 3;
+    auto x = ref::uniform_data(rows * in, 21), W = ref::uniform_data(out * in, 22),
+         dvec = ref::uniform_data(r, 23), bvec = ref::uniform_data(out, 24),
+         dy = ref::uniform_data(rows * out, 25);
+    std::vector<float> A(r * in), B(out * r), y(rows * out), u(rows * r), dx(rows * in, 0.f),
+        dd(r, 0.f), db(out, 0.f);
+    vera_projections(55, Map(A.data(), r, in), Map(B.data(), out, r));
+    const ref::Md mask = ref::dropout_factors(drop.stream, drop.p, rows, in);
+    owned_workspace ws(vera_backward_workspace_bytes(rows, in, out, r, drop));
+    {
+      memory::region region;
+      vera_forward(Map(x.data(), rows, in), Map(W.data(), out, in), nullptr, 55,
+                   VMap(dvec.data(), r), VMap(bvec.data(), out), 1.0f, drop,
+                   Map(y.data(), rows, out), Map(u.data(), rows, r), ws.get());
+      vera_backward(Map(x.data(), rows, in), Map(W.data(), out, in), 55, VMap(dvec.data(), r),
+                    VMap(bvec.data(), out), Map(u.data(), rows, r), Map(dy.data(), rows, out), 1.0f,
+                    drop, Map(dx.data(), rows, in), VMap(dd.data(), r), VMap(db.data(), out),
+                    ws.get());
+      if (memory::tracking_enabled()) CHECK(region.allocations() == 0);
+    }
+    const auto G = ref::dense(dy, rows, out);
+    auto loss = [&] {
+      return ref::inner(G, vera_reference(ref::dense(x, rows, in), ref::dense(W, out, in),
+                                          ref::dense(A, r, in), ref::dense(B, out, r), vec(dvec),
+                                          vec(bvec), nullptr, 1.0, G, &mask)
+                               .y);
+    };
+    test::gradcheck(loss, dvec.data(), dvec.size(), dd.data(), "VeRA dd");
+    test::gradcheck(loss, bvec.data(), bvec.size(), db.data(), "VeRA db");
+    test::gradcheck(loss, x.data(), x.size(), dx.data(), "VeRA dx");
   }
 }

@@ -75,33 +75,36 @@ inline lora_grads lora(const Md& x, const Md& W, const float* bias, const Md& A,
   return g;
 }
 
-// ---- DoRA: W' = diag(m / ‖V‖_row) V, V = W + s B A
-// -----------------------------------------------
+// ---- DoRA: y = (x Wᵀ + s (x ⊙ M)(B A)ᵀ) diag(m / ‖V‖_row) + b, V = W + s B A ----------------
+// (dropout, when a mask is given, acts on the adapter-path input only)
 struct dora_grads {
   Md y, dx, dA, dB;
   Vd dm, norms;
 };
 inline dora_grads dora(const Md& x, const Md& W, const float* bias, const Md& A, const Md& B,
-                       const Vd& m, double s, bool exact, const Md& dy) {
-  const Md V = W + s * B * A;
+                       const Vd& m, double s, bool exact, const Md& dy, const Md* mask = nullptr) {
+  const Md xd = mask ? Md(x.array() * mask->array()) : x;
+  const Md BA = B * A; // the reference may form it
+  const Md V = W + s * BA;
   dora_grads g;
   g.norms = V.rowwise().norm();
   const Vd c = m.array() / g.norms.array();
-  const Md Weff = c.asDiagonal() * V;
-  g.y = linear(x, Weff, bias);
-  g.dx = dy * Weff;
-  const Md dWeff = dy.transpose() * x;
-  // W' = c ⊙ V: dV = diag(c) dW' (+ norm path), dm_j = Σ_k dW'_jk V_jk / n_j
-  Md dV = c.asDiagonal() * dWeff;
-  g.dm = (dWeff.array() * V.array()).rowwise().sum().matrix().cwiseQuotient(g.norms);
+  const Md pre = x * W.transpose() + s * xd * BA.transpose(); // [rows, out], before the scale
+  g.y = linear(pre * c.asDiagonal(), Md::Identity(pre.cols(), pre.cols()), bias);
+  const Md D = dy * c.asDiagonal();
+  Md dxa = s * D * BA;
+  if (mask) dxa = (dxa.array() * mask->array()).matrix();
+  g.dx = D * W + dxa;
+  // h_j = Σ_i dy_ij pre_ij: dm_j = h_j / n_j; through the norm dc_j/dV_j = -m_j V_j / n_j³
+  const Vd h = (dy.array() * pre.array()).colwise().sum().transpose();
+  g.dm = h.cwiseQuotient(g.norms);
+  Md dBA = s * D.transpose() * xd; // ∂L/∂(B A)
   if (exact) {
-    // d c_j / d V_j = -m_j V_j / n_j³
-    const Vd h = (dWeff.array() * V.array()).rowwise().sum();
     const Vd e = -(h.array() * m.array()) / g.norms.array().cube();
-    dV += e.asDiagonal() * V;
+    dBA += s * e.asDiagonal() * V;
   }
-  g.dB = s * dV * A.transpose();
-  g.dA = s * B.transpose() * dV;
+  g.dB = dBA * A.transpose();
+  g.dA = B.transpose() * dBA;
   return g;
 }
 

@@ -39,13 +39,12 @@ namespace adapters::detail {
 /// temporary (dropout masks, DoRA's scaled dy). 128 rows keeps the block GEMMs efficient.
 inline constexpr index_t row_block = 128;
 
+/// Shape check of an Eigen argument: core's require_shape on its raw view (extents, leading
+/// dimension, data present).
 template <class M>
 inline void require_dims(const char* fn, const char* arg, const M& m, index_t rows, index_t cols) {
-  if (m.rows() != rows || m.cols() != cols)
-    lowmem::detail::throw_invalid(
-        fn, arg,
-        "shape [" + lowmem::detail::to_text(rows) + ", " + lowmem::detail::to_text(cols) + "]",
-        "[" + lowmem::detail::to_text(m.rows()) + ", " + lowmem::detail::to_text(m.cols()) + "]");
+  require_shape(fn, arg, matrix_view<const float>{m.data(), m.rows(), m.cols(), m.outerStride()},
+                rows, cols);
 }
 
 /// Rank r must satisfy 1 <= r <= min(in, out).
@@ -59,11 +58,6 @@ inline void require_rank(const char* fn, index_t r, index_t in, index_t out) {
 
 inline void require_dropout(const char* fn, const adapter_dropout& d) {
   require_in_half_open(fn, "dropout.p", 0.0f, 1.0f, d.p);
-}
-
-/// Bytes a carving plan needs, 0 when it took nothing (so callers may pass an empty workspace).
-inline std::size_t planned_bytes(const workspace_planner& p) {
-  return p.bytes() == workspace_alignment ? 0 : p.bytes();
 }
 
 inline void require_scale(const char* fn, float s) {

@@ -81,13 +81,46 @@ void project(const ConstRowRef<float>& x, const ConstRowRef<float>& A, const ada
   }
 }
 
+/// The adapter-input half of every low-rank backward: dA += duᵀ·drop(x), and when want_dx,
+/// dx += drop'(du·A) (same mask, same 1/(1-p) scale). mask and tmp are row_block×in scratch,
+/// used only with dropout (the mask is regenerated from the stream, never stored).
+template <class Arch, class DU>
+void input_backward(const ConstRowRef<float>& x, const ConstRowRef<float>& A, const DU& du,
+                    const adapter_dropout& drop, bool want_dx, RowRef<float>& dA, RowRef<float>& dx,
+                    float* mask, float* tmp) {
+  const index_t rows = x.rows(), in = x.cols();
+  if (drop.p == 0) {
+    dA.noalias() += du.transpose() * x;
+    if (want_dx) dx.noalias() += du * A;
+    return;
+  }
+  const float keep_scale = 1.0f / (1.0f - drop.p);
+  for (index_t i0 = 0; i0 < rows; i0 += row_block) {
+    const index_t nb = rows - i0 < row_block ? rows - i0 : row_block;
+    random::fill_uniform<Arch>(drop.stream, std::uint64_t(i0 * in), mask, std::size_t(nb * in));
+    // tmp = drop(x) block; the uniforms stay in mask for the dx term
+    std::memcpy(tmp, mask, std::size_t(nb * in) * sizeof(float));
+    for (index_t t = 0; t < nb; ++t)
+      adapters::kernels::dropout_apply<Arch>(x.row(i0 + t).data(), tmp + t * in, std::size_t(in),
+                                             drop.p, keep_scale);
+    const Eigen::Map<const RowMatrixXf> xb(tmp, nb, in);
+    dA.noalias() += du.middleRows(i0, nb).transpose() * xb;
+    if (!want_dx) continue;
+    Eigen::Map<RowMatrixXf> g(tmp, nb, in);
+    g.noalias() = du.middleRows(i0, nb) * A;
+    for (index_t t = 0; t < nb; ++t)
+      adapters::kernels::dropout_accumulate<Arch>(
+          mask + t * in, tmp + t * in, dx.row(i0 + t).data(), std::size_t(in), drop.p, keep_scale);
+  }
+}
+
 } // namespace adapters::detail
 
 /// Scratch bytes of lora_forward / lora_project: 0 without dropout, 128·in floats with it.
 inline std::size_t lora_forward_workspace_bytes(index_t in, const adapter_dropout& drop = {}) {
   workspace_planner p;
   adapters::detail::carve_lora_forward(p, in, drop);
-  return adapters::detail::planned_bytes(p);
+  return p.bytes();
 }
 
 /// Scratch bytes of lora_backward: rows·r floats for du, plus 2·128·in floats with dropout.
@@ -95,7 +128,7 @@ inline std::size_t lora_backward_workspace_bytes(index_t rows, index_t in, index
                                                  const adapter_dropout& drop = {}) {
   workspace_planner p;
   adapters::detail::carve_lora_backward(p, rows, in, r, drop);
-  return adapters::detail::planned_bytes(p);
+  return p.bytes();
 }
 
 /// u = drop(x)·Aᵀ alone: recomputes the saved activation (the "recompute instead of keep"
@@ -174,30 +207,7 @@ void lora_backward(ConstRowRef<float> x, ConstRowRef<float> W, ConstRowRef<float
   du.noalias() = (scale * dy) * B;
   dB.noalias() += (scale * dy.transpose()) * u;
   if (want_dx) dx.noalias() += dy * W;
-  if (drop.p == 0) {
-    dA.noalias() += du.transpose() * x;
-    if (want_dx) dx.noalias() += du * A;
-    return;
-  }
-  const float keep_scale = 1.0f / (1.0f - drop.p);
-  for (index_t i0 = 0; i0 < rows; i0 += row_block) {
-    const index_t nb = rows - i0 < row_block ? rows - i0 : row_block;
-    random::fill_uniform<Arch>(drop.stream, std::uint64_t(i0 * in), s.mask, std::size_t(nb * in));
-    // tmp = drop(x) block; the uniforms stay in s.mask for the dx term
-    std::memcpy(s.tmp, s.mask, std::size_t(nb * in) * sizeof(float));
-    for (index_t t = 0; t < nb; ++t)
-      adapters::kernels::dropout_apply<Arch>(x.row(i0 + t).data(), s.tmp + t * in, std::size_t(in),
-                                             drop.p, keep_scale);
-    const Eigen::Map<const RowMatrixXf> xb(s.tmp, nb, in);
-    dA.noalias() += du.middleRows(i0, nb).transpose() * xb;
-    if (!want_dx) continue;
-    Eigen::Map<RowMatrixXf> g(s.tmp, nb, in);
-    g.noalias() = du.middleRows(i0, nb) * A;
-    for (index_t t = 0; t < nb; ++t)
-      adapters::kernels::dropout_accumulate<Arch>(s.mask + t * in, s.tmp + t * in,
-                                                  dx.row(i0 + t).data(), std::size_t(in), drop.p,
-                                                  keep_scale);
-  }
+  input_backward<Arch>(x, A, du, drop, want_dx, dA, dx, s.mask, s.tmp);
 }
 
 /// Merge: W <- W + s·B·A in place (unmerge with -s, or lora_unmerge). Blocked over 128 rows of W
