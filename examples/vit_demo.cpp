@@ -9,6 +9,7 @@
 #include <lowmem/core/memory_hooks.hpp> // once per program: heap accounting for the table
 #include <lowmem/io/safetensors.hpp>
 
+#include <common/vit_methods.hpp>
 #include <common/vit_pipeline.hpp>
 
 #include <cstdio>
@@ -23,17 +24,23 @@
 
 namespace {
 
-// The method table. Later families add rows here (one line each, plus their run function):
-//   {"full FT, AdamW 8-bit", run_adamw8}      optimizers: finetune_gradient + an optimizer subclass
-//   {"GaLore / APOLLO-Mini", run_galore}       optimizers: same, projected-state optimizer
-//   {"LoRA r=8", run_lora}                     adapters:   configure() attaches linear_hooks
-//   {"DoRA r=8", run_dora}, {"QLoRA NF4 r=8", run_qlora}, {"QAT int4 LSQ", run_qat}
-//   {"MeZO (LoRA)", run_mezo_lora}, {"MeZO (full)", run_mezo_full}   zeroth_order: own loop
-std::vector<demo::method> method_table() {
+// The method table: one row per method, in the order of the printed table. The LoRA family
+// also exports its adapter in peft's format to <out>/{lora,dora,qlora}/ (vit_methods.hpp).
+std::vector<demo::method> method_table(const std::string& out) {
+  const demo::adapter_export lora{out + "/lora", out + "/base.safetensors"};
+  const demo::adapter_export dora{out + "/dora", out + "/base.safetensors"};
+  const demo::adapter_export qlora{out + "/qlora", out + "/base.safetensors"};
   return {
       {"frozen base", demo::run_frozen},
       {"full FT, AdamW fp32", demo::run_full_adamw},
       {"full FT, AdamW 8-bit", demo::run_full_adamw8},
+      {"APOLLO-Mini", demo::run_apollo_mini},
+      {"LoRA r=8", [lora](const demo::method_context& c) { return demo::run_lora(c, lora); }},
+      {"DoRA r=8", [dora](const demo::method_context& c) { return demo::run_dora(c, dora); }},
+      {"QLoRA NF4 r=8",
+       [qlora](const demo::method_context& c) { return demo::run_qlora(c, qlora); }},
+      {"QAT int4 LSQ", demo::run_qat},
+      {"MeZO (LoRA)", demo::run_mezo_lora},
       {"MeZO (full)", demo::run_mezo_full},
   };
 }
@@ -52,6 +59,17 @@ void save_base(const demo::vit& m, const std::string& path) {
                       " width=" + std::to_string(c.width) + " depth=" + std::to_string(c.depth) +
                       " heads=" + std::to_string(c.heads) +
                       " mlp_ratio=" + std::to_string(c.mlp_ratio)}});
+}
+
+/// A base saved by save_base (same model configuration): skips pretraining.
+demo::vit load_base(const demo::demo_config& cfg, const std::string& path) {
+  demo::vit m(cfg.model, cfg.seed);
+  m.attention = demo::lowmem_attention();
+  const auto f = lowmem::io::safetensors_file::open(path);
+  for (auto& p : m.params)
+    f.copy_to(p.name, lowmem::io::dtype::f32, p.value.data(), p.value.size());
+  m.set_all_trainable(false);
+  return m;
 }
 
 double mib(std::int64_t b) { return double(b) / (1024.0 * 1024.0); }
@@ -155,7 +173,9 @@ void usage() {
   std::fprintf(stderr,
                "usage: vit_demo [--quick] [--out DIR] [--pretrain-steps N] "
                "[--finetune-steps N] [--pretrain-lr X] [--finetune-lr X] [--mezo-lr X] [--depth N] "
-               "[--batch N] [--threads N]\n");
+               "[--batch N] [--threads N] [--base FILE.safetensors (skip pretraining)] "
+               "[--methods " NAME;
+               NAME " (exact row names)] [--lora-lr X] [--apollo-lr X]\n");
 }
 
 } // namespace
@@ -164,9 +184,10 @@ int main(int argc, char** argv) {
   bool quick = false;
   std::string out = "demo-output";
   long pre = -1, fine = -1;
-  float pre_lr = -1, fine_lr = -1, mezo_lr = -1;
+  float pre_lr = -1, fine_lr = -1, mezo_lr = -1, lora_lr = -1, apollo_lr = -1;
   int threads = 1;
   long cfg_depth = -1, cfg_batch = -1;
+  std::string base_path, only;
   for (int i = 1; i < argc; ++i) {
     const std::string a = argv[i];
     auto value = [&]() -> std::string {
@@ -194,6 +215,14 @@ int main(int argc, char** argv) {
       cfg_depth = std::stol(value());
     else if (a == "--batch")
       cfg_batch = std::stol(value());
+    else if (a == "--lora-lr")
+      lora_lr = std::stof(value());
+    else if (a == "--apollo-lr")
+      apollo_lr = std::stof(value());
+    else if (a == "--base")
+      base_path = value();
+    else if (a == "--methods")
+      only = ";" + value() + ";";
     else if (a == "--threads")
       threads = std::stoi(value());
     else {
@@ -209,6 +238,8 @@ int main(int argc, char** argv) {
   if (pre_lr > 0) cfg.pretrain_lr = pre_lr;
   if (fine_lr > 0) cfg.finetune_lr = fine_lr;
   if (mezo_lr > 0) cfg.mezo_lr = mezo_lr;
+  if (lora_lr > 0) cfg.lora_lr = lora_lr;
+  if (apollo_lr > 0) cfg.apollo_lr = apollo_lr;
 #if defined(_OPENMP)
   // One thread by default: the layers are small (M = batch·16 rows, K ≤ 256), so OpenMP gains
   // little and, on a loaded machine, every parallel region waits for a descheduled partner
@@ -232,12 +263,13 @@ int main(int argc, char** argv) {
                  long(test.count), long(cfg.batch), lowmem::max_threads());
 
     demo::train_stats pst;
-    demo::vit base = demo::pretrain(cfg, train, &pst);
+    demo::vit base =
+        base_path.empty() ? demo::pretrain(cfg, train, &pst) : load_base(cfg, base_path);
     const double acc_clean = demo::evaluate(base, test);
     std::fprintf(stderr, "pretrained in %.1fs (%.1f ms/step): test accuracy %.2f%% (unshifted)\n",
                  pst.seconds, 1e3 * pst.seconds / double(std::max<demo::index_t>(pst.steps, 1)),
                  100 * acc_clean);
-    save_base(base, out + "/base.safetensors");
+    if (base_path.empty()) save_base(base, out + "/base.safetensors");
 
     // Fine-tuning data: inverted images (the shifted domain); the unshifted set is no longer
     // needed, so free it before the measured runs.
@@ -247,7 +279,8 @@ int main(int argc, char** argv) {
     const demo::method_context ctx{base, ft_train, ft_test, cfg};
 
     std::vector<demo::method_result> results;
-    for (const auto& m : method_table()) {
+    for (const auto& m : method_table(out)) {
+      if (!only.empty() && only.find(";" + m.name + ";") == std::string::npos) continue;
       results.push_back(demo::run_measured(m, ctx));
       const auto& r = results.back();
       std::fprintf(stderr, "%s: accuracy %.2f%%, tracked %.3f MiB\n", r.name.c_str(),

@@ -76,14 +76,16 @@ struct linear_slot;
 /// dx (may be null for the patch embedding, whose input is the image), into the hook's own
 /// gradients and, if the slot's W/b are trainable, into theirs. `saved` is this hook's share of
 /// the activation arena (saved_floats(rows) floats, written by forward, read by backward);
-/// `workspace` is shared backward scratch of workspace_floats(rows) floats.
+/// `workspace` is scratch of workspace_floats(rows) floats shared by all hooks (dead between
+/// calls), used by forward and backward alike (training: in the gradient scratch; inference: in
+/// the arena), so it is counted in the activation bytes.
 class linear_hook {
 public:
   virtual ~linear_hook() = default;
   virtual std::size_t saved_floats(index_t /*rows*/) const { return 0; }
   virtual std::size_t workspace_floats(index_t /*rows*/) const { return 0; }
   virtual void forward(const linear_slot& s, const float* x, float* y, float* saved,
-                       index_t rows) = 0;
+                       float* workspace, index_t rows) = 0;
   virtual void backward(const linear_slot& s, const float* x, const float* dy, float* dx,
                         const float* saved, float* workspace, index_t rows) = 0;
   /// The hook's own trainable tensors (LoRA A/B, DoRA magnitude, LSQ step sizes).
@@ -100,8 +102,8 @@ struct linear_slot {
   param* b = nullptr;
   linear_hook* hook = nullptr;
 
-  void forward(const float* x, float* y, float* saved, index_t rows) const {
-    if (hook) return hook->forward(*this, x, y, saved, rows);
+  void forward(const float* x, float* y, float* saved, float* ws, index_t rows) const {
+    if (hook) return hook->forward(*this, x, y, saved, ws, rows);
     linear_forward(x, W->value.data(), b->value.data(), y, rows, in, out);
   }
   void backward(const float* x, const float* dy, float* dx, const float* saved, float* ws,
@@ -126,12 +128,18 @@ public:
               probs = 0;
   std::vector<block_offsets> blocks;
   std::vector<std::size_t> hook_saved; // per linear slot
+  std::size_t hook_fwd_ws = 0;         // inference arena: hooks' forward scratch (in buffer)
   // gradient scratch offsets (into grads)
   std::size_t d_res = 0, d_ln = 0, d_qkv = 0, d_q = 0, d_k = 0, d_v = 0, d_o = 0, d_om = 0, d_h = 0,
               d_g = 0, att_ws = 0, hook_ws = 0, d_pooled = 0, d_logits = 0;
 
   float* at(std::size_t off) { return buffer.data() + off; }
   float* grad_at(std::size_t off) { return grads.data() + off; }
+  /// Hooks' scratch: the backward scratch region when training (forward and backward never
+  /// overlap in time), a region of the arena for inference.
+  float* hook_workspace() {
+    return training ? grads.data() + hook_ws : buffer.data() + hook_fwd_ws;
+  }
   /// Bytes of saved activations plus backward scratch: the "activations" line of the ledger.
   std::int64_t bytes() const {
     return std::int64_t((buffer.size() + grads.size()) * sizeof(float));
@@ -142,6 +150,10 @@ class vit {
 public:
   vit_config cfg;
   attention_backend attention = naive_attention();
+  /// Activation (gradient) checkpointing for training arenas (QLoRA paper, arXiv:2305.14314,
+  /// trains this way): keep only each block's output, recompute a block's internals in backward
+  /// (one extra block forward per block but the last). Set before plan().
+  bool checkpointing = false;
   std::deque<param> params; // deque: stable addresses for slots and spans
   std::vector<linear_slot>
       slots; // 0: patch_embed, 1 + 4l + {0 qkv, 1 proj, 2 fc1, 3 fc2}, last: head
@@ -153,7 +165,8 @@ public:
     init(seed);
   }
   // Copies share nothing but the attention backend; hooks are not copied (they belong to a run).
-  vit(const vit& o) : cfg(o.cfg), attention(o.attention), params(o.params) {
+  vit(const vit& o)
+      : cfg(o.cfg), attention(o.attention), checkpointing(o.checkpointing), params(o.params) {
     build_slots();
     for (auto& s : slots) s.hook = nullptr;
   }
@@ -257,9 +270,12 @@ public:
     hook_take(0, BN);
     vit_activations::block_offsets shared{};
     std::size_t res[2] = {a.x0, training ? 0 : take(BN * C)};
+    // Blocks share one set of internals in inference and, with activation checkpointing, in
+    // training too (only each block's output — the next block's input — is kept per block).
+    const bool share = !training || checkpointing;
     for (index_t l = 0; l < cfg.depth; ++l) {
       vit_activations::block_offsets b{};
-      if (training || l == 0) {
+      if (!share || l == 0) {
         b.ln1 = take(BN * C);
         b.mean1 = take(BN);
         b.rstd1 = take(BN);
@@ -276,10 +292,21 @@ public:
         b.rstd2 = take(BN);
         b.h = take(BN * cfg.hidden());
         b.g = take(BN * cfg.hidden());
-        for (std::size_t s = qkv_slot(l); s < qkv_slot(l) + 4; ++s) hook_take(s, BN);
-        if (!training) shared = b;
+        for (std::size_t j = 0; j < 4; ++j) {
+          if (!share) {
+            hook_take(qkv_slot(l) + j, BN);
+            continue;
+          }
+          // shared across blocks: sized for the largest hook at this position in any block
+          std::size_t n = 0;
+          for (index_t k = 0; k < cfg.depth; ++k)
+            if (const linear_hook* h = slots[qkv_slot(k) + j].hook)
+              n = std::max(n, h->saved_floats(BN));
+          a.hook_saved[qkv_slot(l) + j] = take(index_t(n));
+        }
+        if (share) shared = b;
       } else {
-        b = shared; // inference: every block reuses block 0's scratch
+        b = shared; // every block reuses block 0's scratch
         for (std::size_t s = qkv_slot(l); s < qkv_slot(l) + 4; ++s)
           a.hook_saved[s] = a.hook_saved[qkv_slot(0) + (s - qkv_slot(l))];
       }
@@ -298,6 +325,11 @@ public:
     hook_take(slots.size() - 1, B);
     a.logits = take(B * cfg.classes);
     a.probs = take(B * cfg.classes);
+    std::size_t hw = 0;
+    for (std::size_t s = 0; s < slots.size(); ++s)
+      if (slots[s].hook)
+        hw = std::max(hw, slots[s].hook->workspace_floats(s + 1 == slots.size() ? B : BN));
+    if (!training) a.hook_fwd_ws = take(index_t(hw));
     a.buffer.assign(top, 0.0f);
     if (training) {
       std::size_t g = 0;
@@ -317,10 +349,6 @@ public:
       a.d_h = gtake(BN * cfg.hidden());
       a.d_g = gtake(BN * cfg.hidden());
       a.att_ws = gtake(index_t(attention.workspace_floats(as)));
-      std::size_t hw = 0;
-      for (std::size_t s = 0; s < slots.size(); ++s)
-        if (slots[s].hook)
-          hw = std::max(hw, slots[s].hook->workspace_floats(s + 1 == slots.size() ? B : BN));
       a.hook_ws = gtake(index_t(hw));
       a.d_pooled = gtake(B * C);
       a.d_logits = gtake(B * cfg.classes);
@@ -334,40 +362,22 @@ public:
   double forward(vit_activations& a, const float* images, const std::uint8_t* labels,
                  index_t B) const {
     if (B > a.batch) throw std::invalid_argument("vit::forward: batch larger than the arena");
-    const index_t N = cfg.tokens(), C = cfg.width, BN = B * N, H = cfg.heads, d = cfg.head_dim();
-    const attention_shape as{B, H, N, d, 1.0f / std::sqrt(float(d))};
+    const index_t N = cfg.tokens(), C = cfg.width, BN = B * N;
     patchify(images, a.at(a.patches), B);
     float* x = a.at(a.x0);
-    slots[0].forward(a.at(a.patches), x, a.at(a.hook_saved[0]), BN);
+    float* hws = a.hook_workspace();
+    slots[0].forward(a.at(a.patches), x, a.at(a.hook_saved[0]), hws, BN);
     const float* pos = get_c("pos_embed").value.data();
     for (index_t r = 0; r < BN; ++r)
       for (index_t c = 0; c < C; ++c) x[r * C + c] += pos[(r % N) * C + c];
     for (index_t l = 0; l < cfg.depth; ++l) {
-      const auto& b = a.blocks[std::size_t(l)];
-      const std::string p = "blocks." + std::to_string(l) + ".";
-      const std::size_t s0 = qkv_slot(l);
-      layernorm_forward(x, get_c(p + "norm1.weight").value.data(),
-                        get_c(p + "norm1.bias").value.data(), a.at(b.ln1), a.at(b.mean1),
-                        a.at(b.rstd1), BN, C);
-      slots[s0].forward(a.at(b.ln1), a.at(b.qkv), a.at(a.hook_saved[s0]), BN);
-      split_heads(a.at(b.qkv), a.at(b.q), a.at(b.k), a.at(b.v), B, N, H, d);
-      attention.forward(as, a.at(b.q), a.at(b.k), a.at(b.v), a.at(b.o), a.at(b.att));
-      merge_heads(a.at(b.o), a.at(b.om), B, N, H, d);
-      slots[s0 + 1].forward(a.at(b.om), a.at(a.tmp), a.at(a.hook_saved[s0 + 1]), BN);
-      residual_forward(x, a.at(a.tmp), a.at(b.x1), BN * C);
-      layernorm_forward(a.at(b.x1), get_c(p + "norm2.weight").value.data(),
-                        get_c(p + "norm2.bias").value.data(), a.at(b.ln2), a.at(b.mean2),
-                        a.at(b.rstd2), BN, C);
-      slots[s0 + 2].forward(a.at(b.ln2), a.at(b.h), a.at(a.hook_saved[s0 + 2]), BN);
-      gelu_forward(a.at(b.h), a.at(b.g), BN * cfg.hidden());
-      slots[s0 + 3].forward(a.at(b.g), a.at(a.tmp), a.at(a.hook_saved[s0 + 3]), BN);
-      residual_forward(a.at(b.x1), a.at(a.tmp), a.at(b.out), BN * C);
-      x = a.at(b.out);
+      block_forward(a, l, x, B);
+      x = a.at(a.blocks[std::size_t(l)].out);
     }
     layernorm_forward(x, get_c("norm.weight").value.data(), get_c("norm.bias").value.data(),
                       a.at(a.lnf), a.at(a.meanf), a.at(a.rstdf), BN, C);
     meanpool_forward(a.at(a.lnf), a.at(a.pooled), B, N, C);
-    slots.back().forward(a.at(a.pooled), a.at(a.logits), a.at(a.hook_saved.back()), B);
+    slots.back().forward(a.at(a.pooled), a.at(a.logits), a.at(a.hook_saved.back()), hws, B);
     if (!labels) return 0.0;
     return softmax_xent_forward(a.at(a.logits), labels, a.at(a.probs), B, cfg.classes);
   }
@@ -395,6 +405,8 @@ public:
       const std::string p = "blocks." + std::to_string(l) + ".";
       const std::size_t s0 = qkv_slot(l);
       const float* x = l == 0 ? a.at(a.x0) : a.at(a.blocks[std::size_t(l - 1)].out);
+      // Checkpointing: the shared internals hold the last block's; recompute the others.
+      if (checkpointing && l != cfg.depth - 1) block_forward(a, l, x, B);
       // MLP branch: dres holds d(out) = d(x1) through the skip.
       float* dg = a.grad_at(a.d_g);
       float* dh = a.grad_at(a.d_h);
@@ -434,6 +446,33 @@ public:
       for (index_t r = 0; r < BN; ++r)
         for (index_t c = 0; c < C; ++c) dpos[(r % N) * C + c] += dres[r * C + c];
     slots[0].backward(a.at(a.patches), dres, nullptr, a.at(a.hook_saved[0]), ws, BN);
+  }
+
+  /// One block's forward from its input x into the arena (block l's offsets); also the
+  /// recomputation of activation checkpointing.
+  void block_forward(vit_activations& a, index_t l, const float* x, index_t B) const {
+    const index_t N = cfg.tokens(), C = cfg.width, BN = B * N, H = cfg.heads, d = cfg.head_dim();
+    const attention_shape as{B, H, N, d, 1.0f / std::sqrt(float(d))};
+    float* hws = a.hook_workspace();
+    const auto& b = a.blocks[std::size_t(l)];
+    const std::string p = "blocks." + std::to_string(l) + ".";
+    const std::size_t s0 = qkv_slot(l);
+    layernorm_forward(x, get_c(p + "norm1.weight").value.data(),
+                      get_c(p + "norm1.bias").value.data(), a.at(b.ln1), a.at(b.mean1),
+                      a.at(b.rstd1), BN, C);
+    slots[s0].forward(a.at(b.ln1), a.at(b.qkv), a.at(a.hook_saved[s0]), hws, BN);
+    split_heads(a.at(b.qkv), a.at(b.q), a.at(b.k), a.at(b.v), B, N, H, d);
+    attention.forward(as, a.at(b.q), a.at(b.k), a.at(b.v), a.at(b.o), a.at(b.att));
+    merge_heads(a.at(b.o), a.at(b.om), B, N, H, d);
+    slots[s0 + 1].forward(a.at(b.om), a.at(a.tmp), a.at(a.hook_saved[s0 + 1]), hws, BN);
+    residual_forward(x, a.at(a.tmp), a.at(b.x1), BN * C);
+    layernorm_forward(a.at(b.x1), get_c(p + "norm2.weight").value.data(),
+                      get_c(p + "norm2.bias").value.data(), a.at(b.ln2), a.at(b.mean2),
+                      a.at(b.rstd2), BN, C);
+    slots[s0 + 2].forward(a.at(b.ln2), a.at(b.h), a.at(a.hook_saved[s0 + 2]), hws, BN);
+    gelu_forward(a.at(b.h), a.at(b.g), BN * cfg.hidden());
+    slots[s0 + 3].forward(a.at(b.g), a.at(a.tmp), a.at(a.hook_saved[s0 + 3]), hws, BN);
+    residual_forward(a.at(b.x1), a.at(a.tmp), a.at(b.out), BN * C);
   }
 
   /// Image [B, 784] → patches [B, tokens, patch²], tokens in raster order.

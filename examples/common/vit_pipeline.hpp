@@ -284,6 +284,11 @@ struct demo_config {
   float mezo_lr =
       1e-3f; // ZO-SGD learning rate (MeZO; quick mode: 3e-4 22.7%, 1e-3 28.8%, 2e-3 25.3%)
   index_t zo_steps_per_step = 10; // MeZO steps per gradient-method step (each is 2 forwards)
+  float mezo_lora_lr = 1e-3f;     // ZO-SGD learning rate of MeZO on the LoRA parameters
+  float apollo_lr = 3e-3f;        // APOLLO-Mini's (constant) matrix learning rate
+  float lora_lr = 3e-3f; // AdamW learning rate of the LoRA family (adapters + saved modules)
+  float qat_step_lr_factor = 0.01f;  // LSQ step sizes train at this fraction of the weights' lr
+  bool adapter_checkpointing = true; // activation checkpointing for LoRA / DoRA / QLoRA
   std::uint64_t seed = 1;
   bool progress = true;
 };
@@ -360,10 +365,13 @@ inline method_result run_frozen(const method_context& ctx) {
 /// the hooks it owns), `make_optimizer` builds the optimizer over the trainable spans.
 using configure_fn = std::function<std::vector<std::unique_ptr<linear_hook>>(vit&)>;
 using optimizer_fn = std::function<std::unique_ptr<optimizer>(const std::vector<param_span>&)>;
+/// Called after training and evaluation with the trained model and its hooks (e.g. export).
+using after_fn = std::function<void(vit&, const std::vector<std::unique_ptr<linear_hook>>&)>;
 
 inline method_result finetune_gradient(const method_context& ctx, const std::string& name,
                                        const configure_fn& configure,
-                                       const optimizer_fn& make_optimizer, float lr) {
+                                       const optimizer_fn& make_optimizer, float lr,
+                                       const after_fn& after = {}) {
   method_result r;
   r.name = name;
   vit m(ctx.base);
@@ -392,6 +400,7 @@ inline method_result finetune_gradient(const method_context& ctx, const std::str
   r.sec_per_step = st.steps ? st.seconds / double(st.steps) : 0;
   r.final_loss = st.final_loss;
   r.accuracy = evaluate(m, ctx.test);
+  if (after) after(m, hooks);
   return r;
 }
 
