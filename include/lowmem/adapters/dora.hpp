@@ -50,6 +50,7 @@ dora_scratch<WS> carve_dora(WS& ws, index_t rows, index_t out, index_t r, bool b
 }
 
 /// n_j = ‖W_j + s(BA)_j‖ without B·A; fills P = A·Wᵀ, G = A·Aᵀ, BG = B·G as by-products.
+template <class = void> // instantiated only when called: see README, "Compile time"
 inline void dora_norms_impl(const ConstRowRef<float>& W, const ConstRowRef<float>& A,
                             const ConstRowRef<float>& B, float s, float* norms, float* Pd,
                             float* Gd, float* BGd) {
@@ -120,6 +121,7 @@ inline std::size_t dora_backward_workspace_bytes(index_t rows, index_t in, index
 /// B [out, r], norms [out] (overwritten). Memory: dora_forward_workspace_bytes(out, r).
 /// Numerics: fp32 GEMMs, the per-row combination in double; when the adapter cancels most of
 /// W_j the relative error grows like ‖W_j‖² / n_j² · 1e-7.
+template <class = void> // instantiated only when called: see README, "Compile time"
 inline void dora_norms(ConstRowRef<float> W, ConstRowRef<float> A, ConstRowRef<float> B,
                        float scale, VecRef norms, workspace ws = {}) {
   using namespace adapters::detail;
@@ -174,6 +176,7 @@ void dora_forward(ConstRowRef<float> x, ConstRowRef<float> W, const float* bias,
 
 /// DoRA forward without dropout (the overload above with p = 0); scratch
 /// dora_forward_workspace_bytes(out, r).
+template <class = void> // instantiated only when called: see README, "Compile time"
 inline void dora_forward(ConstRowRef<float> x, ConstRowRef<float> W, const float* bias,
                          ConstRowRef<float> A, ConstRowRef<float> B, ConstVecRef m, float scale,
                          RowRef<float> y, RowRef<float> u, VecRef norms, workspace ws = {}) {
@@ -258,6 +261,7 @@ void dora_backward(ConstRowRef<float> x, ConstRowRef<float> W, const float* bias
 
 /// DoRA backward without dropout (the overload above with p = 0); scratch
 /// dora_backward_workspace_bytes(rows, out, r, exact). ACCUMULATES (+=) into dx, dA, dB, dm.
+template <class = void> // instantiated only when called: see README, "Compile time"
 inline void dora_backward(ConstRowRef<float> x, ConstRowRef<float> W, const float* bias,
                           ConstRowRef<float> A, ConstRowRef<float> B, ConstVecRef m,
                           ConstRowRef<float> u, ConstVecRef norms, ConstRowRef<float> y,

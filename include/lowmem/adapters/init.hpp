@@ -90,6 +90,7 @@ void randomized_svd(index_t out, index_t in, index_t nsv, index_t oversample, in
 /// Memory: ALLOCATES (initialisation, not a hot path): O((out + in)·(r + p)) floats for the range
 /// finder plus Eigen's small SVD; never an out×in temporary (the subtraction is lora_unmerge).
 /// Numerics: float QR/GEMMs, the small SVD in float; see the tests for the reconstruction error.
+template <class = void> // instantiated only when called: see README, "Compile time"
 inline void pissa_init(RowRef<float> W, float scale, const pissa_options& opt, RowRef<float> A,
                        RowRef<float> B, float* sigma = nullptr) {
   const char* fn = "pissa_init";
@@ -147,6 +148,7 @@ inline void validate_lora_ga(const char* fn, index_t out, index_t in, const RowR
 }
 
 /// A = c·V[:, 0:r]ᵀ, B = c·U[:, r:2r], W ← W − s·B·A.
+template <class = void> // instantiated only when called: see README, "Compile time"
 inline void lora_ga_assign(RowRef<float>& W, float scale, const lora_ga_options& opt,
                            const Eigen::MatrixXf& U, const Eigen::VectorXf& S,
                            const Eigen::MatrixXf& V, RowRef<float>& A, RowRef<float>& B,
@@ -175,6 +177,7 @@ inline void lora_ga_assign(RowRef<float>& W, float scale, const lora_ga_options&
 /// sigma nullptr or 2r floats (the estimated singular values of G). s = the LoRA scale > 0.
 /// Memory: ALLOCATES (initialisation): O((out + in)·(2r + p)) floats; no out×in temporary.
 /// Preconditions: 1 <= r, 2r <= min(in, out), s > 0, γ > 0. The overall scale of G is irrelevant.
+template <class = void> // instantiated only when called: see README, "Compile time"
 inline void lora_ga_init(RowRef<float> W, ConstRowRef<float> grad, float scale,
                          const lora_ga_options& opt, RowRef<float> A, RowRef<float> B,
                          float* sigma = nullptr) {
@@ -197,6 +200,7 @@ inline void lora_ga_init(RowRef<float> W, ConstRowRef<float> grad, float scale,
 /// estimate). The randomized SVD only needs G·Ω = dyᵀ·(x·Ω) and Gᵀ·Q = xᵀ·(dy·Q), so the cost is
 /// O(n·(in + out)·(2r + p)) per product and the memory O((n + in + out)·(2r + p)) floats
 /// (ALLOCATES; initialisation). Result and preconditions as lora_ga_init, plus x.rows = dy.rows.
+template <class = void> // instantiated only when called: see README, "Compile time"
 inline void lora_ga_init_from_batch(RowRef<float> W, ConstRowRef<float> x, ConstRowRef<float> dy,
                                     float scale, const lora_ga_options& opt, RowRef<float> A,
                                     RowRef<float> B, float* sigma = nullptr) {

@@ -41,6 +41,7 @@ inline std::size_t kron_workspace_bytes(index_t a2, index_t b1) {
 /// Kronecker-adapter forward: y = x·Wᵀ + b + s·x·(A ⊗ B)ᵀ, applied row by row as s·A·X_t·Bᵀ.
 /// Shapes: x [rows, a2·b2] (rows contiguous), W [a1·b1, a2·b2] (frozen), bias [out] or nullptr,
 /// A [a1, a2], B [b1, b2], y [rows, a1·b1]. Memory: kron_workspace_bytes(a2, b1).
+template <class = void> // instantiated only when called: see README, "Compile time"
 inline void kron_forward(ConstRowRef<float> x, ConstRowRef<float> W, const float* bias,
                          ConstRowRef<float> A, ConstRowRef<float> B, float scale, RowRef<float> y,
                          workspace ws) {
@@ -64,6 +65,7 @@ inline void kron_forward(ConstRowRef<float> x, ConstRowRef<float> W, const float
 /// Kronecker-adapter backward; ACCUMULATES (+=) into dx, dA, dB (formulas in the header comment).
 /// Shapes: as kron_forward, dy [rows, a1·b1], dx [rows, in] or empty (0×0) to skip, dA [a1, a2],
 /// dB [b1, b2]. Memory: kron_workspace_bytes(a2, b1).
+template <class = void> // instantiated only when called: see README, "Compile time"
 inline void kron_backward(ConstRowRef<float> x, ConstRowRef<float> W, ConstRowRef<float> A,
                           ConstRowRef<float> B, ConstRowRef<float> dy, float scale,
                           RowRef<float> dx, RowRef<float> dA, RowRef<float> dB, workspace ws) {
@@ -95,6 +97,7 @@ inline void kron_backward(ConstRowRef<float> x, ConstRowRef<float> W, ConstRowRe
 
 /// Merge: W[i·b1 + k, j·b2 + l] += s·A_ij·B_kl in place (sign of s negative to unmerge), no
 /// temporary. Shapes: W [a1·b1, a2·b2], A [a1, a2], B [b1, b2].
+template <class = void> // instantiated only when called: see README, "Compile time"
 inline void kron_merge(RowRef<float> W, ConstRowRef<float> A, ConstRowRef<float> B, float scale) {
   const char* fn = "kron_merge";
   adapters::detail::require_dims(fn, "W", W, A.rows() * B.rows(), A.cols() * B.cols());

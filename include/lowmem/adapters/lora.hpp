@@ -214,6 +214,7 @@ void lora_backward(ConstRowRef<float> x, ConstRowRef<float> W, ConstRowRef<float
 /// (each block is one small GEMM B[rows_blk, r]·A), so no out×in temporary exists.
 /// Shapes: W [out, in], A [r, in], B [out, r]. Numerics: merge then unmerge returns W within
 /// fp32 rounding of |W| + |s·B·A| per element. No allocation beyond Eigen's GEMM packing.
+template <class = void> // instantiated only when called: see README, "Compile time"
 inline void lora_merge(RowRef<float> W, ConstRowRef<float> A, ConstRowRef<float> B, float scale) {
   using namespace adapters::detail;
   const char* fn = "lora_merge";
@@ -229,6 +230,7 @@ inline void lora_merge(RowRef<float> W, ConstRowRef<float> A, ConstRowRef<float>
 }
 
 /// Unmerge: W <- W - s·B·A in place (the inverse of lora_merge up to fp32 rounding).
+template <class = void> // instantiated only when called: see README, "Compile time"
 inline void lora_unmerge(RowRef<float> W, ConstRowRef<float> A, ConstRowRef<float> B, float scale) {
   lora_merge(W, A, B, -scale);
 }

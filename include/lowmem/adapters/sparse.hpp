@@ -170,6 +170,7 @@ inline std::size_t sparse_support_magnitude_workspace_bytes(index_t in) {
 /// Magnitude support (SHiRA-WM): row j keeps the k = sparse_support_per_row(in, density) columns
 /// of largest |W_jc| (ties to the lower column). Writes row_ptr [out + 1], col [out·k].
 /// Memory: sparse_support_magnitude_workspace_bytes(in). O(out·in) time (nth_element per row).
+template <class = void> // instantiated only when called: see README, "Compile time"
 inline void sparse_support_magnitude(ConstRowRef<float> W, double density, std::int64_t* row_ptr,
                                      std::int32_t* col, workspace ws) {
   const char* fn = "sparse_support_magnitude";
@@ -254,6 +255,7 @@ void shira_backward(ConstRowRef<float> x, ConstRowRef<float> W, const csr_suppor
 
 /// SHiRA merge: W[j, c_k] += sign·values[k] (scatter-add; sign = -1 unmerges exactly up to one
 /// fp32 rounding per touched entry). No allocation.
+template <class = void> // instantiated only when called: see README, "Compile time"
 inline void shira_merge(RowRef<float> W, const csr_support& support, const float* values,
                         float sign = 1.0f) {
   const char* fn = "shira_merge";
