@@ -609,10 +609,7 @@ inline method_result run_mezo_lora(const method_context& ctx) {
   r.name = "MeZO (LoRA)";
   vit m(ctx.base);
   lora_options o = default_lora_options(ctx.base.cfg);
-  // MeZO perturbs only A and B; the patch embedding (which the shift hits first, see the header)
-  // gets an adapter too, since it cannot be a module to save here.
-  o.modules_to_save.clear();
-  o.targets.insert(o.targets.begin(), "patch_embed.proj");
+  o.modules_to_save.clear(); // MeZO perturbs only A and B
   auto hooks = attach_adapters(m, adapter_kind::lora, o, false);
   lowmem::zo::parameters params;
   std::uint64_t id = 0;
