@@ -174,8 +174,7 @@ void usage() {
                "usage: vit_demo [--quick] [--out DIR] [--pretrain-steps N] "
                "[--finetune-steps N] [--pretrain-lr X] [--finetune-lr X] [--mezo-lr X] [--depth N] "
                "[--batch N] [--threads N] [--base FILE.safetensors (skip pretraining)] "
-               "[--methods " NAME;
-               NAME " (exact row names)] [--lora-lr X] [--apollo-lr X]\n");
+               "[--methods 'NAME;NAME' (exact row names)] [--lora-lr X] [--apollo-lr X]\n");
 }
 
 } // namespace

@@ -1,15 +1,20 @@
 // The demo's --quick mode, in-process (examples/common/vit_pipeline.hpp, the same functions
 // examples/vit_demo.cpp runs): real Fashion-MNIST, real training, assertions on measured values.
 //
-// Budget (Release, one thread, unloaded 2-core machine): pretraining 600 steps × 64 images of a
-// 105K-parameter ViT (depth 2) ≈ 37 ms/step ≈ 22 s, fine-tuning 60 steps ≈ 2 s, evaluations ≈ 2 s.
+// Budget (Release, one thread): pretraining 600 steps × 64 images of a 105K-parameter ViT
+// (depth 2) ≈ 22 s unloaded, then 10 fine-tuning runs of 60 steps (MeZO: 600 forward pairs).
+// Measured for the whole file: 83.9 s CPU, 3:18 wall at load average 14 on 2 cores.
 #include <catch2/catch.hpp>
 
+#include <common/vit_methods.hpp>
 #include <common/vit_pipeline.hpp>
 #include <lowmem/io/safetensors.hpp>
 
+#include <algorithm>
 #include <cstdio>
+#include <cstdlib>
 #include <string>
+#include <sys/stat.h>
 
 #if defined(_OPENMP)
 #include <omp.h>
@@ -117,5 +122,104 @@ TEST_CASE("vit_demo --quick: pretraining, frozen base and full fine-tuning on in
   CHECK(zo.optimizer_bytes == 0);
   CHECK(double(zo.tracked_bytes) <= 1.1 * double(frozen.tracked_bytes)); // the issue's target
   CHECK(zo.accuracy > frozen.accuracy + 0.10);
+#endif
+
+  // ---- the parameter-efficient, projected and quantized methods (vit_methods.hpp) ----
+  const std::string out = "test_demo_quick_out";
+  ::mkdir(out.c_str(), 0755);
+  const demo::method_result apollo =
+      demo::run_measured({"APOLLO-Mini", demo::run_apollo_mini}, ctx);
+  const demo::method_result lora =
+      demo::run_measured({"LoRA",
+                          [&](const demo::method_context& c) {
+                            return demo::run_lora(c, {out + "/lora", "base"});
+                          }},
+                         ctx);
+  const demo::method_result dora =
+      demo::run_measured({"DoRA",
+                          [&](const demo::method_context& c) {
+                            return demo::run_dora(c, {out + "/dora", "base"});
+                          }},
+                         ctx);
+  const demo::method_result qlora =
+      demo::run_measured({"QLoRA",
+                          [&](const demo::method_context& c) {
+                            return demo::run_qlora(c, {out + "/qlora", "base"});
+                          }},
+                         ctx);
+  const demo::method_result qat = demo::run_measured({"QAT", demo::run_qat}, ctx);
+  for (const auto* r : {&apollo, &lora, &dora, &qlora, &qat}) {
+    INFO(r->name << ": " << 100 * r->accuracy << "% (frozen " << 100 * frozen.accuracy
+                 << "%, full FT " << 100 * full.accuracy << "%), tracked " << r->tracked_bytes
+                 << " bytes, optimizer " << r->optimizer_bytes << " bytes");
+    // Measured (quick, 60 steps): APOLLO-Mini 64.1%, LoRA 55.65%, DoRA 56.1%, QLoRA 56.05%,
+    // QAT 64.25% vs frozen 8.75%: require +25 points, as for full fine-tuning (2000 test images:
+    // ±2 points at 2σ), which no broken hook or optimizer reaches (it stays near the frozen base).
+    CHECK(r->accuracy > frozen.accuracy + 0.25);
+    CHECK(r->tracked_bytes ==
+          r->param_bytes + r->grad_bytes + r->optimizer_bytes + r->activation_bytes);
+  }
+  // Memory order (the issue's): QLoRA < LoRA < full AdamW. Measured (quick, batch 64, LoRA family
+  // with activation checkpointing): QLoRA 12.01 MB < LoRA 12.34 MB < full 18.14 MB; the target
+  // QLoRA ≤ 25% of full is NOT reached (66%): activations dominate at this model size.
+  CHECK(qlora.tracked_bytes < lora.tracked_bytes);
+  CHECK(lora.tracked_bytes < full.tracked_bytes);
+  // Exact ledger bytes of LoRA: adapters r·(in + out) per block linear + the full patch_embed and
+  // head (modules_to_save); AdamW state 8 bytes per trainable parameter, gradients 4.
+  {
+    const auto& mc = cfg.model;
+    const std::int64_t C = mc.width, F = mc.hidden(), r = 8;
+    const std::int64_t adapters = mc.depth * r * ((C + 3 * C) + (C + C) + (C + F) + (F + C));
+    const std::int64_t saved = (C * mc.patch_dim() + C) + (mc.classes * C + mc.classes);
+    CHECK(lora.trainable_params == adapters + saved);
+    CHECK(lora.grad_bytes == 4 * lora.trainable_params);
+    CHECK(lora.optimizer_bytes == 8 * lora.trainable_params);
+    CHECK(lora.param_bytes == 4 * (P + adapters));
+    // QLoRA: the block linears' fp32 weights are replaced by NF4 codes (half a byte each) plus
+    // double-quantized absmax (one byte per 64 weights, one fp32 per 256 blocks, one mean).
+    std::int64_t nf4 = 0;
+    for (demo::index_t l = 0; l < mc.depth; ++l)
+      for (std::int64_t n : {3 * C * C, C * C, F * C, C * F}) {
+        const std::int64_t blocks = n / 64;
+        nf4 += n / 2 + blocks + 4 * ((blocks + 255) / 256) + 4 - 4 * n;
+      }
+    CHECK(qlora.param_bytes == lora.param_bytes + nf4);
+    CHECK(qlora.trainable_params == lora.trainable_params);
+  }
+  // APOLLO-Mini keeps 2·max(m, n) floats of moments per matrix instead of 2·m·n.
+  CHECK(apollo.optimizer_bytes < full.optimizer_bytes / 4);
+
+  // peft export: read back with lowmem's reader under peft's names, then parse with Python.
+  for (const char* kind : {"lora", "dora", "qlora"}) {
+    const std::string dir = out + "/" + kind;
+    const auto f = lowmem::io::safetensors_file::open(dir + "/adapter_model.safetensors");
+    const std::string k = "base_model.model.blocks.0.attn.qkv.";
+    std::vector<float> A(std::size_t(8 * cfg.model.width));
+    f.copy_to(k + "lora_A.weight", lowmem::io::dtype::f32, A.data(), A.size());
+    std::vector<float> Bm(std::size_t(3 * cfg.model.width * 8));
+    f.copy_to(k + "lora_B.weight", lowmem::io::dtype::f32, Bm.data(), Bm.size());
+    CHECK(std::any_of(Bm.begin(), Bm.end(), [](float v) { return v != 0.0f; })); // trained
+    if (std::string(kind) == "dora") {
+      std::vector<float> mag(std::size_t(3 * cfg.model.width));
+      f.copy_to(k + "lora_magnitude_vector", lowmem::io::dtype::f32, mag.data(), mag.size());
+      CHECK(std::all_of(mag.begin(), mag.end(), [](float v) { return v > 0; }));
+    }
+    if (std::system("test -x /usr/bin/python3") == 0) {
+      const std::string cmd = std::string("/usr/bin/python3 ") + LOWMEM_TEST_DATA_DIR +
+                              "/peft_adapter_check.py " + dir +
+                              (std::string(kind) == "dora" ? " --dora" : "");
+      CHECK(std::system(cmd.c_str()) == 0);
+    }
+  }
+
+#ifndef LOWMEM_SANITIZER_BUILD
+  const demo::method_result zl = demo::run_measured({"MeZO (LoRA)", demo::run_mezo_lora}, ctx);
+  INFO("MeZO (LoRA): " << 100 * zl.accuracy << "%, tracked " << zl.tracked_bytes << " bytes");
+  CHECK(zl.grad_bytes == 0);
+  CHECK(zl.optimizer_bytes == 0);
+  CHECK(double(zl.tracked_bytes) <= 1.1 * double(frozen.tracked_bytes)); // the issue's target
+  // Measured 19.25% vs 8.75% (600 ZO steps on the block adapters' A/B only, B starts at 0 so
+  // early estimates carry little signal): require +5 points, > 2× the ±2-point noise.
+  CHECK(zl.accuracy > frozen.accuracy + 0.05);
 #endif
 }
