@@ -44,6 +44,7 @@
 #include <cmath>
 #include <cstddef>
 #include <cstdint>
+#include <limits>
 
 #include "../core/eigen.hpp"
 #include "../core/errors.hpp"
@@ -68,8 +69,8 @@ struct projected_config {
   int projection_bits = 32;      // Q-GaLore: 8 = int8 P (GaLore only), 32 = fp32 P
   double subspace_threshold = 0; // Q-GaLore lazy refresh: 0 = off, else |cos| threshold in (0, 1]
   int subspace_patience = 2;     // consecutive similar refreshes before the period doubles
-  std::int64_t max_update_gap = 1 << 16;
-  int power_iterations = 2; // randomized SVD
+  std::int64_t max_update_gap = 1 << 16; // lazy refresh cap (at least update_gap)
+  int power_iterations = 2;              // randomized SVD
   int oversample = 8;
   std::uint64_t seed = 0;
 };
@@ -112,8 +113,6 @@ public:
               "32 unless method is galore", cfg.projection_bits);
     require_in_closed(fn, "subspace_threshold", 0.0, 1.0, cfg.subspace_threshold);
     require(cfg.subspace_patience >= 1, fn, "subspace_patience", ">= 1", cfg.subspace_patience);
-    require(cfg.max_update_gap >= cfg.update_gap, fn, "max_update_gap", ">= update_gap",
-            cfg.max_update_gap);
     gap_ = cfg.update_gap;
     const index_t r = cfg.rank;
     k_ = std::min<index_t>(d_, r + cfg.oversample);
@@ -175,7 +174,7 @@ public:
     require_equal(fn, "G.cols", cols_, index_t(G.cols()));
     ++t_;
     const bool refresh = t_ == next_refresh_;
-    if (refresh) next_refresh_ = t_ + gap_; // gap_ may grow inside the refresh (lazy)
+    if (refresh) next_refresh_ = advance(t_, gap_); // gap_ may grow inside the refresh (lazy)
     if (rows_ <= cols_) {
       Eigen::Map<RowMatrixXf, 0, Eigen::OuterStride<>> w(W.data(), rows_, cols_,
                                                          Eigen::OuterStride<>(W.outerStride()));
@@ -217,6 +216,11 @@ private:
     if (c.method != projection_method::galore && c.method != projection_method::frugal) return 0;
     const index_t d = std::min(rows, cols);
     return std::max<index_t>(0, std::min<index_t>(d, c.rank + c.oversample));
+  }
+  static std::int64_t advance(std::int64_t t, std::int64_t gap) noexcept { // t + gap, saturated
+    return gap > std::numeric_limits<std::int64_t>::max() - t
+               ? std::numeric_limits<std::int64_t>::max()
+               : t + gap;
   }
   static constexpr index_t block_rows = 64; // int8 P dequantized 64 rows at a time
   bool quantized_projection() const noexcept { return cfg_.projection_bits == 8; }
@@ -279,8 +283,9 @@ private:
       last_similarity_ = sim / double(r);
       stable_ = last_similarity_ >= cfg_.subspace_threshold ? stable_ + 1 : 0;
       if (stable_ >= cfg_.subspace_patience) {
-        gap_ = std::min(cfg_.max_update_gap, 2 * gap_);
-        next_refresh_ = t_ + gap_;
+        const std::int64_t cap = std::max(cfg_.max_update_gap, cfg_.update_gap);
+        gap_ = gap_ > cap / 2 ? cap : 2 * gap_;
+        next_refresh_ = advance(t_, gap_);
         stable_ = 0;
       }
     }
