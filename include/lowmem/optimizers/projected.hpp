@@ -76,14 +76,14 @@ struct projected_config {
 };
 
 /// Projected Adam state for one matrix parameter [rows, cols].
-class projected_adam {
+template <class = void> class basic_projected_adam {
 public:
   using ColMatrix = Eigen::MatrixXf;
 
   /// Validates the configuration (throws lowmem::invalid_argument: rank in [1, min(rows, cols)],
   /// Mini needs rank 1, lr >= 0, betas in [0, 1), eps >= 0, update_gap >= 1) and allocates the
   /// state and scratch once.
-  projected_adam(index_t rows, index_t cols, const projected_config& cfg)
+  basic_projected_adam(index_t rows, index_t cols, const projected_config& cfg)
       : rows_(rows), cols_(cols), cfg_(cfg), eig_(sketch_size(rows, cols, cfg)) {
     const char* fn = "optim::projected_adam";
     require_positive(fn, "rows", rows);
@@ -399,5 +399,9 @@ private:
   Eigen::VectorXf colscale_, colbuf_;
   Eigen::SelfAdjointEigenSolver<ColMatrix> eig_;
 };
+
+/// The class to use. A class template behind an alias only so that a translation unit which never
+/// creates one does not compile its Eigen eigensolver and GEMMs (README, "Compile time").
+using projected_adam = basic_projected_adam<>;
 
 } // namespace lowmem::optim
