@@ -618,34 +618,7 @@ inline method_result run_mezo_lora(const method_context& ctx) {
       params.add(id++, s.data, std::size_t(s.numel));
       r.trainable_params += s.numel;
     }
-  lowmem::zo::options zo;
-  zo.lr = ctx.cfg.mezo_lora_lr;
-  zo.epsilon = 1e-3f;
-  zo.seed = ctx.cfg.seed + 400;
-  lowmem::zo::optimizer opt(params, zo);
-  vit_activations acts = m.plan(ctx.cfg.batch, false);
-  lowmem::memory::ledger l;
-  l.add("parameters", m.resident_parameter_bytes());
-  l.add("activations", acts.bytes());
-  batch_sampler sampler(ctx.train, ctx.cfg.batch, ctx.cfg.seed + 500);
-  const index_t steps = ctx.cfg.finetune_steps * ctx.cfg.zo_steps_per_step;
-  const auto t0 = std::chrono::steady_clock::now();
-  double loss_avg = 0;
-  for (index_t s = 0; s < steps; ++s) {
-    sampler.next();
-    const auto res = opt.step(
-        [&] { return m.forward(acts, sampler.images(), sampler.labels(), sampler.batch()); });
-    loss_avg = s == 0 ? res.loss : 0.98 * loss_avg + 0.02 * res.loss;
-    if (ctx.cfg.progress && (s + 1) % 200 == 0)
-      std::fprintf(stderr, "[%s] step %ld/%ld loss %.4f\n", r.name.c_str(), long(s + 1),
-                   long(steps), loss_avg);
-  }
-  const double secs = std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
-  record_ledger(r, l);
-  r.steps = steps;
-  r.sec_per_step = steps ? secs / double(steps) : 0;
-  r.final_loss = loss_avg;
-  r.accuracy = evaluate(m, ctx.test);
+  finetune_mezo(ctx, m, params, ctx.cfg.mezo_lora_lr, 400, r);
   return r;
 }
 

@@ -431,32 +431,21 @@ inline method_result run_full_adamw8(const method_context& ctx) {
       ctx.cfg.finetune_lr);
 }
 
-/// MeZO (arXiv:2305.17333 via lowmem::zo) on every parameter: two forward passes per step at
-/// θ ± εz with z regenerated from a seed, no backward, no gradients, no optimizer state — the
-/// tracked memory is the frozen base's (parameters + the inference arena). ZO estimates are noisy
-/// (variance grows with the parameter count), so it runs `zo_steps_per_step` × as many steps as
-/// the gradient methods, each far cheaper (two inference forwards).
-inline method_result run_mezo_full(const method_context& ctx) {
-  method_result r;
-  r.name = "MeZO (full)";
-  vit m(ctx.base);
-  m.set_all_trainable(false);
-  std::vector<param_span> spans = m.all_spans();
-  lowmem::zo::parameters params;
-  for (std::size_t k = 0; k < spans.size(); ++k) {
-    params.add(k, spans[k].data, std::size_t(spans[k].numel));
-    r.trainable_params += spans[k].numel;
-  }
+/// The MeZO loop shared by the MeZO rows: ZO-SGD (lowmem::zo) over `params` of `m` for
+/// finetune_steps · zo_steps_per_step steps, forward-only (inference arena); fills r's ledger,
+/// timing, loss and accuracy. Seeds: optimizer ctx seed + seed_offset, minibatches + 100 more.
+inline void finetune_mezo(const method_context& ctx, vit& m, lowmem::zo::parameters& params,
+                          float lr, std::uint64_t seed_offset, method_result& r) {
   lowmem::zo::options o;
-  o.lr = ctx.cfg.mezo_lr;
+  o.lr = lr;
   o.epsilon = 1e-3f;
-  o.seed = ctx.cfg.seed + 200;
+  o.seed = ctx.cfg.seed + seed_offset;
   lowmem::zo::optimizer opt(params, o);
   vit_activations acts = m.plan(ctx.cfg.batch, false); // inference arena only
   lowmem::memory::ledger l;
   l.add("parameters", m.resident_parameter_bytes());
   l.add("activations", acts.bytes());
-  batch_sampler sampler(ctx.train, ctx.cfg.batch, ctx.cfg.seed + 300);
+  batch_sampler sampler(ctx.train, ctx.cfg.batch, ctx.cfg.seed + seed_offset + 100);
   const index_t steps = ctx.cfg.finetune_steps * ctx.cfg.zo_steps_per_step;
   const auto t0 = std::chrono::steady_clock::now();
   double loss_avg = 0;
@@ -475,6 +464,25 @@ inline method_result run_mezo_full(const method_context& ctx) {
   r.sec_per_step = steps ? secs / double(steps) : 0;
   r.final_loss = loss_avg;
   r.accuracy = evaluate(m, ctx.test);
+}
+
+/// MeZO (arXiv:2305.17333 via lowmem::zo) on every parameter: two forward passes per step at
+/// θ ± εz with z regenerated from a seed, no backward, no gradients, no optimizer state — the
+/// tracked memory is the frozen base's (parameters + the inference arena). ZO estimates are noisy
+/// (variance grows with the parameter count), so it runs `zo_steps_per_step` × as many steps as
+/// the gradient methods, each far cheaper (two inference forwards).
+inline method_result run_mezo_full(const method_context& ctx) {
+  method_result r;
+  r.name = "MeZO (full)";
+  vit m(ctx.base);
+  m.set_all_trainable(false);
+  std::vector<param_span> spans = m.all_spans();
+  lowmem::zo::parameters params;
+  for (std::size_t k = 0; k < spans.size(); ++k) {
+    params.add(k, spans[k].data, std::size_t(spans[k].numel));
+    r.trainable_params += spans[k].numel;
+  }
+  finetune_mezo(ctx, m, params, ctx.cfg.mezo_lr, 200, r);
   return r;
 }
 
