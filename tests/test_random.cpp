@@ -64,6 +64,32 @@ LOWMEM_ARCH_TEST_CASE("vectorized fills equal the scalar stream at tail sizes an
   }
 }
 
+TEST_CASE("Rademacher sign i is bit i mod 32 of word i / 32", "[random]") {
+  const stream s{0x0123456789abcdefull, 0xfedcba9876543210ull};
+  for (std::uint64_t j : {0ull, 1ull, 63ull, 64ull, 12345ull, (1ull << 34) + 3})
+    for (unsigned b = 0; b < 32; ++b)
+      REQUIRE(s.rademacher(32 * j + b) == (((s.bits(j) >> b) & 1u) ? -1.f : 1.f));
+}
+
+LOWMEM_ARCH_TEST_CASE("Rademacher fills equal the scalar signs across word and group edges",
+                      "[random][simd]") {
+  using Arch = TestType;
+  LOWMEM_SKIP_IF_UNSUPPORTED();
+  const stream s{42, 9};
+  // a group of 16 Philox blocks is 2048 signs; the last begin crosses a 2^32-block boundary
+  // (hi32(block) changes at word 2^36, value 2^41)
+  for (std::uint64_t begin :
+       {0ull, 1ull, 31ull, 32ull, 33ull, 2047ull, 2048ull, 5000ull, (1ull << 41) - 3000})
+    for (std::size_t n : {std::size_t(0), std::size_t(1), std::size_t(31), std::size_t(32),
+                          std::size_t(33), std::size_t(2049), std::size_t(20000)}) {
+      std::vector<float> out(n + 2, 123.f);
+      random::fill_rademacher<Arch>(s, begin, out.data() + 1, n);
+      for (std::size_t k = 0; k < n; ++k) REQUIRE(out[k + 1] == s.rademacher(begin + k));
+      CHECK(out[0] == 123.f);
+      CHECK(out[n + 1] == 123.f);
+    }
+}
+
 LOWMEM_ARCH_TEST_CASE("Philox building blocks equal scalar 32x32->64 products", "[random][simd]") {
   using Arch = TestType;
   LOWMEM_SKIP_IF_UNSUPPORTED();
@@ -202,6 +228,14 @@ TEST_CASE("a range filled whole, in pieces, and on 2 threads is bitwise identica
       },
       2);
   CHECK(ref::bitwise_equal(whole.data(), split.data(), n));
+  // Rademacher (32 signs per word): the same cuts split words and groups
+  random::fill_rademacher(s, begin, whole.data(), n);
+  for (std::size_t c = cuts.size() - 1; c > 0; --c)
+    random::fill_rademacher(s, begin + cuts[c - 1], pieces.data() + cuts[c - 1],
+                            cuts[c] - cuts[c - 1]);
+  CHECK(ref::bitwise_equal(whole.data(), pieces.data(), n));
+  random::fill_rademacher(s, begin, threaded.data(), n, /*parallel=*/true);
+  CHECK(ref::bitwise_equal(whole.data(), threaded.data(), n));
 }
 
 namespace {
@@ -279,6 +313,23 @@ TEST_CASE("statistical sanity of uniform, normal and Rademacher fills", "[random
     sum += x;
   }
   CHECK(std::fabs(sum) < 5 * std::sqrt(double(n)));
+  // 32 signs share a word: consecutive signs (lag 1, and lag 32 = the same bit of the next word)
+  // are uncorrelated, and the 256 patterns of 8 consecutive signs are uniform (chi-square, 255 dof)
+  for (std::size_t lag : {std::size_t(1), std::size_t(32)}) {
+    c = 0;
+    for (std::size_t i = 0; i + lag < n; ++i) c += v[i] * v[i + lag];
+    CHECK(std::fabs(c / n) < 5 / std::sqrt(double(n)));
+  }
+  std::fill(bins.begin(), bins.end(), 0.0);
+  for (std::size_t i = 0; i + 8 <= n; i += 8) {
+    std::size_t p = 0;
+    for (std::size_t b = 0; b < 8; ++b) p = 2 * p + (v[i + b] < 0);
+    bins[p] += 1;
+  }
+  const double per_bin = double(n / 8) / 256;
+  chi2 = 0;
+  for (double b : bins) chi2 += (b - per_bin) * (b - per_bin) / per_bin;
+  CHECK(chi2 < 255 + 5 * 22.6);
 }
 
 TEST_CASE("fills allocate nothing", "[random][memory]") {

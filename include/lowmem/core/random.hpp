@@ -18,7 +18,9 @@
 //   normal(i)     Box–Muller on the word pair (w & ~1, w | 1) of the same block:
 //                 u1 = ((bits(w&~1) >> 8) + 1) * 2^-24 in (0, 1], u2 = (bits(w|1) >> 8) * 2^-24,
 //                 r = sqrt(-2 ln u1), normal = r cos(2π u2) for even w, r sin(2π u2) for odd w
-//   rademacher(i) = bits(i) >> 31 ? -1 : +1
+//   rademacher(i) = bit (i mod 32) of bits(floor(i / 32)) ? -1 : +1
+//                 (32 signs per random word, least significant bit first: a sign needs 1 bit, so
+//                 one Philox block gives 128 of them; still a pure function of (seed, stream, i))
 // Vectorized fills live in kernels/random.hpp and produce exactly these values (the normal fill to
 // within the vector log/sin/cos accuracy: ≤ 4 ulp of the scalar double-evaluated value).
 #pragma once
@@ -72,8 +74,10 @@ struct stream {
   }
   /// Uniform float in [0, 1) with 24 random bits.
   float uniform(std::uint64_t i) const noexcept { return float(bits(i) >> 8) * 0x1p-24f; }
-  /// +1 or -1 with equal probability.
-  float rademacher(std::uint64_t i) const noexcept { return (bits(i) >> 31) ? -1.0f : 1.0f; }
+  /// +1 or -1 with equal probability: bit i mod 32 of word i / 32 (set: -1).
+  float rademacher(std::uint64_t i) const noexcept {
+    return ((bits(i / 32) >> (i % 32)) & 1u) ? -1.0f : 1.0f;
+  }
   /// Standard normal (Box–Muller on the word pair of value i's block), evaluated in double.
   float normal(std::uint64_t i) const noexcept {
     const counter_t x = philox4x32(counter(block_of(i)), key());

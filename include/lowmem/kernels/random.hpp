@@ -1,10 +1,11 @@
 // lowmem/kernels/random.hpp — vectorized fills from the counter-based generator.
 //
 // out[k] = f(value begin + k of stream s) for k in [0, n), f = uniform / normal / rademacher /
-// bits, with the value -> counter mapping of core/random.hpp. One group of 64 values is 16 Philox
-// blocks run side by side in SIMD lanes. Ranges that start or end inside a group compute that group
-// into a stack buffer and copy the needed part, so any slice equals the same slice of a whole-range
-// fill, bit for bit (test: whole vs pieces vs threads). No heap allocation.
+// bits, with the value -> counter mapping of core/random.hpp. One group of 64 words is 16 Philox
+// blocks run side by side in SIMD lanes (64 uniform or normal values, 2048 Rademacher signs).
+// Ranges that start or end inside a group compute that group into a stack buffer and copy the
+// needed part, so any slice equals the same slice of a whole-range fill, bit for bit (test: whole
+// vs pieces vs threads). No heap allocation.
 //
 // Why it is fast (one AVX-512 core; see bench/bench_core.cpp):
 //  * One Philox block per 64-bit lane: a round is then vpmuludq (the full 64-bit product: low half
@@ -242,7 +243,7 @@ inline void philox_bits(philox_plan<Arch>& P, const stream& s, std::uint64_t g0,
 /// Piece j of the transform of a word buffer: out[i] = f(bits[i]) for one register pair, i.e.
 /// 2 W values (bits 64-byte aligned). Normal: the Box–Muller pair of value 16 w + l is
 /// 16 (w ^ 1) + l of the same group, so piece j is registers (w, w + 1) = (2 k, 2 k + 1) at lane
-/// offset r W of group j / (2 R); uniform and Rademacher: values [2 W j, 2 W (j + 1)).
+/// offset r W of group j / (2 R); uniform: values [2 W j, 2 W (j + 1)).
 template <class Arch, distribution D>
 inline void transform_piece(const std::uint32_t* bits, float* out, std::size_t j) noexcept {
   using U = simd::ubatch<Arch>;
@@ -255,15 +256,11 @@ inline void transform_piece(const std::uint32_t* bits, float* out, std::size_t j
     z0.store_unaligned(out + i);
     z1.store_unaligned(out + i + 16);
   } else {
+    static_assert(D == distribution::uniform, "Rademacher signs are bits, not words: fill_signs");
     LOWMEM_RANDOM_UNROLL
     for (std::size_t i = 2 * W * j; i < 2 * W * (j + 1); i += W) {
       const U b = U::load_aligned(bits + i);
-      if constexpr (D == distribution::uniform) {
-        (simd::small_uint_to_float<Arch>(b >> 8) * F(0x1p-24f)).store_unaligned(out + i);
-      } else {
-        // +1.0f is 0x3F800000; OR-ing the top bit of the random word gives -1.0f.
-        simd::as_float<Arch>((b & U(0x80000000u)) | U(0x3F800000u)).store_unaligned(out + i);
-      }
+      (simd::small_uint_to_float<Arch>(b >> 8) * F(0x1p-24f)).store_unaligned(out + i);
     }
   }
 }
@@ -275,18 +272,65 @@ inline void transform(const std::uint32_t* bits, std::size_t ng, float* out) noe
   for (std::size_t j = 0; j < pieces_per_group * ng; ++j) transform_piece<Arch, D>(bits, out, j);
 }
 
-/// Writes the 64 values of group g as floats (f = uniform, rademacher or normal) to dst[0..64).
-template <class Arch, distribution D>
-inline void group_values(const stream& s, std::uint64_t g, float* dst) noexcept {
-  philox_plan<Arch> P(s, std::uint32_t((16 * g) >> 32));
-  alignas(64) std::uint32_t bits[64];
-  philox_bits<Arch>(P, s, g, 1, bits);
-  transform<Arch, D>(bits, 1, dst);
+/// The 32 Rademacher signs of one random word: out[b] = (bit b of word) ? -1 : +1, b < 32
+/// (core/random.hpp). Register r of 32 / W takes bits r W .. r W + W - 1: the word is broadcast,
+/// masked with one bit per lane and compared (vpandd + vptestnm/vpcmp + blend on AVX-512).
+template <class Arch> inline void expand_signs(std::uint32_t word, float* out) noexcept {
+  using U = simd::ubatch<Arch>;
+  constexpr std::size_t W = simd::width<Arch>;
+  alignas(64) static constexpr std::uint32_t lane_bit[32] = {
+      1u << 0,  1u << 1,  1u << 2,  1u << 3,  1u << 4,  1u << 5,  1u << 6,  1u << 7,
+      1u << 8,  1u << 9,  1u << 10, 1u << 11, 1u << 12, 1u << 13, 1u << 14, 1u << 15,
+      1u << 16, 1u << 17, 1u << 18, 1u << 19, 1u << 20, 1u << 21, 1u << 22, 1u << 23,
+      1u << 24, 1u << 25, 1u << 26, 1u << 27, 1u << 28, 1u << 29, 1u << 30, 1u << 31};
+  const U w(word);
+  LOWMEM_RANDOM_UNROLL
+  for (std::size_t r = 0; r < 32 / W; ++r) {
+    // +1.0f is 0x3F800000, -1.0f is 0xBF800000
+    const U v = xsimd::select((w & U::load_aligned(lane_bit + r * W)) == U(0u), U(0x3F800000u),
+                              U(0xBF800000u));
+    simd::as_float<Arch>(v).store_unaligned(out + r * W);
+  }
 }
 
-/// Fills out[0..n) with values [begin, begin + n) of s; serial.
+/// Rademacher signs: out[k] = s.rademacher(begin + k), k < n, 32 signs per Philox word (so a
+/// group of 16 blocks covers 2048 values). Words for up to 8 groups go to a 2 KiB stack buffer;
+/// a word only partly inside [begin, end) is expanded into a stack buffer and the needed part
+/// copied, so any slice equals the same slice of a whole-range fill. Serial, no allocation.
+template <class Arch>
+inline void fill_signs(const stream& s, std::uint64_t begin, float* out, std::size_t n) noexcept {
+  if (n == 0) return;
+  constexpr std::size_t chunk = 8; // groups: 2 KiB of words, 16 Ki signs
+  constexpr std::uint64_t per_group = 64 * 32;
+  alignas(64) std::uint32_t words[64 * chunk];
+  alignas(64) float tmp[32];
+  const std::uint64_t end = begin + n;
+  philox_plan<Arch> P(s, std::uint32_t((16 * (begin / per_group)) >> 32));
+  std::uint64_t i = begin;
+  while (i < end) {
+    const std::uint64_t g0 = i / per_group, g1 = (end - 1) / per_group + 1;
+    const std::size_t ng = std::size_t(g1 - g0 < chunk ? g1 - g0 : chunk);
+    philox_bits<Arch>(P, s, g0, ng, words); // words[j - 64 g0] = s.bits(j)
+    const std::uint64_t stop = end < per_group * (g0 + ng) ? end : per_group * (g0 + ng);
+    while (i < stop) {
+      const std::uint64_t wi = i / 32, v0 = 32 * wi;
+      const std::uint64_t v1 = stop < v0 + 32 ? stop : v0 + 32;
+      const std::uint32_t word = words[wi - 64 * g0];
+      if (i == v0 && v1 == v0 + 32) {
+        expand_signs<Arch>(word, out + (i - begin));
+      } else {
+        expand_signs<Arch>(word, tmp);
+        std::memcpy(out + (i - begin), tmp + (i - v0), std::size_t(v1 - i) * sizeof(float));
+      }
+      i = v1;
+    }
+  }
+}
+
+/// Fills out[0..n) with values [begin, begin + n) of s, one word per value (uniform, normal);
+/// serial.
 template <class Arch, distribution D>
-inline void fill(const stream& s, std::uint64_t begin, float* out, std::size_t n) noexcept {
+inline void fill_values(const stream& s, std::uint64_t begin, float* out, std::size_t n) noexcept {
   if (n == 0) return;
   alignas(64) std::uint32_t bits[64];
   alignas(64) float tmp[64];
@@ -323,6 +367,15 @@ inline void fill(const stream& s, std::uint64_t begin, float* out, std::size_t n
     transform<Arch, D>(bits, 1, tmp);
     std::memcpy(out, tmp, (end - i) * sizeof(float));
   }
+}
+
+/// Fills out[0..n) with values [begin, begin + n) of s; serial.
+template <class Arch, distribution D>
+inline void fill(const stream& s, std::uint64_t begin, float* out, std::size_t n) noexcept {
+  if constexpr (D == distribution::rademacher)
+    fill_signs<Arch>(s, begin, out, n);
+  else
+    fill_values<Arch, D>(s, begin, out, n);
 }
 
 /// Raw words: out[k] = s.bits(begin + k), k < n; serial, no allocation.
