@@ -513,12 +513,6 @@ private:
             const std::size_t end = std::min(s.size, begin + chunk_elements);
             for (std::size_t b = begin; b < end; b += block_elements) {
               const std::size_t n = std::min(block_elements, end - b);
-              // the next block's θ is fetched while fn generates this block's z
-              if (b + block_elements < end)
-                prefetch_block(s, b + block_elements,
-                               std::min(block_elements, end - b - block_elements));
-              else if (c + 1 < ce)
-                prefetch_chunk(std::size_t(c) + 1);
               if (s.data16 == nullptr) {
                 fn(s, b, n, s.data + b, false);
               } else { // bf16: widen, compute in fp32, round back (RNE)
@@ -531,24 +525,6 @@ private:
           }
         },
         opt_.threads);
-  }
-
-  // Prefetches the n elements of span s from b (for writing): the sweeps are a compute phase (z
-  // generation, ~0.35 ns per normal) then a memory phase (θ streamed), block by block; without
-  // this the memory phase waits for DRAM after the compute phase instead of overlapping it.
-  static void prefetch_block(const parameters::span& s, std::size_t b, std::size_t n) noexcept {
-    if (s.data16 == nullptr)
-      kernels::prefetch_for_write(s.data + b, n * sizeof(float));
-    else
-      kernels::prefetch_for_write(s.data16 + b, n * sizeof(bf16));
-  }
-  void prefetch_chunk(std::size_t c) const noexcept {
-    const parameters& p = params_;
-    const std::size_t k = p.span_of_chunk(c);
-    if (!active(k)) return;
-    const auto& s = p[k];
-    const std::size_t b = (c - s.first_chunk) * chunk_elements;
-    prefetch_block(s, b, std::min(block_elements, s.size - b));
   }
 
   // θ ← fma(target, z_j, fma(−o, z_j, θ)) (sparse: where |fma(−o, z_j, θ)| < τ); o = target.

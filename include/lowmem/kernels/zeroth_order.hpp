@@ -34,17 +34,6 @@ inline void fill_z(noise d, const random::stream& s, std::uint64_t begin, float*
     random::fill_rademacher<Arch>(s, begin, z, n);
 }
 
-/// Prefetches [p, p + bytes) into the cache for writing (one prefetchw per 64-byte line): no
-/// architectural effect, a hint that lets DRAM traffic overlap the caller's next computation.
-inline void prefetch_for_write(const void* p, std::size_t bytes) noexcept {
-#if defined(__GNUC__) || defined(__clang__)
-  const char* c = static_cast<const char*>(p);
-  for (std::size_t o = 0; o < bytes; o += 64) __builtin_prefetch(c + o, 1, 3);
-#else
-  (void)p, (void)bytes;
-#endif
-}
-
 /// Runs f(batch theta, batch z, ...) over [0, n) in registers: `load` gives the lanes of an array
 /// at i (partial at the tail). Helper for the kernels below.
 template <class Arch, class Body> inline void for_lanes(std::size_t n, Body&& body) {
