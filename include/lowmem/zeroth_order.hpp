@@ -68,6 +68,10 @@
 // step, q-SPSA: 2q + 1, one-sided: q + 1). Memory: parameters' bookkeeping is allocated at
 // registration, optimizer state (momentum/Adam) and q scalars at construction; a step allocates 0
 // bytes (tested). Each thread uses 16 KiB of stack.
+// Speed (100M fp32 parameters, one Zen 4 core): a step moves 24 B/param (3 sweeps read and write
+// θ; ~66 ms at triad bandwidth). Rademacher z costs 1 random bit per element, so its step is
+// memory-bound. Gaussian z costs one Philox word and half a Box–Muller transform per element per
+// sweep (300M normals at ~2.7 G/s, ~110 ms): that step is bound by normal generation, not memory.
 #pragma once
 
 #include <algorithm>

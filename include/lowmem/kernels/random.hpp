@@ -24,6 +24,8 @@
 //  * Box–Muller uses simd::log_fast, simd::sqrt_fast and simd::sincos_turns (polynomials with
 //    exact range reduction, ~2e-7 relative; Estrin evaluation) instead of xsimd's generic
 //    log/sincos, and rsqrt + one Newton step instead of vsqrtps.
+//  * Rademacher signs take one bit each (32 per word, core/random.hpp), so Philox is ~1/32 of a
+//    word per sign; the fill is the expansion (broadcast, and, test, blend: 2 stores per word).
 // Measured on one Zen 4 core (AVX-512 double-pumped; 3.65 GHz): Philox ~1.05 cycles/value (the
 // mul -> shift -> xor triples issue at ~1.7 cycles per 512-bit triple; 36 triples per 64 values),
 // normal transform ~0.85 cycles/value (~24 FMA-pipe ops per 32 values), uniform ~0.15.
