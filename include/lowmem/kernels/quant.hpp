@@ -856,27 +856,39 @@ inline void fp8_encode_array(const float* x, std::size_t n, float inv_scale, boo
   const F vinv(inv_scale);
   const I absmask(0x7FFFFFFF), inf(inf_bits), min_normal((127 - T::bias + 1) << 23);
   const I bias_adj((127 - T::bias) << M), half((1 << (22 - M)) - 1), one(1);
-  const I maxc(T::max_code), nanc(T::nan_code);
+  const I nanc(T::nan_code);
   const I over_finite(saturate ? T::max_code : T::overflow_code);
-  const I over_inf(saturate ? T::max_code : (M == 2 ? 0x7C : T::overflow_code));
+  static_assert(T::overflow_code == T::max_code + 1, "overflow code follows the largest finite");
   const F sub_scale(std::ldexp(1.0f, T::bias - 1 + M));
   // vector body over nv = n - n % W elements, then a scalar tail (this loop shape keeps GCC 12's
   // -Waggressive-loop-optimizations quiet, unlike `i + W <= n`)
-  const std::size_t nv = n - n % W;
-  std::size_t i = 0;
-  for (; i < nv; i += W) {
-    const F v = F::load_unaligned(x + i) * vinv;
+  auto encode = [&](const float* p) { // W codes (sign | magnitude) in int32 lanes
+    const F v = F::load_unaligned(p) * vinv;
     const I u = xsimd::bitwise_cast<I>(v);
     const I a = u & absmask;
     const I sign = (u >> 24) & I(0x80); // arithmetic shift, masked
     const I normal = ((a + half + ((a >> (23 - M)) & one)) >> (23 - M)) - bias_adj;
     const I sub = xsimd::nearbyint_as_int(xsimd::bitwise_cast<F>(a) * sub_scale);
-    I c = xsimd::select(a < min_normal, sub, normal);
-    c = xsimd::select(c > maxc, over_finite, c);
-    c = xsimd::select(a == inf, over_inf, c);
-    c = xsimd::select(a > inf, nanc, c);
-    store_bytes<Arch>(out + i, c | sign);
+    // overflow: ±Inf encodes as finite overflow does, to max_code or max_code + 1; Inf/NaN
+    // inputs give normal > maxc, so one min covers finite overflow and ±Inf (NaN fixed after)
+    const I c = xsimd::min(xsimd::select(a < min_normal, sub, normal), over_finite);
+    return xsimd::select(a > inf, nanc, c) | sign;
+  };
+  const std::size_t nv = n - n % W;
+  std::size_t i = 0;
+#if XSIMD_WITH_AVX512BW
+  if constexpr (std::is_base_of<xsimd::avx512f, Arch>::value) {
+    // 64 codes per store: codes are 0..255, so unsigned-saturating packs are exact
+    const __m512i order = _mm512_setr_epi32(0, 4, 8, 12, 1, 5, 9, 13, 2, 6, 10, 14, 3, 7, 11, 15);
+    const std::size_t n64 = n - n % 64;
+    for (; i < n64; i += 64) {
+      const __m512i lo = _mm512_packus_epi32(encode(x + i), encode(x + i + 16));
+      const __m512i hi = _mm512_packus_epi32(encode(x + i + 32), encode(x + i + 48));
+      _mm512_storeu_si512(out + i, _mm512_permutexvar_epi32(order, _mm512_packus_epi16(lo, hi)));
+    }
   }
+#endif
+  for (; i < nv; i += W) store_bytes<Arch>(out + i, encode(x + i));
   for (; i < n; ++i) out[i] = fp8_encode<M>(x[i] * inv_scale, saturate);
 }
 
