@@ -1,6 +1,7 @@
 // bench_quant: quantizer throughput (GB/s counted on the fp32 side) and quantized linear kernels.
-//  * int8 / NF4 block-64 quantize + dequantize, FP8 e4m3 encode + decode: 100M floats, 1 thread;
-//    lowmem vs naive (plain scalar loops / Eigen per block, same math);
+//  * int8 / NF4 block-64 quantize + dequantize, FP8 e4m3 encode + decode: 100M floats, 1 thread,
+//    and 256K floats (L2-resident: the kernel's compute throughput); lowmem vs naive (plain scalar
+//    loops / Eigen per block, same math);
 //  * FWHT on 4096-length rows (lowmem vs a textbook scalar FWHT);
 //  * 4096×4096 W: NF4 / int4 / int8 GEMV (batch 1) and dequant-GEMM (4096 rows) vs fp32 Eigen
 //    (BM_quant_gemv_fp32/naive, BM_quant_gemm_fp32/naive); "naive" for a quantized format is
@@ -15,6 +16,7 @@
 #include <lowmem/quant.hpp>
 
 #include <cmath>
+#include <map>
 #include <vector>
 
 namespace {
@@ -23,8 +25,9 @@ using namespace lowmem::quant;
 
 std::size_t big_n() { return bench::smoke() ? (std::size_t(1) << 20) : std::size_t(100000000); }
 
-const std::vector<float>& input(std::size_t n) {
-  static std::vector<float> x;
+const std::vector<float>& input(std::size_t n) { // one normal input per size, made once
+  static std::map<std::size_t, std::vector<float>> inputs;
+  std::vector<float>& x = inputs[n];
   if (x.size() != n) {
     x.resize(n);
     random::fill_normal(random::stream{1, 1}, 0, x.data(), n, true);
@@ -372,8 +375,14 @@ void BM_llm_int8_lowmem(benchmark::State& st) {
   bench::set_flops(st, 2.0 * double(M) * double(N) * double(K));
 }
 
+// 100M floats (DRAM-bound), and 256K floats (1 MiB: L2-resident, so the figure is the kernel's
+// own throughput, free of the memory system and of other processes' bandwidth).
 void big_args(benchmark::internal::Benchmark* b) {
-  b->ArgNames({"n"})->Arg(std::int64_t(big_n()))->UseRealTime()->Unit(benchmark::kMillisecond);
+  b->ArgNames({"n"})
+      ->Arg(std::int64_t(big_n()))
+      ->Arg(std::int64_t(1) << 18)
+      ->UseRealTime()
+      ->Unit(benchmark::kMillisecond);
 }
 void fwht_args(benchmark::internal::Benchmark* b) {
   b->ArgNames({"rows", "n"})

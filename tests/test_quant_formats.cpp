@@ -170,7 +170,7 @@ LOWMEM_ARCH_TEST_CASE("NF4/FP4 codes are the nearest level; round trip; tails an
   LOWMEM_SKIP_IF_UNSUPPORTED();
   for (fourbit t : {fourbit::nf4, fourbit::fp4}) {
     const float* levels = fourbit_levels(t);
-    for (index_t block : {64, 32, 7}) {
+    for (index_t block : {64, 128, 32, 7}) {
       for (std::size_t n : test::tail_sizes<Arch>(1000 + 1)) {
         auto x = test_data(n, n + 5);
         const std::size_t nb = fourbit_num_blocks(n, block);
@@ -231,6 +231,24 @@ LOWMEM_ARCH_TEST_CASE("4-bit packed codes equal the scalar nearest-level count a
       INFO("v " << v[i]);
       REQUIRE(ref::nibble(packed.data(), i) == kernels::codebook_code_scalar(v[i], *cb));
       REQUIRE(codes[i] == kernels::codebook_code_scalar(v[i], *cb));
+    }
+    // the fused block kernel (whole blocks of 64): 63 values and a 1 per block, so absmax = 1
+    // and the kernel sees exactly v
+    if (kernels::has_codebook_blocks_path<Arch>(*cb)) {
+      std::vector<float> xb;
+      for (std::size_t i = 0; i < v.size(); ++i) {
+        xb.push_back(v[i]);
+        if (xb.size() % 64 == 63) xb.push_back(1.f);
+      }
+      while (xb.size() % 64) xb.push_back(xb.size() % 64 == 63 ? 1.f : 0.f);
+      std::vector<std::uint8_t> pb(xb.size() / 2);
+      std::vector<float> am(xb.size() / 64);
+      kernels::codebook_blocks64<Arch>(xb.data(), am.size(), 64, *cb, pb.data(), am.data());
+      for (std::size_t i = 0; i < xb.size(); ++i) {
+        INFO("fused, v " << xb[i]);
+        REQUIRE(am[i / 64] == 1.f);
+        REQUIRE(ref::nibble(pb.data(), i) == kernels::codebook_code_scalar(xb[i], *cb));
+      }
     }
   }
 }

@@ -416,6 +416,68 @@ inline void affine_dequant8(const std::uint8_t* codes, std::size_t n, bool is_si
   }
 }
 
+#if XSIMD_WITH_AVX512BW
+/// AVX-512: 4 int32 vectors (values fitting int8) -> 64 bytes in element order: two vpackssdw, one
+/// vpacksswb (exact: no value saturates), then one vpermd undoes the per-128-bit-lane interleave.
+inline __m512i pack4_epi32_epi8(__m512i a, __m512i b, __m512i c, __m512i d) {
+  const __m512i bytes = _mm512_packs_epi16(_mm512_packs_epi32(a, b), _mm512_packs_epi32(c, d));
+  // dword 4L + t of `bytes` holds lanes 4L..4L+3 of input t
+  const __m512i order = _mm512_setr_epi32(0, 4, 8, 12, 1, 5, 9, 13, 2, 6, 10, 14, 3, 7, 11, 15);
+  return _mm512_permutexvar_epi32(order, bytes);
+}
+#endif
+
+/// True when affine_sym8_blocks has a fast path for Arch (AVX-512).
+template <class Arch> inline constexpr bool has_sym8_blocks_path() {
+#if XSIMD_WITH_AVX512BW
+  return std::is_base_of<xsimd::avx512f, Arch>::value;
+#else
+  return false;
+#endif
+}
+
+/// AVX-512: symmetric int8 quantization of nb whole blocks of B floats (B % 64 == 0), fused in
+/// one pass per block: absmax as integer bits (NaN/Inf flag the block), s = absmax/127, inv = 1/s
+/// (0 for s = 0), codes rne(x·inv) (vcvtps2dq under the default rounding mode, as
+/// nearbyint_as_int), 64 at a time packed to bytes with one 64-byte store. Bitwise the same as
+/// affine_choose + affine_codes_rne; a non-finite block gets scale NaN and codes 0.
+template <class Arch>
+inline void affine_sym8_blocks(const float* x, std::size_t nb, std::size_t B, std::uint8_t* codes,
+                               float* scales) {
+#if XSIMD_WITH_AVX512BW
+  if constexpr (std::is_base_of<xsimd::avx512f, Arch>::value) {
+    const __m512i absmask = _mm512_set1_epi32(0x7FFFFFFF);
+    for (std::size_t b = 0; b < nb; ++b, x += B, codes += B) {
+      __m512i m0 = _mm512_setzero_si512(), m1 = m0;
+      for (std::size_t k = 0; k < B; k += 64) {
+        m0 = _mm512_max_epi32(m0, _mm512_and_si512(_mm512_loadu_si512(x + k), absmask));
+        m1 = _mm512_max_epi32(m1, _mm512_and_si512(_mm512_loadu_si512(x + k + 16), absmask));
+        m0 = _mm512_max_epi32(m0, _mm512_and_si512(_mm512_loadu_si512(x + k + 32), absmask));
+        m1 = _mm512_max_epi32(m1, _mm512_and_si512(_mm512_loadu_si512(x + k + 48), absmask));
+      }
+      const std::int32_t bits = _mm512_reduce_max_epi32(_mm512_max_epi32(m0, m1));
+      if (bits >= inf_bits) {
+        scales[b] = std::numeric_limits<float>::quiet_NaN();
+        std::memset(codes, 0, B);
+        continue;
+      }
+      const float scale = bits_to_float(bits) / 127.0f;
+      scales[b] = scale;
+      const __m512 inv = _mm512_set1_ps(scale > 0 ? 1.0f / scale : 0.0f);
+      for (std::size_t k = 0; k < B; k += 64) {
+        const __m512i q0 = _mm512_cvtps_epi32(_mm512_mul_ps(_mm512_loadu_ps(x + k), inv));
+        const __m512i q1 = _mm512_cvtps_epi32(_mm512_mul_ps(_mm512_loadu_ps(x + k + 16), inv));
+        const __m512i q2 = _mm512_cvtps_epi32(_mm512_mul_ps(_mm512_loadu_ps(x + k + 32), inv));
+        const __m512i q3 = _mm512_cvtps_epi32(_mm512_mul_ps(_mm512_loadu_ps(x + k + 48), inv));
+        _mm512_storeu_si512(codes + k, pack4_epi32_epi8(q0, q1, q2, q3));
+      }
+    }
+    return;
+  }
+#endif
+  (void)x, (void)nb, (void)B, (void)codes, (void)scales;
+}
+
 // ---- 4-bit packing -----------------------------------------------------------------------------
 // Layout (bitsandbytes-compatible): element i lives in byte i/2; even i in the HIGH nibble, odd i
 // in the LOW nibble. A tensor of n elements takes ceil(n/2) bytes; for odd n the last low nibble
@@ -489,6 +551,80 @@ inline void codebook_codes(const float* x, std::size_t n, float inv, const codeb
   }
   (void)sizeof(I);
   for (; i < n; ++i) codes[i] = codebook_code_scalar(x[i] * inv, cb);
+}
+
+/// True when codebook_blocks64 applies: AVX-512 and a codebook with the cell table (NF4).
+template <class Arch> inline bool has_codebook_blocks_path(const codebook4& cb) {
+#if XSIMD_WITH_AVX512BW
+  return std::is_base_of<xsimd::avx512f, Arch>::value && cb.cells_ok;
+#else
+  (void)cb;
+  return false;
+#endif
+}
+
+/// AVX-512, cb.cells_ok: 4-bit quantization of nb whole blocks of B floats (B % 64 == 0) fused in
+/// one pass per block: absmax (integer max of |x| bits; NaN/Inf: absmax NaN and the code of 0
+/// everywhere), inv = 1/absmax (0 for an all-zero block), sorted index by the cell table exactly
+/// as codebook_codes_packed, then 64 codes -> 64 bytes (pack4_epi32_epi8) -> 32 packed bytes
+/// (vpmaddubsw by (16, 1) fuses each pair into code_even·16 + code_odd, vpmovwb narrows).
+/// Bitwise the same as absmax_bits + codebook_codes_packed.
+template <class Arch>
+inline void codebook_blocks64(const float* x, std::size_t nb, std::size_t B, const codebook4& cb,
+                              std::uint8_t* packed, float* absmax) {
+#if XSIMD_WITH_AVX512BW
+  if constexpr (std::is_base_of<xsimd::avx512f, Arch>::value) {
+    const __m512i absmask = _mm512_set1_epi32(0x7FFFFFFF);
+    const __m512 tm = _mm512_load_ps(cb.mid16);
+    const __m512i tc = _mm512_load_si512(cb.code32);
+    const __m512i base_lo = _mm512_load_si512(cb.cell_base);
+    const __m512i base_hi = _mm512_load_si512(cb.cell_base + 16);
+    const __m512 sixteen = _mm512_set1_ps(16.0f);
+    const __m512i top = _mm512_set1_epi32(31), one = _mm512_set1_epi32(1);
+    const __m512i pair_weights = _mm512_set1_epi16(0x0110); // bytes (16, 1)
+    const std::uint8_t zc = codebook_code_scalar(0.0f, cb);
+    // sorted index of v (cell j = min(floor(16 v + 16), 31), one compare), then its code;
+    // v >= -1 - 2^-23, so 16 v + 16 > -1 truncates to 0 at worst: no clamp at 0 needed.
+    auto code = [&](__m512 v) {
+      const __m512i j =
+          _mm512_min_epi32(_mm512_cvttps_epi32(_mm512_fmadd_ps(v, sixteen, sixteen)), top);
+      const __m512i base = _mm512_permutex2var_epi32(base_lo, j, base_hi);
+      const __m512 t = _mm512_permutexvar_ps(base, tm);
+      const __m512i idx =
+          _mm512_mask_add_epi32(base, _mm512_cmp_ps_mask(v, t, _CMP_GT_OQ), base, one);
+      return cb.identity ? idx : _mm512_permutexvar_epi32(idx, tc);
+    };
+    for (std::size_t b = 0; b < nb; ++b, x += B, packed += B / 2) {
+      __m512i m0 = _mm512_setzero_si512(), m1 = m0;
+      for (std::size_t k = 0; k < B; k += 64) {
+        m0 = _mm512_max_epi32(m0, _mm512_and_si512(_mm512_loadu_si512(x + k), absmask));
+        m1 = _mm512_max_epi32(m1, _mm512_and_si512(_mm512_loadu_si512(x + k + 16), absmask));
+        m0 = _mm512_max_epi32(m0, _mm512_and_si512(_mm512_loadu_si512(x + k + 32), absmask));
+        m1 = _mm512_max_epi32(m1, _mm512_and_si512(_mm512_loadu_si512(x + k + 48), absmask));
+      }
+      const std::int32_t bits = _mm512_reduce_max_epi32(_mm512_max_epi32(m0, m1));
+      if (bits >= inf_bits) {
+        absmax[b] = std::numeric_limits<float>::quiet_NaN();
+        std::memset(packed, (zc << 4) | zc, B / 2);
+        continue;
+      }
+      const float am = bits_to_float(bits);
+      absmax[b] = am;
+      const __m512 inv = _mm512_set1_ps(am > 0 ? 1.0f / am : 0.0f);
+      for (std::size_t k = 0; k < B; k += 64) {
+        const __m512i c0 = code(_mm512_mul_ps(_mm512_loadu_ps(x + k), inv));
+        const __m512i c1 = code(_mm512_mul_ps(_mm512_loadu_ps(x + k + 16), inv));
+        const __m512i c2 = code(_mm512_mul_ps(_mm512_loadu_ps(x + k + 32), inv));
+        const __m512i c3 = code(_mm512_mul_ps(_mm512_loadu_ps(x + k + 48), inv));
+        const __m512i pairs = _mm512_maddubs_epi16(pack4_epi32_epi8(c0, c1, c2, c3), pair_weights);
+        _mm256_storeu_si256(reinterpret_cast<__m256i*>(packed + k / 2),
+                            _mm512_cvtepi16_epi8(pairs));
+      }
+    }
+    return;
+  }
+#endif
+  (void)x, (void)nb, (void)B, (void)cb, (void)packed, (void)absmax;
 }
 
 /// True when codebook_codes_packed has a fast path for Arch (AVX-512).
@@ -720,27 +856,39 @@ inline void fp8_encode_array(const float* x, std::size_t n, float inv_scale, boo
   const F vinv(inv_scale);
   const I absmask(0x7FFFFFFF), inf(inf_bits), min_normal((127 - T::bias + 1) << 23);
   const I bias_adj((127 - T::bias) << M), half((1 << (22 - M)) - 1), one(1);
-  const I maxc(T::max_code), nanc(T::nan_code);
+  const I nanc(T::nan_code);
   const I over_finite(saturate ? T::max_code : T::overflow_code);
-  const I over_inf(saturate ? T::max_code : (M == 2 ? 0x7C : T::overflow_code));
+  static_assert(T::overflow_code == T::max_code + 1, "overflow code follows the largest finite");
   const F sub_scale(std::ldexp(1.0f, T::bias - 1 + M));
   // vector body over nv = n - n % W elements, then a scalar tail (this loop shape keeps GCC 12's
   // -Waggressive-loop-optimizations quiet, unlike `i + W <= n`)
-  const std::size_t nv = n - n % W;
-  std::size_t i = 0;
-  for (; i < nv; i += W) {
-    const F v = F::load_unaligned(x + i) * vinv;
+  auto encode = [&](const float* p) { // W codes (sign | magnitude) in int32 lanes
+    const F v = F::load_unaligned(p) * vinv;
     const I u = xsimd::bitwise_cast<I>(v);
     const I a = u & absmask;
     const I sign = (u >> 24) & I(0x80); // arithmetic shift, masked
     const I normal = ((a + half + ((a >> (23 - M)) & one)) >> (23 - M)) - bias_adj;
     const I sub = xsimd::nearbyint_as_int(xsimd::bitwise_cast<F>(a) * sub_scale);
-    I c = xsimd::select(a < min_normal, sub, normal);
-    c = xsimd::select(c > maxc, over_finite, c);
-    c = xsimd::select(a == inf, over_inf, c);
-    c = xsimd::select(a > inf, nanc, c);
-    store_bytes<Arch>(out + i, c | sign);
+    // overflow: ±Inf encodes as finite overflow does, to max_code or max_code + 1; Inf/NaN
+    // inputs give normal > maxc, so one min covers finite overflow and ±Inf (NaN fixed after)
+    const I c = xsimd::min(xsimd::select(a < min_normal, sub, normal), over_finite);
+    return xsimd::select(a > inf, nanc, c) | sign;
+  };
+  const std::size_t nv = n - n % W;
+  std::size_t i = 0;
+#if XSIMD_WITH_AVX512BW
+  if constexpr (std::is_base_of<xsimd::avx512f, Arch>::value) {
+    // 64 codes per store: codes are 0..255, so unsigned-saturating packs are exact
+    const __m512i order = _mm512_setr_epi32(0, 4, 8, 12, 1, 5, 9, 13, 2, 6, 10, 14, 3, 7, 11, 15);
+    const std::size_t n64 = n - n % 64;
+    for (; i < n64; i += 64) {
+      const __m512i lo = _mm512_packus_epi32(encode(x + i), encode(x + i + 16));
+      const __m512i hi = _mm512_packus_epi32(encode(x + i + 32), encode(x + i + 48));
+      _mm512_storeu_si512(out + i, _mm512_permutexvar_epi32(order, _mm512_packus_epi16(lo, hi)));
+    }
   }
+#endif
+  for (; i < nv; i += W) store_bytes<Arch>(out + i, encode(x + i));
   for (; i < n; ++i) out[i] = fp8_encode<M>(x[i] * inv_scale, saturate);
 }
 

@@ -6,9 +6,11 @@
 //    per block applies its scale;
 //  * 4-bit (int4, NF4, FP4): the 16 levels sit in one zmm register and vpermps looks codes up
 //    (it reads only the low 4 bits of each index lane: a right shift selects the nibble, no mask).
-//    Codes are widened 16 bits per lane (4 nibbles each) when the block is a multiple of 64, so
-//    the 4 shifted index vectors hold elements in a fixed interleaved order; x is permuted once per
-//    call to match (x_split) and the per-row loop has no shuffles besides the lookups.
+//    When the block is a multiple of 64, each 32-byte segment is broadcast to both halves of a
+//    zmm and one variable shift per 16 codes selects their nibbles (nib64_gemv_rows), and the
+//    levels are pre-multiplied by the block scale, so per 16 weights the loop issues one shift,
+//    one vpermps and one fma; the shifted index vectors hold elements in a fixed interleaved
+//    order, and x is permuted once per call to match (x_split).
 #pragma once
 
 #include <cstddef>
@@ -86,16 +88,20 @@ template <class Arch> inline bool fused_gemv_available(const qw_desc& d, std::si
   return false;
 }
 
-/// x permuted to match the fused 4-bit GEMV's code order (cols % 32 == 0). With block % 64 == 0:
-/// per 64-element chunk, lane j of vector k (k = 0..3) multiplies the code at bits 4k of the
-/// little-endian 16-bit word j, i.e. element 4j + (k ^ 1) (high nibble = even element). Otherwise
-/// per 32-element chunk: 16 odd elements (low nibbles of bytes 0..15), then the 16 even ones.
+/// x permuted to match the fused 4-bit GEMV's code order (cols % 32 == 0). With block % 64 == 0
+/// (nib64_gemv_rows): per 64-element segment, vector k (k = 0..3) holds in lanes j < 8 the low
+/// nibble of byte 4j + k (element 8j + 2k + 1) and in lanes 8 + j its high nibble (element
+/// 8j + 2k). Otherwise per 32-element chunk: 16 odd elements (low nibbles of bytes 0..15), then
+/// the 16 even ones.
 inline void split_for_nibbles(const float* x, std::size_t cols, std::size_t block,
                               float* x_split) noexcept {
   if (block % 64 == 0) {
     for (std::size_t c = 0; c < cols; c += 64)
       for (std::size_t k = 0; k < 4; ++k)
-        for (std::size_t j = 0; j < 16; ++j) x_split[c + 16 * k + j] = x[c + 4 * j + (k ^ 1)];
+        for (std::size_t j = 0; j < 8; ++j) {
+          x_split[c + 16 * k + j] = x[c + 8 * j + 2 * k + 1]; // low nibble of byte 4j + k
+          x_split[c + 16 * k + 8 + j] = x[c + 8 * j + 2 * k]; // its high nibble
+        }
   } else {
     for (std::size_t c = 0; c < cols; c += 32)
       for (std::size_t j = 0; j < 16; ++j) {
@@ -172,6 +178,85 @@ inline void int8_gemv_rows(const std::uint8_t* codes, const float* scales, const
 }
 #endif
 
+#if XSIMD_WITH_AVX512BW
+/// Fused 4-bit GEMV rows [r0, r1), block % 64 == 0 (nibble_split64 layout). Per row and 64-code
+/// segment: the 32 bytes are broadcast to both 256-bit halves, and vector k's lookup indices are
+/// the dwords shifted right by 8k in lanes 0-7 and by 8k + 4 in lanes 8-15 (one vpsrlvd; vpermps
+/// reads only the low 4 bits), so every lane of the 4 vectors belongs to the segment's block. The
+/// 16 levels are multiplied by the block scale once (the dequantized weights level·s, exactly
+/// as dequantize_weight computes them), so the lookups feed the fmas directly: per 16 weights
+/// one shift, one vpermps and one fma. Two rows per pass share the x loads; 4 accumulators each.
+inline void nib64_gemv_rows(__m512 lut, const std::uint8_t* codes, const float* scales,
+                            const float* zeros, bool has_zeros, float sym_zero, std::size_t cols,
+                            std::size_t block, const float* xs, const float* xsum, std::size_t r0,
+                            std::size_t r1, float* y) {
+  const std::size_t nbr = cols / block, spb = block / 64; // 64-code segments per block
+  __m512i sh[4];
+  for (int k = 0; k < 4; ++k)
+    sh[k] = _mm512_mask_blend_epi32(__mmask16(0xFF00), _mm512_set1_epi32(8 * k),
+                                    _mm512_set1_epi32(8 * k + 4));
+  auto seg = [](const std::uint8_t* p) {
+    return _mm512_broadcast_i64x4(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p)));
+  };
+  auto offset = [&](std::size_t r) { // zero-point term −Σ_b z_b·s_b·Σx_b
+    float off = 0;
+    for (std::size_t b = 0; b < nbr; ++b) {
+      const float z = has_zeros ? zeros[r * nbr + b] : sym_zero;
+      if (z != 0.0f) off -= z * scales[r * nbr + b] * xsum[b];
+    }
+    return off;
+  };
+  const bool zp = has_zeros || sym_zero != 0.0f;
+  std::size_t r = r0;
+  for (; r + 2 <= r1; r += 2) {
+    const std::uint8_t* qa = codes + r * cols / 2;
+    const std::uint8_t* qb = qa + cols / 2;
+    const float* sa = scales + r * nbr;
+    const float* sb = sa + nbr;
+    __m512 a[4], c[4];
+    for (int k = 0; k < 4; ++k) a[k] = _mm512_setzero_ps(), c[k] = _mm512_setzero_ps();
+    for (std::size_t b = 0; b < nbr; ++b) {
+      const __m512 la = _mm512_mul_ps(lut, _mm512_set1_ps(sa[b]));
+      const __m512 lb = _mm512_mul_ps(lut, _mm512_set1_ps(sb[b]));
+      for (std::size_t g = 0; g < spb; ++g) {
+        const std::size_t e = b * block + 64 * g;
+        const __m512i va = seg(qa + e / 2), vb = seg(qb + e / 2);
+        for (int k = 0; k < 4; ++k) {
+          const __m512 xk = _mm512_loadu_ps(xs + e + 16 * k);
+          a[k] = _mm512_fmadd_ps(_mm512_permutexvar_ps(_mm512_srlv_epi32(va, sh[k]), la), xk, a[k]);
+          c[k] = _mm512_fmadd_ps(_mm512_permutexvar_ps(_mm512_srlv_epi32(vb, sh[k]), lb), xk, c[k]);
+        }
+      }
+    }
+    y[r] =
+        _mm512_reduce_add_ps(_mm512_add_ps(_mm512_add_ps(a[0], a[2]), _mm512_add_ps(a[1], a[3]))) +
+        (zp ? offset(r) : 0.0f);
+    y[r + 1] =
+        _mm512_reduce_add_ps(_mm512_add_ps(_mm512_add_ps(c[0], c[2]), _mm512_add_ps(c[1], c[3]))) +
+        (zp ? offset(r + 1) : 0.0f);
+  }
+  for (; r < r1; ++r) {
+    const std::uint8_t* q = codes + r * cols / 2;
+    const float* s = scales + r * nbr;
+    __m512 a[4];
+    for (int k = 0; k < 4; ++k) a[k] = _mm512_setzero_ps();
+    for (std::size_t b = 0; b < nbr; ++b) {
+      const __m512 l = _mm512_mul_ps(lut, _mm512_set1_ps(s[b]));
+      for (std::size_t g = 0; g < spb; ++g) {
+        const std::size_t e = b * block + 64 * g;
+        const __m512i v = seg(q + e / 2);
+        for (int k = 0; k < 4; ++k)
+          a[k] = _mm512_fmadd_ps(_mm512_permutexvar_ps(_mm512_srlv_epi32(v, sh[k]), l),
+                                 _mm512_loadu_ps(xs + e + 16 * k), a[k]);
+      }
+    }
+    y[r] =
+        _mm512_reduce_add_ps(_mm512_add_ps(_mm512_add_ps(a[0], a[2]), _mm512_add_ps(a[1], a[3]))) +
+        (zp ? offset(r) : 0.0f);
+  }
+}
+#endif
+
 /// Fused y_o = Σ_k x_k·deq(W)[o, k] for rows [r0, r1). x_split for 4-bit, xsum[kb] = Σ of x over
 /// block kb of a row (asymmetric formats: the zero-point term is −z·s·xsum).
 template <class Arch>
@@ -191,57 +276,12 @@ inline void fused_gemv_rows(const qw_desc& d, const std::uint8_t* codes, const f
         int8_gemv_rows<false>(codes, scales, zeros, d.has_zeros, cols, block, x, xsum, r0, r1, y);
     } else {
       const __m512 lut = _mm512_loadu_ps(d.levels);
-      // vpermps reads only the low 4 bits of each index lane, so no nibble masking is needed.
-      const bool wide = block % 64 == 0; // 64-element chunks: 2 bytes (4 codes) per dword lane
-      std::size_t r = r0;
-      if (wide && !d.has_zeros && d.sym_zero == 0.0f) {
-        // two rows per pass: the 4 x vectors of a chunk are loaded once for both rows, and 8
-        // independent accumulators keep both FMA pipes busy
-        for (; r + 2 <= r1; r += 2) {
-          const std::uint8_t* qa = codes + r * cols / 2;
-          const std::uint8_t* qb = qa + cols / 2;
-          const float* sa = scales + r * nbr;
-          const float* sb = sa + nbr;
-          __m512 acca = _mm512_setzero_ps(), accb = _mm512_setzero_ps();
-          for (std::size_t b = 0; b < nbr; ++b) {
-            __m512 a[4], c[4];
-            for (int i = 0; i < 4; ++i) a[i] = _mm512_setzero_ps(), c[i] = _mm512_setzero_ps();
-            const std::size_t k0 = b * block;
-            for (std::size_t k = 0; k < block; k += 64) {
-              const __m512i va = _mm512_cvtepu16_epi32(
-                  _mm256_loadu_si256(reinterpret_cast<const __m256i*>(qa + (k0 + k) / 2)));
-              const __m512i vb = _mm512_cvtepu16_epi32(
-                  _mm256_loadu_si256(reinterpret_cast<const __m256i*>(qb + (k0 + k) / 2)));
-              const float* xs = x_split + k0 + k;
-              const __m512 x0 = _mm512_loadu_ps(xs), x1 = _mm512_loadu_ps(xs + 16);
-              const __m512 x2 = _mm512_loadu_ps(xs + 32), x3 = _mm512_loadu_ps(xs + 48);
-              a[0] = _mm512_fmadd_ps(_mm512_permutexvar_ps(va, lut), x0, a[0]);
-              c[0] = _mm512_fmadd_ps(_mm512_permutexvar_ps(vb, lut), x0, c[0]);
-              a[1] =
-                  _mm512_fmadd_ps(_mm512_permutexvar_ps(_mm512_srli_epi32(va, 4), lut), x1, a[1]);
-              c[1] =
-                  _mm512_fmadd_ps(_mm512_permutexvar_ps(_mm512_srli_epi32(vb, 4), lut), x1, c[1]);
-              a[2] =
-                  _mm512_fmadd_ps(_mm512_permutexvar_ps(_mm512_srli_epi32(va, 8), lut), x2, a[2]);
-              c[2] =
-                  _mm512_fmadd_ps(_mm512_permutexvar_ps(_mm512_srli_epi32(vb, 8), lut), x2, c[2]);
-              a[3] =
-                  _mm512_fmadd_ps(_mm512_permutexvar_ps(_mm512_srli_epi32(va, 12), lut), x3, a[3]);
-              c[3] =
-                  _mm512_fmadd_ps(_mm512_permutexvar_ps(_mm512_srli_epi32(vb, 12), lut), x3, c[3]);
-            }
-            // same summation order as the one-row path: (a0 + a2) + (a1 + a3)
-            acca =
-                _mm512_fmadd_ps(_mm512_add_ps(_mm512_add_ps(a[0], a[2]), _mm512_add_ps(a[1], a[3])),
-                                _mm512_set1_ps(sa[b]), acca);
-            accb =
-                _mm512_fmadd_ps(_mm512_add_ps(_mm512_add_ps(c[0], c[2]), _mm512_add_ps(c[1], c[3])),
-                                _mm512_set1_ps(sb[b]), accb);
-          }
-          y[r] = _mm512_reduce_add_ps(acca);
-          y[r + 1] = _mm512_reduce_add_ps(accb);
-        }
+      if (block % 64 == 0) {
+        nib64_gemv_rows(lut, codes, scales, zeros, d.has_zeros, d.sym_zero, cols, block, x_split,
+                        xsum, r0, r1, y);
+        return;
       }
+      std::size_t r = r0; // block % 32 == 0: 32-code chunks, one byte per lane
       for (; r < r1; ++r) {
         const std::uint8_t* q = codes + r * cols / 2; // cols even: rows start on a byte
         const float* s = scales + r * nbr;
@@ -250,31 +290,13 @@ inline void fused_gemv_rows(const qw_desc& d, const std::uint8_t* codes, const f
         for (std::size_t b = 0; b < nbr; ++b) {
           __m512 a0 = _mm512_setzero_ps(), a1 = _mm512_setzero_ps();
           const std::size_t k0 = b * block;
-          if (wide) {
-            __m512 a2 = _mm512_setzero_ps(), a3 = _mm512_setzero_ps();
-            for (std::size_t k = 0; k < block; k += 64) {
-              const __m512i v = _mm512_cvtepu16_epi32(
-                  _mm256_loadu_si256(reinterpret_cast<const __m256i*>(q + (k0 + k) / 2)));
-              const float* xs = x_split + k0 + k;
-              a0 = _mm512_fmadd_ps(_mm512_permutexvar_ps(v, lut), _mm512_loadu_ps(xs), a0);
-              a1 = _mm512_fmadd_ps(_mm512_permutexvar_ps(_mm512_srli_epi32(v, 4), lut),
-                                   _mm512_loadu_ps(xs + 16), a1);
-              a2 = _mm512_fmadd_ps(_mm512_permutexvar_ps(_mm512_srli_epi32(v, 8), lut),
-                                   _mm512_loadu_ps(xs + 32), a2);
-              a3 = _mm512_fmadd_ps(_mm512_permutexvar_ps(_mm512_srli_epi32(v, 12), lut),
-                                   _mm512_loadu_ps(xs + 48), a3);
-            }
-            a0 = _mm512_add_ps(a0, a2);
-            a1 = _mm512_add_ps(a1, a3);
-          } else {
-            for (std::size_t k = 0; k < block; k += 32) {
-              const __m512i v = _mm512_cvtepu8_epi32(
-                  _mm_loadu_si128(reinterpret_cast<const __m128i*>(q + (k0 + k) / 2)));
-              const __m512 lo = _mm512_permutexvar_ps(v, lut);
-              const __m512 hi = _mm512_permutexvar_ps(_mm512_srli_epi32(v, 4), lut);
-              a0 = _mm512_fmadd_ps(lo, _mm512_loadu_ps(x_split + k0 + k), a0);
-              a1 = _mm512_fmadd_ps(hi, _mm512_loadu_ps(x_split + k0 + k + 16), a1);
-            }
+          for (std::size_t k = 0; k < block; k += 32) {
+            const __m512i v = _mm512_cvtepu8_epi32(
+                _mm_loadu_si128(reinterpret_cast<const __m128i*>(q + (k0 + k) / 2)));
+            const __m512 lo = _mm512_permutexvar_ps(v, lut);
+            const __m512 hi = _mm512_permutexvar_ps(_mm512_srli_epi32(v, 4), lut);
+            a0 = _mm512_fmadd_ps(lo, _mm512_loadu_ps(x_split + k0 + k), a0);
+            a1 = _mm512_fmadd_ps(hi, _mm512_loadu_ps(x_split + k0 + k + 16), a1);
           }
           const float sb = s[b];
           acc = _mm512_fmadd_ps(_mm512_add_ps(a0, a1), _mm512_set1_ps(sb), acc);

@@ -114,6 +114,13 @@ inline void affine_quantize(const float* x, index_t rows, index_t cols, const af
   require_data(fn, "codes", codes, n);
   require_data(fn, "scales", scales, nb);
   if (!f.symmetric) require_data(fn, "zeros", zeros, nb);
+  if constexpr (kernels::has_sym8_blocks_path<Arch>()) {
+    if (f.bits == 8 && f.symmetric && r == rounding::nearest_even && B % 64 == 0 &&
+        n % std::size_t(B) == 0) { // fused one-pass kernel, bitwise the same codes and scales
+      kernels::affine_sym8_blocks<Arch>(x, nb, std::size_t(B), codes, scales);
+      return;
+    }
+  }
   alignas(64) std::uint8_t tmp[256];
   for (std::size_t b = 0; b < nb; ++b) {
     const std::size_t begin = b * std::size_t(B);
@@ -200,8 +207,14 @@ inline void fourbit_quantize(const float* x, std::size_t n, fourbit t, index_t b
   const kernels::codebook4& cb =
       t == fourbit::nf4 ? kernels::nf4_codebook() : kernels::fp4_codebook();
   const std::uint8_t zero_code = kernels::codebook_code_scalar(0.0f, cb);
+  std::size_t b0 = 0;
+  if (block % 64 == 0 && kernels::has_codebook_blocks_path<Arch>(cb)) {
+    // whole blocks through the fused one-pass kernel (bitwise the same), the partial last one below
+    b0 = n / std::size_t(block);
+    kernels::codebook_blocks64<Arch>(x, b0, std::size_t(block), cb, packed, absmax);
+  }
   alignas(64) std::uint8_t tmp[256];
-  for (std::size_t b = 0; b < nb; ++b) {
+  for (std::size_t b = b0; b < nb; ++b) {
     const std::size_t begin = b * std::size_t(block);
     const std::size_t len = std::min<std::size_t>(std::size_t(block), n - begin);
     const std::int32_t bits = kernels::absmax_bits<Arch>(x + begin, len);
