@@ -389,6 +389,12 @@ inline void quantized_dispatch(P* p, const G* g, quantized_state& s, std::size_t
         kernels::quantized_groups<Arch, Bits>(
             std::size_t(gb), std::size_t(ge), n, local, count,
             [&](std::size_t b, std::size_t len, float* mb, float* vb) {
+              // the next group's parameters and gradient, fetched while this one computes
+              if (b + len < n) {
+                const std::size_t nl = std::min(kernels::group_size, n - (b + len));
+                kernels::prefetch_range(p + b + len, nl * sizeof(P));
+                kernels::prefetch_range(g + b + len, nl * sizeof(G));
+              }
               if constexpr (std::is_same<P, float>::value) {
                 span(p + b, g + b, mb, vb, len);
               } else {
@@ -414,6 +420,32 @@ inline void adamw_quantized(const char* fn, P* param, const G* grad, quantized_s
   auto span = [&c](float* p, const float* g, float* m, float* v, std::size_t k) {
     kernels::adam_span<Arch, false>(p, g, m, v, k, c);
   };
+#if XSIMD_WITH_AVX512F && defined(__AVX512VBMI__)
+  if constexpr (std::is_base_of<xsimd::avx512bw, Arch>::value && std::is_same<P, float>::value &&
+                std::is_same<G, float>::value) {
+    if (state.bits() == 8 && state.quantized()) {
+      // two-pass fused kernel over full groups (same arithmetic, bit for bit); the partial last
+      // group through the generic path
+      const std::ptrdiff_t groups =
+          std::ptrdiff_t((n + kernels::group_size - 1) / kernels::group_size);
+      kernels::qmoment_view* views = state.views();
+      parallel_for(
+          0, groups, 64,
+          [&](std::ptrdiff_t gb, std::ptrdiff_t ge, int) {
+            kernels::qmoment_view local[2] = {views[0], views[1]};
+            const std::size_t rest = kernels::adamw8_full_groups(
+                param, grad, local, std::size_t(gb), std::size_t(ge), n, c);
+            kernels::quantized_groups<Arch, 8>(
+                rest, std::size_t(ge), n, local, 2,
+                [&](std::size_t b, std::size_t len, float* mb, float* vb) {
+                  span(param + b, grad + b, mb, vb, len);
+                });
+          },
+          threads);
+      return;
+    }
+  }
+#endif
   if (state.bits() == 8)
     quantized_dispatch<Arch, 8>(param, grad, state, n, rs, threads, span);
   else
