@@ -21,8 +21,8 @@
 //    instructions per 16 values, no gathers, no table in memory.
 //    Negative inputs of the signed map use their magnitude nudged up by one ulp, which turns
 //    "boundaries below x" into "magnitude boundaries <= |x|" (the mirrored count).
-//  * 16-code maps (4-bit): 15 in-register compares; the linear map k/16 by arithmetic
-//    (clamp(ceil(16x − 1.5), 0, 15), exact).
+//  * 16-code maps (4-bit): a 4-step binary search over the 15 boundaries held in one register;
+//    the linear map k/16 by arithmetic (clamp(ceil(16x − 1.5), 0, 15), exact).
 //  * The scalar path (other archs, tails) counts boundaries with a bucket table indexed by the
 //    float's sign, exponent and top 6 mantissa bits (at most two boundaries per bucket, checked at
 //    construction) plus two compares: the same function, bit for bit.
@@ -40,6 +40,9 @@
 //
 // A step dequantizes one group of each moment into an L1-resident stack buffer (16 KiB), runs the
 // same fp32 update kernel as the unquantized optimizer, and requantizes: no full-size temporaries.
+// 8-bit AdamW with fp32 parameters and gradients on AVX512-VBMI runs the same arithmetic in two
+// passes per group (adamw8_full_groups: decode + update + block absmax, then encode), fetching
+// the next group's parameters and gradients during the encode pass; other steps prefetch too.
 #pragma once
 
 #include <algorithm>
@@ -581,10 +584,8 @@ inline void quantize_group(const float* in, std::size_t begin, std::size_t n,
     if constexpr (std::is_base_of<xsimd::avx512f, Arch>::value) {
       if constexpr (Bits == 4) {
         // 16 codes: count the midpoints below x in registers (no table lookups)
-        __m512 mids[15];
-        for (int k = 0; k < 15; ++k) mids[k] = _mm512_set1_ps(q.cb->mid[k]);
+        const __m512 mids = _mm512_loadu_ps(q.cb->mid); // mid[15] = +inf
         const __m512 vinv = _mm512_set1_ps(inv);
-        const __m512i one = _mm512_set1_epi32(1);
         const __m128i pair = _mm_set1_epi16(0x1001); // byte 2j + 16 · byte 2j+1
         for (; j + 16 <= len; j += 16) {
           const __m512 xv = _mm512_mul_ps(_mm512_loadu_ps(in + j0 + j), vinv);
@@ -598,8 +599,14 @@ inline void quantize_group(const float* in, std::size_t begin, std::size_t n,
             t = _mm512_min_ps(_mm512_max_ps(t, _mm512_setzero_ps()), _mm512_set1_ps(15.0f));
             qv = _mm512_cvttps_epi32(t);
           } else {
-            for (int k = 0; k < 15; ++k)
-              qv = _mm512_mask_add_epi32(qv, _mm512_cmp_ps_mask(xv, mids[k], _CMP_GT_OQ), qv, one);
+            // binary search for the count of boundaries below x (sorted, so it is the same
+            // count as 15 compares): 4 steps of permute + compare + masked add
+            for (int step = 8; step >= 1; step /= 2) {
+              const __m512 probe =
+                  _mm512_permutexvar_ps(_mm512_add_epi32(qv, _mm512_set1_epi32(step - 1)), mids);
+              qv = _mm512_mask_add_epi32(qv, _mm512_cmp_ps_mask(xv, probe, _CMP_GT_OQ), qv,
+                                         _mm512_set1_epi32(step));
+            }
           }
           const __m128i bytes = _mm512_cvtepi32_epi8(qv);
           const __m128i packed = _mm_packus_epi16(_mm_maddubs_epi16(bytes, pair), bytes);
