@@ -40,9 +40,10 @@
 //
 // A step dequantizes one group of each moment into an L1-resident stack buffer (16 KiB), runs the
 // same fp32 update kernel as the unquantized optimizer, and requantizes: no full-size temporaries.
-// 8-bit AdamW with fp32 parameters and gradients on AVX512-VBMI runs the same arithmetic in two
-// passes per group (adamw8_full_groups: decode + update + block absmax, then encode), fetching
-// the next group's parameters and gradients during the encode pass; other steps prefetch too.
+// 8-bit and 4-bit AdamW with fp32 parameters and gradients on AVX512-VBMI run the same arithmetic
+// in two passes per group (adamw_quant_full_groups: decode + update + block absmax, then encode),
+// fetching the next group's parameters and gradients during the encode pass; other steps prefetch
+// too.
 #pragma once
 
 #include <algorithm>
@@ -375,6 +376,44 @@ struct encode256 {
   }
 };
 
+/// Codes of 16 values of a 16-code book (mids = its 15 boundaries, mid[15] = +inf): the linear
+/// map k/16 by arithmetic, any other map by a binary search over the boundaries.
+inline __m512i code16(bool linear16, __m512 mids, __m512 xv) noexcept {
+  if (linear16) {
+    // boundaries (c + 1.5)/16: count = clamp(ceil(16x − 1.5), 0, 15), exact in float (16x is
+    // exact and 16x − 1.5 is exact wherever it is positive); NaN -> 0
+    const __m512 y = _mm512_sub_ps(_mm512_mul_ps(xv, _mm512_set1_ps(16.0f)), _mm512_set1_ps(1.5f));
+    __m512 t = _mm512_roundscale_ps(y, _MM_FROUND_TO_POS_INF | _MM_FROUND_NO_EXC);
+    t = _mm512_min_ps(_mm512_max_ps(t, _mm512_setzero_ps()), _mm512_set1_ps(15.0f));
+    return _mm512_cvttps_epi32(t);
+  }
+  // binary search for the count of boundaries below x (sorted, so it is the count 15 compares
+  // would give): 4 steps of permute + compare + masked add
+  __m512i qv = _mm512_setzero_si512();
+  for (int step = 8; step >= 1; step /= 2) {
+    const __m512 probe =
+        _mm512_permutexvar_ps(_mm512_add_epi32(qv, _mm512_set1_epi32(step - 1)), mids);
+    qv = _mm512_mask_add_epi32(qv, _mm512_cmp_ps_mask(xv, probe, _CMP_GT_OQ), qv,
+                               _mm512_set1_epi32(step));
+  }
+  return qv;
+}
+/// 16 codes (< 16) nibble-packed into 8 bytes: element 2j in the low nibble of byte j.
+inline void store_nibbles(__m512i qv, std::uint8_t* out) noexcept {
+  const __m128i pair = _mm_set1_epi16(0x1001); // byte 2j + 16 · byte 2j+1
+  const __m128i bytes = _mm512_cvtepi32_epi8(qv);
+  const __m128i packed = _mm_packus_epi16(_mm_maddubs_epi16(bytes, pair), bytes);
+  _mm_storel_epi64(reinterpret_cast<__m128i*>(out), packed);
+}
+/// 16 nibble-packed codes at c -> table values × s.
+inline __m512 decode16(const std::uint8_t* c, __m512 table, __m512 s) noexcept {
+  const __m128i m4 = _mm_set1_epi8(0x0F);
+  const __m128i b = _mm_loadl_epi64(reinterpret_cast<const __m128i*>(c));
+  const __m128i lo = _mm_and_si128(b, m4), hi = _mm_and_si128(_mm_srli_epi16(b, 4), m4);
+  const __m512i idx = _mm512_cvtepu8_epi32(_mm_unpacklo_epi8(lo, hi));
+  return _mm512_mul_ps(_mm512_permutexvar_ps(idx, table), s);
+}
+
 #if defined(__AVX512VBMI__)
 /// 64 codes -> 64 floats × s: the 256-entry table as four byte planes (vpermi2b on each 128-entry
 /// half, blended by the code's top bit), re-interleaved with unpacks. The codes are first permuted
@@ -430,13 +469,8 @@ inline void dequantize_block(const codebook& cb, const std::uint8_t* c, float s,
       }
     } else {
       const __m512 table = _mm512_loadu_ps(cb.values);
-      const __m128i m4 = _mm_set1_epi8(0x0F);
-      for (; j + 16 <= len; j += 16) {
-        const __m128i b = _mm_loadl_epi64(reinterpret_cast<const __m128i*>(c + j / 2));
-        const __m128i lo = _mm_and_si128(b, m4), hi = _mm_and_si128(_mm_srli_epi16(b, 4), m4);
-        const __m512i idx = _mm512_cvtepu8_epi32(_mm_unpacklo_epi8(lo, hi));
-        _mm512_storeu_ps(out + j, _mm512_mul_ps(_mm512_permutexvar_ps(idx, table), vs));
-      }
+      for (; j + 16 <= len; j += 16)
+        _mm512_storeu_ps(out + j, avx512::decode16(c + j / 2, table, vs));
     }
   }
 #endif
@@ -583,34 +617,12 @@ inline void quantize_group(const float* in, std::size_t begin, std::size_t n,
 #if XSIMD_WITH_AVX512F
     if constexpr (std::is_base_of<xsimd::avx512f, Arch>::value) {
       if constexpr (Bits == 4) {
-        // 16 codes: count the midpoints below x in registers (no table lookups)
+        // 16 codes: count the boundaries below x in registers (no table lookups)
         const __m512 mids = _mm512_loadu_ps(q.cb->mid); // mid[15] = +inf
         const __m512 vinv = _mm512_set1_ps(inv);
-        const __m128i pair = _mm_set1_epi16(0x1001); // byte 2j + 16 · byte 2j+1
         for (; j + 16 <= len; j += 16) {
           const __m512 xv = _mm512_mul_ps(_mm512_loadu_ps(in + j0 + j), vinv);
-          __m512i qv = _mm512_setzero_si512();
-          if (q.cb->linear16) {
-            // boundaries (c + 1.5)/16: count = clamp(ceil(16x − 1.5), 0, 15), exact in float
-            // (16x is exact and 16x − 1.5 is exact wherever it is positive); NaN -> 0
-            const __m512 y =
-                _mm512_sub_ps(_mm512_mul_ps(xv, _mm512_set1_ps(16.0f)), _mm512_set1_ps(1.5f));
-            __m512 t = _mm512_roundscale_ps(y, _MM_FROUND_TO_POS_INF | _MM_FROUND_NO_EXC);
-            t = _mm512_min_ps(_mm512_max_ps(t, _mm512_setzero_ps()), _mm512_set1_ps(15.0f));
-            qv = _mm512_cvttps_epi32(t);
-          } else {
-            // binary search for the count of boundaries below x (sorted, so it is the same
-            // count as 15 compares): 4 steps of permute + compare + masked add
-            for (int step = 8; step >= 1; step /= 2) {
-              const __m512 probe =
-                  _mm512_permutexvar_ps(_mm512_add_epi32(qv, _mm512_set1_epi32(step - 1)), mids);
-              qv = _mm512_mask_add_epi32(qv, _mm512_cmp_ps_mask(xv, probe, _CMP_GT_OQ), qv,
-                                         _mm512_set1_epi32(step));
-            }
-          }
-          const __m128i bytes = _mm512_cvtepi32_epi8(qv);
-          const __m128i packed = _mm_packus_epi16(_mm_maddubs_epi16(bytes, pair), bytes);
-          _mm_storel_epi64(reinterpret_cast<__m128i*>(c + j / 2), packed);
+          avx512::store_nibbles(avx512::code16(q.cb->linear16, mids, xv), c + j / 2);
         }
       } else if (q.cb->segmented) {
         const __m512 vinv = _mm512_set1_ps(inv);
@@ -637,22 +649,25 @@ inline void quantize_group(const float* in, std::size_t begin, std::size_t n,
 }
 
 #if XSIMD_WITH_AVX512F && defined(__AVX512VBMI__)
-/// 8-bit AdamW on the full groups among [g_begin, g_end) (fp32 parameters and gradients, 8-bit
-/// m and v; AVX512-VBMI): the same arithmetic as quantized_groups + adam_span<Arch, false>, bit
-/// for bit, in two passes per group instead of seven:
-///  1. per 64 elements: decode the m and v codes in registers (decode256), the AdamW update,
-///     store p and the new m, v into L1 stack buffers, keep the running block absmax;
-///  2. group scales, block bytes, encode both moments from the buffers (encode256), fetching the
-///     next group's p and g meanwhile (the update pass then finds them in cache).
+/// 8-bit / 4-bit AdamW on the full groups among [g_begin, g_end) (fp32 parameters and gradients;
+/// AVX512-VBMI): the same arithmetic as quantized_groups + adam_span<Arch, false>, bit for bit,
+/// in two passes per group instead of seven:
+///  1. per 64 elements: decode the m and v codes in registers (decode256 / decode16), the AdamW
+///     update, store p and the new m, v into L1 stack buffers, keep the running block absmax;
+///  2. group scales, block bytes, encode both moments from the buffers (encode256 / code16),
+///     fetching the next group's p and g meanwhile (the update pass then finds them in cache).
 /// Returns the first group it did not process (the partial last group, if any, or g_end).
-inline std::size_t adamw8_full_groups(float* p, const float* g, qmoment_view* q,
-                                      std::size_t g_begin, std::size_t g_end, std::size_t n,
-                                      const adam_coeffs& c) noexcept {
-  constexpr std::size_t G = group_size, B = block_size<8>, NB = G / B;
+template <int Bits>
+inline std::size_t adamw_quant_full_groups(float* p, const float* g, qmoment_view* q,
+                                           std::size_t g_begin, std::size_t g_end, std::size_t n,
+                                           const adam_coeffs& c) noexcept {
+  constexpr std::size_t G = group_size, B = block_size<Bits>, NB = G / B;
   const std::size_t g_full = std::min(g_end, n / G);
   if (g_begin >= g_full) return g_begin;
   const avx512::decode256 dec_m(*q[0].cb), dec_v(*q[1].cb);
   const avx512::encode256 enc_m(*q[0].cb), enc_v(*q[1].cb);
+  const __m512 tab_m = _mm512_loadu_ps(q[0].cb->values), tab_v = _mm512_loadu_ps(q[1].cb->values);
+  const __m512 mid_m = _mm512_loadu_ps(q[0].cb->mid), mid_v = _mm512_loadu_ps(q[1].cb->mid);
   const float* t = pow2_eighths();
   const __m512 b1 = _mm512_set1_ps(c.beta1), omb1 = _mm512_set1_ps(c.one_minus_beta1),
                b2 = _mm512_set1_ps(c.beta2), omb2 = _mm512_set1_ps(c.one_minus_beta2),
@@ -664,8 +679,8 @@ inline std::size_t adamw8_full_groups(float* p, const float* g, qmoment_view* q,
     const std::size_t begin = gi * G;
     float* pp = p + begin;
     const float* gg = g + begin;
-    const std::uint8_t* cm = q[0].codes + begin;
-    const std::uint8_t* cv = q[1].codes + begin;
+    const std::uint8_t* cm = q[0].codes + (Bits == 8 ? begin : begin / 2);
+    const std::uint8_t* cv = q[1].codes + (Bits == 8 ? begin : begin / 2);
     const float Sm0 = q[0].group_scale[gi], Sv0 = q[1].group_scale[gi];
     for (std::size_t b = 0; b < NB; ++b) {
       const __m512 sm = _mm512_set1_ps(Sm0 * t[q[0].block_exp[begin / B + b]]);
@@ -673,8 +688,15 @@ inline std::size_t adamw8_full_groups(float* p, const float* g, qmoment_view* q,
       __m512 amax_m = _mm512_setzero_ps(), amax_v = _mm512_setzero_ps();
       for (std::size_t j = b * B; j < (b + 1) * B; j += 64) {
         __m512 dm[4], dv[4];
-        dec_m.get(cm + j, sm, dm);
-        dec_v.get(cv + j, sv, dv);
+        if constexpr (Bits == 8) {
+          dec_m.get(cm + j, sm, dm);
+          dec_v.get(cv + j, sv, dv);
+        } else {
+          for (std::size_t r = 0; r < 4; ++r) {
+            dm[r] = avx512::decode16(cm + (j + 16 * r) / 2, tab_m, sm);
+            dv[r] = avx512::decode16(cv + (j + 16 * r) / 2, tab_v, sv);
+          }
+        }
         for (std::size_t r = 0; r < 64; r += 16) {
           const __m512 gv = _mm512_loadu_ps(gg + j + r);
           __m512 pv = _mm512_loadu_ps(pp + j + r);
@@ -702,7 +724,7 @@ inline std::size_t adamw8_full_groups(float* p, const float* g, qmoment_view* q,
     q[0].group_scale[gi] = Sm, q[1].group_scale[gi] = Sv;
     auto encode = [&](int k, float S, const float* buf, const float* amax, auto is_signed) {
       const avx512::encode256& enc = k == 0 ? enc_m : enc_v;
-      std::uint8_t* codes = q[k].codes + begin;
+      std::uint8_t* codes = q[k].codes + (Bits == 8 ? begin : begin / 2);
       for (std::size_t b = 0; b < NB; ++b) {
         const std::uint8_t e = block_exponent(S, amax[b]);
         q[k].block_exp[begin / B + b] = e;
@@ -711,7 +733,15 @@ inline std::size_t adamw8_full_groups(float* p, const float* g, qmoment_view* q,
         for (std::size_t j = b * B; j < (b + 1) * B; j += 64) {
           if (more)
             for (int l = 0; l < 4; ++l) _mm_prefetch(next[k] + 4 * j + 64 * l, _MM_HINT_T0);
-          enc.store64<decltype(is_signed)::value>(buf + j, vinv, codes + j);
+          if constexpr (Bits == 8) {
+            enc.store64<decltype(is_signed)::value>(buf + j, vinv, codes + j);
+          } else {
+            const __m512 mids = k == 0 ? mid_m : mid_v;
+            for (std::size_t r = j; r < j + 64; r += 16) {
+              const __m512 xv = _mm512_mul_ps(_mm512_load_ps(buf + r), vinv);
+              avx512::store_nibbles(avx512::code16(q[k].cb->linear16, mids, xv), codes + r / 2);
+            }
+          }
         }
       }
     };
