@@ -21,8 +21,8 @@
 //    instructions per 16 values, no gathers, no table in memory.
 //    Negative inputs of the signed map use their magnitude nudged up by one ulp, which turns
 //    "boundaries below x" into "magnitude boundaries <= |x|" (the mirrored count).
-//  * 16-code maps (4-bit): 15 in-register compares; the linear map k/16 by arithmetic
-//    (clamp(ceil(16x − 1.5), 0, 15), exact).
+//  * 16-code maps (4-bit): a 4-step binary search over the 15 boundaries held in one register;
+//    the linear map k/16 by arithmetic (clamp(ceil(16x − 1.5), 0, 15), exact).
 //  * The scalar path (other archs, tails) counts boundaries with a bucket table indexed by the
 //    float's sign, exponent and top 6 mantissa bits (at most two boundaries per bucket, checked at
 //    construction) plus two compares: the same function, bit for bit.
@@ -40,6 +40,10 @@
 //
 // A step dequantizes one group of each moment into an L1-resident stack buffer (16 KiB), runs the
 // same fp32 update kernel as the unquantized optimizer, and requantizes: no full-size temporaries.
+// 8-bit and 4-bit AdamW with fp32 parameters and gradients on AVX512-VBMI run the same arithmetic
+// in two passes per group (adamw_quant_full_groups: decode + update + block absmax, then encode),
+// fetching the next group's parameters and gradients during the encode pass; other steps prefetch
+// too.
 #pragma once
 
 #include <algorithm>
@@ -172,9 +176,10 @@ inline codebook make_dynamic_map(bool is_signed, int max_exponent_bits, int tota
     auto add_segment = [&](int n, float c0, float c1) {
       if (nseg > 0) bounds[nseg - 1] = mags_mid[nmid++] = 0.5f * (mag[off - 1] + mag[off]);
       cb.seg_c0[nseg] = c0, cb.seg_c1[nseg] = c1, cb.seg_r1[nseg] = 1.0f / c1;
-      // biased by 2^-10 so that floor(a·r1 − c0r1) undershoots the in-segment count by at most 1
-      // (its float error is ~1e-5), and one compare against the next boundary finishes
-      cb.seg_c0r1[nseg] = c0 * cb.seg_r1[nseg] + 0x1p-10f;
+      // biased by 2^-10 so that floor(a·r1 − c0r1) undershoots the in-segment count plus one by
+      // at most 1 (its float error is ~1e-5), and one compare against the boundary it names
+      // finishes; the "plus one" (the − 1) saves an add per vector
+      cb.seg_c0r1[nseg] = c0 * cb.seg_r1[nseg] + 0x1p-10f - 1.0f;
       cb.seg_nmax[nseg] = float(n - 1), cb.seg_off[nseg] = float(off);
       for (int j = 1; j < n; ++j) mags_mid[nmid++] = std::fma(c1, float(j), c0);
       off += n, ++nseg;
@@ -248,6 +253,18 @@ inline const float* pow2_eighths() {
 inline constexpr std::size_t group_size = 2048;
 template <int Bits> inline constexpr std::size_t block_size = Bits == 8 ? 256 : 128;
 
+/// Hints the cache to fetch bytes [p, p + bytes) (one request per 64-byte line; no-op elsewhere).
+/// The quantized steps run one group at a time, mostly in-register compute: fetching the next
+/// group's parameters and gradients meanwhile keeps DRAM busy during the encode phase.
+inline void prefetch_range(const void* p, std::size_t bytes) noexcept {
+#if defined(__GNUC__)
+  const char* c = static_cast<const char*>(p);
+  for (std::size_t o = 0; o < bytes; o += 64) __builtin_prefetch(c + o, 0, 3);
+#else
+  (void)p, (void)bytes;
+#endif
+}
+
 /// One quantized moment of one tensor.
 struct qmoment_view {
   std::uint8_t* codes = nullptr;     // 8-bit: one byte per element; 4-bit: element 2j in the low
@@ -303,11 +320,12 @@ struct encode256 {
     r1 = _mm512_loadu_ps(cb.seg_r1), c0r1 = _mm512_loadu_ps(cb.seg_c0r1);
     nmax = _mm512_loadu_ps(cb.seg_nmax), off = _mm512_loadu_ps(cb.seg_off);
   }
-  __m512i operator()(__m512 x) const noexcept {
+  __m512i operator()(__m512 x) const noexcept { return is_signed ? enc<true>(x) : enc<false>(x); }
+  template <bool Signed> __m512i enc(__m512 x) const noexcept {
     const __m512i xb = _mm512_castps_si512(x), sign = _mm512_set1_epi32(int(0x80000000u));
     const __m512 one = _mm512_set1_ps(1.0f), zero = _mm512_setzero_ps();
     __m512i ab;
-    if (is_signed) {
+    if constexpr (Signed) {
       // |x|, plus one ulp for negative x: "boundaries < |x|+" = "boundaries <= |x|"
       ab = _mm512_andnot_si512(sign, xb);
       ab = _mm512_mask_add_epi32(ab, _mm512_test_epi32_mask(xb, sign), ab, _mm512_set1_epi32(1));
@@ -325,21 +343,76 @@ struct encode256 {
     const __m512 sc0 = _mm512_permutexvar_ps(d, c0), sc1 = _mm512_permutexvar_ps(d, c1);
     const __m512 t =
         _mm512_fmsub_ps(a, _mm512_permutexvar_ps(d, r1), _mm512_permutexvar_ps(d, c0r1));
-    // kf is the count of inner boundaries below a, or one less: compare with boundary kf + 1
-    const __m512 kf1 =
-        _mm512_roundscale_ps(_mm512_add_ps(t, one), _MM_FROUND_TO_NEG_INF | _MM_FROUND_NO_EXC);
+    // kf1 is the count of inner boundaries below a, plus one or plus zero: compare with boundary
+    // kf1 (the boundary index is 1-based)
+    const __m512 kf1 = _mm512_roundscale_ps(t, _MM_FROUND_TO_NEG_INF | _MM_FROUND_NO_EXC);
     const __m512 j = _mm512_mask_sub_ps(
         kf1, _mm512_cmp_ps_mask(a, _mm512_fmadd_ps(sc1, kf1, sc0), _CMP_LE_OQ), kf1, one);
     // j >= 0 already (every segment's boundary below lies above its c0); decades can reach nmax+1
     const __m512 cnt = _mm512_min_ps(j, _mm512_permutexvar_ps(d, nmax));
     __m512 q = _mm512_add_ps(cnt, _mm512_permutexvar_ps(d, off));
-    if (is_signed) { // 127 ± magnitude index, the missing -1 code clamped to 0
+    if constexpr (Signed) { // 127 ± magnitude index, the missing -1 code clamped to 0
       q = _mm512_castsi512_ps(_mm512_or_si512(_mm512_castps_si512(q), _mm512_and_si512(xb, sign)));
       q = _mm512_max_ps(_mm512_add_ps(q, _mm512_set1_ps(127.0f)), zero);
     }
     return _mm512_cvttps_epi32(q);
   }
+  /// out[0..64) = codes of x[0..64) · inv: four encodes packed with saturating packs (codes fit
+  /// a byte; a NaN's code saturates to 0) and one dword permute back into element order.
+  void store64(const float* x, __m512 inv, std::uint8_t* out) const noexcept {
+    is_signed ? store64<true>(x, inv, out) : store64<false>(x, inv, out);
+  }
+  template <bool Signed>
+  void store64(const float* x, __m512 inv, std::uint8_t* out) const noexcept {
+    const __m512i a = enc<Signed>(_mm512_mul_ps(_mm512_loadu_ps(x), inv)),
+                  b = enc<Signed>(_mm512_mul_ps(_mm512_loadu_ps(x + 16), inv)),
+                  c = enc<Signed>(_mm512_mul_ps(_mm512_loadu_ps(x + 32), inv)),
+                  d = enc<Signed>(_mm512_mul_ps(_mm512_loadu_ps(x + 48), inv));
+    // per 128-bit lane l: bytes a[4l..4l+4), b[..], c[..], d[..]
+    const __m512i packed =
+        _mm512_packus_epi16(_mm512_packus_epi32(a, b), _mm512_packus_epi32(c, d));
+    const __m512i perm = _mm512_set_epi32(15, 11, 7, 3, 14, 10, 6, 2, 13, 9, 5, 1, 12, 8, 4, 0);
+    _mm512_storeu_si512(out, _mm512_permutexvar_epi32(perm, packed));
+  }
 };
+
+/// Codes of 16 values of a 16-code book (mids = its 15 boundaries, mid[15] = +inf): the linear
+/// map k/16 by arithmetic, any other map by a binary search over the boundaries.
+inline __m512i code16(bool linear16, __m512 mids, __m512 xv) noexcept {
+  if (linear16) {
+    // boundaries (c + 1.5)/16: count = clamp(ceil(16x − 1.5), 0, 15), exact in float (16x is
+    // exact and 16x − 1.5 is exact wherever it is positive); NaN -> 0
+    const __m512 y = _mm512_sub_ps(_mm512_mul_ps(xv, _mm512_set1_ps(16.0f)), _mm512_set1_ps(1.5f));
+    __m512 t = _mm512_roundscale_ps(y, _MM_FROUND_TO_POS_INF | _MM_FROUND_NO_EXC);
+    t = _mm512_min_ps(_mm512_max_ps(t, _mm512_setzero_ps()), _mm512_set1_ps(15.0f));
+    return _mm512_cvttps_epi32(t);
+  }
+  // binary search for the count of boundaries below x (sorted, so it is the count 15 compares
+  // would give): 4 steps of permute + compare + masked add
+  __m512i qv = _mm512_setzero_si512();
+  for (int step = 8; step >= 1; step /= 2) {
+    const __m512 probe =
+        _mm512_permutexvar_ps(_mm512_add_epi32(qv, _mm512_set1_epi32(step - 1)), mids);
+    qv = _mm512_mask_add_epi32(qv, _mm512_cmp_ps_mask(xv, probe, _CMP_GT_OQ), qv,
+                               _mm512_set1_epi32(step));
+  }
+  return qv;
+}
+/// 16 codes (< 16) nibble-packed into 8 bytes: element 2j in the low nibble of byte j.
+inline void store_nibbles(__m512i qv, std::uint8_t* out) noexcept {
+  const __m128i pair = _mm_set1_epi16(0x1001); // byte 2j + 16 · byte 2j+1
+  const __m128i bytes = _mm512_cvtepi32_epi8(qv);
+  const __m128i packed = _mm_packus_epi16(_mm_maddubs_epi16(bytes, pair), bytes);
+  _mm_storel_epi64(reinterpret_cast<__m128i*>(out), packed);
+}
+/// 16 nibble-packed codes at c -> table values × s.
+inline __m512 decode16(const std::uint8_t* c, __m512 table, __m512 s) noexcept {
+  const __m128i m4 = _mm_set1_epi8(0x0F);
+  const __m128i b = _mm_loadl_epi64(reinterpret_cast<const __m128i*>(c));
+  const __m128i lo = _mm_and_si128(b, m4), hi = _mm_and_si128(_mm_srli_epi16(b, 4), m4);
+  const __m512i idx = _mm512_cvtepu8_epi32(_mm_unpacklo_epi8(lo, hi));
+  return _mm512_mul_ps(_mm512_permutexvar_ps(idx, table), s);
+}
 
 #if defined(__AVX512VBMI__)
 /// 64 codes -> 64 floats × s: the 256-entry table as four byte planes (vpermi2b on each 128-entry
@@ -352,6 +425,12 @@ struct decode256 {
       for (int r = 0; r < 4; ++r) t[p][r] = _mm512_loadu_si512(cb.planes[p] + 64 * r);
   }
   void operator()(const std::uint8_t* c, __m512 s, float* out) const noexcept {
+    __m512 r[4];
+    get(c, s, r);
+    for (int k = 0; k < 4; ++k) _mm512_storeu_ps(out + 16 * k, r[k]);
+  }
+  /// out[r] = the floats of codes c[16r .. 16r + 16) times s.
+  void get(const std::uint8_t* c, __m512 s, __m512 (&out)[4]) const noexcept {
     const __m512i perm = _mm512_set_epi32(15, 11, 7, 3, 14, 10, 6, 2, 13, 9, 5, 1, 12, 8, 4, 0);
     const __m512i codes = _mm512_permutexvar_epi32(perm, _mm512_loadu_si512(c));
     const __mmask64 hi = _mm512_movepi8_mask(codes);
@@ -363,8 +442,7 @@ struct decode256 {
     const __m512i c2 = _mm512_unpacklo_epi8(P[2], P[3]), d = _mm512_unpackhi_epi8(P[2], P[3]);
     const __m512i R[4] = {_mm512_unpacklo_epi16(a, c2), _mm512_unpackhi_epi16(a, c2),
                           _mm512_unpacklo_epi16(b, d), _mm512_unpackhi_epi16(b, d)};
-    for (int r = 0; r < 4; ++r)
-      _mm512_storeu_ps(out + 16 * r, _mm512_mul_ps(_mm512_castsi512_ps(R[r]), s));
+    for (int r = 0; r < 4; ++r) out[r] = _mm512_mul_ps(_mm512_castsi512_ps(R[r]), s);
   }
 };
 #endif
@@ -391,13 +469,8 @@ inline void dequantize_block(const codebook& cb, const std::uint8_t* c, float s,
       }
     } else {
       const __m512 table = _mm512_loadu_ps(cb.values);
-      const __m128i m4 = _mm_set1_epi8(0x0F);
-      for (; j + 16 <= len; j += 16) {
-        const __m128i b = _mm_loadl_epi64(reinterpret_cast<const __m128i*>(c + j / 2));
-        const __m128i lo = _mm_and_si128(b, m4), hi = _mm_and_si128(_mm_srli_epi16(b, 4), m4);
-        const __m512i idx = _mm512_cvtepu8_epi32(_mm_unpacklo_epi8(lo, hi));
-        _mm512_storeu_ps(out + j, _mm512_mul_ps(_mm512_permutexvar_ps(idx, table), vs));
-      }
+      for (; j + 16 <= len; j += 16)
+        _mm512_storeu_ps(out + j, avx512::decode16(c + j / 2, table, vs));
     }
   }
 #endif
@@ -544,33 +617,16 @@ inline void quantize_group(const float* in, std::size_t begin, std::size_t n,
 #if XSIMD_WITH_AVX512F
     if constexpr (std::is_base_of<xsimd::avx512f, Arch>::value) {
       if constexpr (Bits == 4) {
-        // 16 codes: count the midpoints below x in registers (no table lookups)
-        __m512 mids[15];
-        for (int k = 0; k < 15; ++k) mids[k] = _mm512_set1_ps(q.cb->mid[k]);
+        // 16 codes: count the boundaries below x in registers (no table lookups)
+        const __m512 mids = _mm512_loadu_ps(q.cb->mid); // mid[15] = +inf
         const __m512 vinv = _mm512_set1_ps(inv);
-        const __m512i one = _mm512_set1_epi32(1);
-        const __m128i pair = _mm_set1_epi16(0x1001); // byte 2j + 16 · byte 2j+1
         for (; j + 16 <= len; j += 16) {
           const __m512 xv = _mm512_mul_ps(_mm512_loadu_ps(in + j0 + j), vinv);
-          __m512i qv = _mm512_setzero_si512();
-          if (q.cb->linear16) {
-            // boundaries (c + 1.5)/16: count = clamp(ceil(16x − 1.5), 0, 15), exact in float
-            // (16x is exact and 16x − 1.5 is exact wherever it is positive); NaN -> 0
-            const __m512 y =
-                _mm512_sub_ps(_mm512_mul_ps(xv, _mm512_set1_ps(16.0f)), _mm512_set1_ps(1.5f));
-            __m512 t = _mm512_roundscale_ps(y, _MM_FROUND_TO_POS_INF | _MM_FROUND_NO_EXC);
-            t = _mm512_min_ps(_mm512_max_ps(t, _mm512_setzero_ps()), _mm512_set1_ps(15.0f));
-            qv = _mm512_cvttps_epi32(t);
-          } else {
-            for (int k = 0; k < 15; ++k)
-              qv = _mm512_mask_add_epi32(qv, _mm512_cmp_ps_mask(xv, mids[k], _CMP_GT_OQ), qv, one);
-          }
-          const __m128i bytes = _mm512_cvtepi32_epi8(qv);
-          const __m128i packed = _mm_packus_epi16(_mm_maddubs_epi16(bytes, pair), bytes);
-          _mm_storel_epi64(reinterpret_cast<__m128i*>(c + j / 2), packed);
+          avx512::store_nibbles(avx512::code16(q.cb->linear16, mids, xv), c + j / 2);
         }
       } else if (q.cb->segmented) {
         const __m512 vinv = _mm512_set1_ps(inv);
+        for (; j + 64 <= len; j += 64) encode->store64(in + j0 + j, vinv, c + j);
         for (; j + 16 <= len; j += 16) {
           const __m512 xv = _mm512_mul_ps(_mm512_loadu_ps(in + j0 + j), vinv);
           _mm_storeu_si128(reinterpret_cast<__m128i*>(c + j), _mm512_cvtepi32_epi8((*encode)(xv)));
@@ -591,6 +647,116 @@ inline void quantize_group(const float* in, std::size_t begin, std::size_t n,
     }
   }
 }
+
+#if XSIMD_WITH_AVX512F && defined(__AVX512VBMI__)
+/// 8-bit / 4-bit AdamW on the full groups among [g_begin, g_end) (fp32 parameters and gradients;
+/// AVX512-VBMI): the same arithmetic as quantized_groups + adam_span<Arch, false>, bit for bit,
+/// in two passes per group instead of seven:
+///  1. per 64 elements: decode the m and v codes in registers (decode256 / decode16), the AdamW
+///     update, store p and the new m, v into L1 stack buffers, keep the running block absmax;
+///  2. group scales, block bytes, encode both moments from the buffers (encode256 / code16),
+///     fetching the next group's p and g meanwhile (the update pass then finds them in cache).
+/// Returns the first group it did not process (the partial last group, if any, or g_end).
+template <int Bits>
+inline std::size_t adamw_quant_full_groups(float* p, const float* g, qmoment_view* q,
+                                           std::size_t g_begin, std::size_t g_end, std::size_t n,
+                                           const adam_coeffs& c) noexcept {
+  constexpr std::size_t G = group_size, B = block_size<Bits>, NB = G / B;
+  const std::size_t g_full = std::min(g_end, n / G);
+  if (g_begin >= g_full) return g_begin;
+  const avx512::decode256 dec_m(*q[0].cb), dec_v(*q[1].cb);
+  const avx512::encode256 enc_m(*q[0].cb), enc_v(*q[1].cb);
+  const __m512 tab_m = _mm512_loadu_ps(q[0].cb->values), tab_v = _mm512_loadu_ps(q[1].cb->values);
+  const __m512 mid_m = _mm512_loadu_ps(q[0].cb->mid), mid_v = _mm512_loadu_ps(q[1].cb->mid);
+  const float* t = pow2_eighths();
+  const __m512 b1 = _mm512_set1_ps(c.beta1), omb1 = _mm512_set1_ps(c.one_minus_beta1),
+               b2 = _mm512_set1_ps(c.beta2), omb2 = _mm512_set1_ps(c.one_minus_beta2),
+               isb = _mm512_set1_ps(c.inv_sqrt_bc2), eps = _mm512_set1_ps(c.eps),
+               nstep = _mm512_set1_ps(-c.step_size), decay = _mm512_set1_ps(c.decay);
+  alignas(64) float mb[G], vb[G];
+  float am[NB], av[NB];
+  for (std::size_t gi = g_begin; gi < g_full; ++gi) {
+    const std::size_t begin = gi * G;
+    float* pp = p + begin;
+    const float* gg = g + begin;
+    const std::uint8_t* cm = q[0].codes + (Bits == 8 ? begin : begin / 2);
+    const std::uint8_t* cv = q[1].codes + (Bits == 8 ? begin : begin / 2);
+    const float Sm0 = q[0].group_scale[gi], Sv0 = q[1].group_scale[gi];
+    for (std::size_t b = 0; b < NB; ++b) {
+      const __m512 sm = _mm512_set1_ps(Sm0 * t[q[0].block_exp[begin / B + b]]);
+      const __m512 sv = _mm512_set1_ps(Sv0 * t[q[1].block_exp[begin / B + b]]);
+      __m512 amax_m = _mm512_setzero_ps(), amax_v = _mm512_setzero_ps();
+      for (std::size_t j = b * B; j < (b + 1) * B; j += 64) {
+        __m512 dm[4], dv[4];
+        if constexpr (Bits == 8) {
+          dec_m.get(cm + j, sm, dm);
+          dec_v.get(cv + j, sv, dv);
+        } else {
+          for (std::size_t r = 0; r < 4; ++r) {
+            dm[r] = avx512::decode16(cm + (j + 16 * r) / 2, tab_m, sm);
+            dv[r] = avx512::decode16(cv + (j + 16 * r) / 2, tab_v, sv);
+          }
+        }
+        for (std::size_t r = 0; r < 64; r += 16) {
+          const __m512 gv = _mm512_loadu_ps(gg + j + r);
+          __m512 pv = _mm512_loadu_ps(pp + j + r);
+          const __m512 mv = _mm512_fmadd_ps(b1, dm[r / 16], _mm512_mul_ps(omb1, gv));
+          const __m512 vv =
+              _mm512_fmadd_ps(b2, dv[r / 16], _mm512_mul_ps(omb2, _mm512_mul_ps(gv, gv)));
+          const __m512 denom = _mm512_fmadd_ps(_mm512_sqrt_ps(vv), isb, eps);
+          pv = _mm512_fmadd_ps(nstep, _mm512_div_ps(mv, denom), _mm512_mul_ps(pv, decay));
+          _mm512_storeu_ps(pp + j + r, pv);
+          _mm512_store_ps(mb + j + r, mv);
+          _mm512_store_ps(vb + j + r, vv);
+          // vrangeps 0b1011: max(|a|, |b|) with a cleared sign, one instruction
+          amax_m = _mm512_range_ps(amax_m, mv, 0x0B);
+          amax_v = _mm512_range_ps(amax_v, vv, 0x0B);
+        }
+      }
+      am[b] = _mm512_reduce_max_ps(amax_m), av[b] = _mm512_reduce_max_ps(amax_v);
+    }
+    // the next group's p and g: 2 × 128 lines, one request per encoded vector below
+    const bool more = begin + G < n;
+    const char* next[2] = {reinterpret_cast<const char*>(pp + G),
+                           reinterpret_cast<const char*>(gg + G)};
+    float Sm = 0.0f, Sv = 0.0f;
+    for (std::size_t b = 0; b < NB; ++b) Sm = std::max(Sm, am[b]), Sv = std::max(Sv, av[b]);
+    q[0].group_scale[gi] = Sm, q[1].group_scale[gi] = Sv;
+    auto encode = [&](int k, float S, const float* buf, const float* amax, auto is_signed) {
+      const avx512::encode256& enc = k == 0 ? enc_m : enc_v;
+      std::uint8_t* codes = q[k].codes + (Bits == 8 ? begin : begin / 2);
+      for (std::size_t b = 0; b < NB; ++b) {
+        const std::uint8_t e = block_exponent(S, amax[b]);
+        q[k].block_exp[begin / B + b] = e;
+        const float s = S * t[e];
+        const __m512 vinv = _mm512_set1_ps(s > 0.0f ? 1.0f / s : 0.0f);
+        for (std::size_t j = b * B; j < (b + 1) * B; j += 64) {
+          if (more)
+            for (int l = 0; l < 4; ++l) _mm_prefetch(next[k] + 4 * j + 64 * l, _MM_HINT_T0);
+          if constexpr (Bits == 8) {
+            enc.store64<decltype(is_signed)::value>(buf + j, vinv, codes + j);
+          } else {
+            const __m512 mids = k == 0 ? mid_m : mid_v;
+            for (std::size_t r = j; r < j + 64; r += 16) {
+              const __m512 xv = _mm512_mul_ps(_mm512_load_ps(buf + r), vinv);
+              avx512::store_nibbles(avx512::code16(q[k].cb->linear16, mids, xv), codes + r / 2);
+            }
+          }
+        }
+      }
+    };
+    if (q[0].cb->is_signed)
+      encode(0, Sm, mb, am, std::true_type{});
+    else
+      encode(0, Sm, mb, am, std::false_type{});
+    if (q[1].cb->is_signed)
+      encode(1, Sv, vb, av, std::true_type{});
+    else
+      encode(1, Sv, vb, av, std::false_type{});
+  }
+  return g_full;
+}
+#endif
 
 /// For groups [g_begin, g_end) of an n-element tensor: dequantize `count` (1 or 2) moments into
 /// stack buffers, call update(begin, len, m_buf, v_buf), requantize.

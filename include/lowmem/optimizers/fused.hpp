@@ -389,6 +389,12 @@ inline void quantized_dispatch(P* p, const G* g, quantized_state& s, std::size_t
         kernels::quantized_groups<Arch, Bits>(
             std::size_t(gb), std::size_t(ge), n, local, count,
             [&](std::size_t b, std::size_t len, float* mb, float* vb) {
+              // the next group's parameters and gradient, fetched while this one computes
+              if (b + len < n) {
+                const std::size_t nl = std::min(kernels::group_size, n - (b + len));
+                kernels::prefetch_range(p + b + len, nl * sizeof(P));
+                kernels::prefetch_range(g + b + len, nl * sizeof(G));
+              }
               if constexpr (std::is_same<P, float>::value) {
                 span(p + b, g + b, mb, vb, len);
               } else {
@@ -414,6 +420,39 @@ inline void adamw_quantized(const char* fn, P* param, const G* grad, quantized_s
   auto span = [&c](float* p, const float* g, float* m, float* v, std::size_t k) {
     kernels::adam_span<Arch, false>(p, g, m, v, k, c);
   };
+#if XSIMD_WITH_AVX512F && defined(__AVX512VBMI__)
+  if constexpr (std::is_base_of<xsimd::avx512bw, Arch>::value && std::is_same<P, float>::value &&
+                std::is_same<G, float>::value) {
+    if (state.quantized()) {
+      // two-pass fused kernel over full groups (same arithmetic, bit for bit); the partial last
+      // group through the generic path
+      const std::ptrdiff_t groups =
+          std::ptrdiff_t((n + kernels::group_size - 1) / kernels::group_size);
+      kernels::qmoment_view* views = state.views();
+      auto run = [&](auto bits) {
+        constexpr int Bits = decltype(bits)::value;
+        parallel_for(
+            0, groups, 64,
+            [&](std::ptrdiff_t gb, std::ptrdiff_t ge, int) {
+              kernels::qmoment_view local[2] = {views[0], views[1]};
+              const std::size_t rest = kernels::adamw_quant_full_groups<Bits>(
+                  param, grad, local, std::size_t(gb), std::size_t(ge), n, c);
+              kernels::quantized_groups<Arch, Bits>(
+                  rest, std::size_t(ge), n, local, 2,
+                  [&](std::size_t b, std::size_t len, float* mb, float* vb) {
+                    span(param + b, grad + b, mb, vb, len);
+                  });
+            },
+            threads);
+      };
+      if (state.bits() == 8)
+        run(std::integral_constant<int, 8>{});
+      else
+        run(std::integral_constant<int, 4>{});
+      return;
+    }
+  }
+#endif
   if (state.bits() == 8)
     quantized_dispatch<Arch, 8>(param, grad, state, n, rs, threads, span);
   else
@@ -428,6 +467,9 @@ inline void adamw_quantized(const char* fn, P* param, const G* grad, quantized_s
 /// 2.0117 (8-bit) or 1.0195 (4-bit) bytes/param; fp32 state below 4096 elements.
 /// Numerics: the parameter update is exactly adamw_step's on the dequantized state; the stored
 /// state carries the codebook's rounding error (≤ half a code gap × block scale).
+/// Speed: on AVX512-VBMI runs kernels::adamw_quant_full_groups (two passes per group, bit for
+/// bit the generic path); 8-bit ~95 vector instructions per 16 parameters (update 34, encode m
+/// 33, encode v 28): compute-bound at ~1-1.4× the fp32 step, not memory-bound.
 /// Preconditions: as adamw_step, plus state.size() == n and state.moments() == 2.
 template <class Arch = simd::default_arch>
 inline void adamw_step(float* param, const float* grad, quantized_state& state, std::size_t n,
