@@ -5,6 +5,12 @@
 // The naive path reuses one N × N S and one dP per head (2·N² floats; the full-batch tensors
 // PyTorch builds are Hq times that). Naive cases are registered up to N = 4096.
 // BM_attention_fwdbwd_deterministic runs the two-pass backward (opt.deterministic).
+// Thread-scaling diagnostics of the lowmem cases: cpu_all_ms, the CPU time of every thread of the
+// process per iteration, and par_eff = cpu_all_ms / (threads · real time). On a quiet machine,
+// par_eff < 1 is time a thread sat idle (waiting for the others, or starting late), and
+// cpu_all_ms(2 threads) / cpu_all_ms(1 thread) > 1 is work that got slower on two cores. Under
+// load, descheduled time also lowers par_eff. OpenMP threads spin for a while at barriers, which
+// counts as busy: run with OMP_WAIT_POLICY=passive to count only work.
 #include "bench_support.hpp"
 
 #include <Eigen/Core>
@@ -12,7 +18,10 @@
 #include <lowmem/core/eigen.hpp>
 #include <lowmem/core/random.hpp>
 
+#include <algorithm>
+#include <chrono>
 #include <cmath>
+#include <ctime>
 #include <vector>
 
 namespace {
@@ -41,6 +50,12 @@ struct inputs {
   }
 };
 
+double process_cpu_seconds() {
+  timespec t{};
+  clock_gettime(CLOCK_PROCESS_CPUTIME_ID, &t);
+  return double(t.tv_sec) + 1e-9 * double(t.tv_nsec);
+}
+
 double fwd_flops(long N, long d, bool causal) {
   return 4.0 * double(N) * double(N) * double(d) * H * (causal ? 0.5 : 1.0);
 }
@@ -59,6 +74,8 @@ void BM_lowmem(benchmark::State& state, bool backward, bool deterministic = fals
   const auto V = attention_bhnd<const float>(in.v.data(), 1, hkv, N, d);
   const auto O = attention_bhnd(in.o.data(), 1, H, N, d);
   lowmem::bench::peak_memory peak; // includes the workspace, allocated per iteration
+  const double cpu0 = process_cpu_seconds();
+  const auto wall0 = std::chrono::steady_clock::now();
   for (auto _ : state) {
     lowmem::owned_workspace ws(lowmem::attention_workspace_bytes(d, opt.threads));
     lowmem::attention_forward(Q, K, V, O, in.lse.data(), opt, ws.get());
@@ -70,8 +87,14 @@ void BM_lowmem(benchmark::State& state, bool backward, bool deterministic = fals
                                  attention_bhnd(in.dv.data(), 1, hkv, N, d), opt, ws.get());
     benchmark::ClobberMemory();
   }
+  const double cpu = process_cpu_seconds() - cpu0,
+               wall =
+                   std::chrono::duration<double>(std::chrono::steady_clock::now() - wall0).count();
   peak.report(state);
   lowmem::bench::set_flops(state, fwd_flops(N, d, causal) * (backward ? 3.5 : 1.0));
+  const double iters = double(std::max<benchmark::IterationCount>(state.iterations(), 1));
+  state.counters["cpu_all_ms"] = 1e3 * cpu / iters;
+  state.counters["par_eff"] = wall > 0 ? cpu / (wall * double(std::max(opt.threads, 1))) : 0.0;
 }
 
 /// Plain Eigen: S = scale·Q Kᵀ materialised per head, masked, row softmax, O = P V; backward

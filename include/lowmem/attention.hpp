@@ -258,7 +258,9 @@ inline std::size_t attention_workspace_bytes(std::ptrdiff_t d, int threads = 0) 
 /// Memory: no allocation; scratch is `ws` (attention_workspace_bytes(d, opt.threads)), carved per
 /// thread into 64-query × 64-key tiles: O(threads · 64 · d), never O(N²).
 /// Threads: parallel over batch × heads × groups of up to 4 query tiles of 64 (each group reads a
-/// K/V tile once for all its queries); results do not depend on the thread count.
+/// K/V tile once for all its queries), handed out one at a time to whichever thread is free
+/// (dynamic scheduling: a core slowed by other work takes fewer groups); each group writes only
+/// its own rows of o and lse, so results are bitwise identical for any thread count.
 /// Numerics: fp32 accumulation; online softmax with per-tile rescaling; relative error vs a double
 /// reference ~1e-6 for fp32 inputs.
 /// Preconditions (lowmem::invalid_argument, thrown before anything is written): matching
@@ -310,7 +312,8 @@ void attention_forward(const attention_tensor<Tq>& q,
 /// Shapes: as attention_forward; o, dout like q; dq (fp32) like q, dk, dv (fp32) like k, v.
 /// Memory: no allocation; `ws` as for the forward.
 /// Threads and determinism — two schedules, each summing every gradient element on one thread in
-/// a fixed order (so each is reproducible run to run):
+/// a fixed order (so each is reproducible run to run; work items are handed out dynamically, as in
+/// the forward, and which thread runs an item does not change its result):
 ///  * single pass (FA-2's 10·N²·d flops), parallel over (batch, kv head): each work item loops
 ///    over its query heads and query tiles, and for each over the key tiles it sees; dQ is summed
 ///    per query tile, dK/dV rows straight into the caller's buffers. Used when

@@ -21,6 +21,7 @@
 #pragma once
 
 #include <algorithm>
+#include <atomic>
 #include <cmath>
 #include <cstddef>
 #include <cstdint>
@@ -340,12 +341,6 @@ inline std::size_t thread_bytes(index_t d) {
   workspace_planner p;
   carve(p, d);
   return detail::align_up(p.bytes(), workspace_alignment);
-}
-
-/// Per-item tile order: alternate from both ends so contiguous chunks of items mix cheap and
-/// expensive (causal) tiles.
-inline index_t balanced_tile(index_t t, index_t nt) noexcept {
-  return (t % 2 == 0) ? t / 2 : nt - 1 - t / 2;
 }
 
 // ---- tile-loop scaffolding shared by the forward and both backward passes --------------------
@@ -728,26 +723,59 @@ template <class T> inline index_t key_tiles(const problem<T>& p) {
   return (p.max_nk + tile - 1) / tile;
 }
 
-/// Runs fn(item, buffers) for items [0, n) over `threads` chunks, each with its own buffers
-/// carved from ws (threads · thread_bytes(d) bytes).
+/// Runs fn(item, buffers) for items [0, n) on up to `threads` threads, each with its own buffers
+/// carved from ws (threads · thread_bytes(d) bytes). Items are handed out one at a time in
+/// index order (a shared atomic counter: dynamic scheduling), so a thread that runs faster (the
+/// other core is shared with other work, or its items are cheaper) takes more of them, and the
+/// threads finish within one item of each other. Every item writes only its own outputs, so the
+/// results do not depend on which thread ran it. Nested calls run serially.
 template <class Fn> inline void run_items(index_t n, index_t d, int threads, void* ws, Fn&& fn) {
+  if (n <= 0) return;
   const std::size_t per = thread_bytes(d);
-  parallel_for(
-      0, n, 1,
-      [&](index_t b, index_t e, int c) {
-        workspace local(static_cast<unsigned char*>(ws) + std::size_t(c) * per, per);
-        const buffers w = carve(local, d);
-        for (index_t i = b; i < e; ++i) fn(i, w);
-      },
-      threads);
+  const auto carve_thread = [&](int c) {
+    workspace local(static_cast<unsigned char*>(ws) + std::size_t(c) * per, per);
+    return carve(local, d);
+  };
+  const index_t team = in_parallel() ? 1 : chunk_count(n, 1, threads);
+#if defined(_OPENMP)
+  if (team > 1) {
+    std::atomic<index_t> next{0};
+#pragma omp parallel num_threads(static_cast <int>(team))
+    {
+      const buffers w = carve_thread(omp_get_thread_num()); // < team: in range of ws
+      for (index_t i = next.fetch_add(1, std::memory_order_relaxed); i < n;
+           i = next.fetch_add(1, std::memory_order_relaxed))
+        fn(i, w);
+    }
+    return;
+  }
+#endif
+  (void)team;
+  const buffers w = carve_thread(0);
+  for (index_t i = 0; i < n; ++i) fn(i, w);
+}
+
+/// Rank r of the forward's / dQ pass's query-tile groups in decreasing order of cost, so that
+/// dynamically scheduled threads end on cheap items: under a right window (causal) later query
+/// tiles see more keys, under a left window alone fewer; otherwise all cost the same.
+template <class T> inline index_t costly_group_first(const problem<T>& p, index_t r, index_t nt) {
+  return p.wr < unbounded ? nt - 1 - r : r;
+}
+/// The same for the key tiles of the dK/dV pass (mirrored: under a right window, earlier keys are
+/// seen by more queries).
+template <class T>
+inline index_t costly_key_tile_first(const problem<T>& p, index_t r, index_t nt) {
+  return p.wr < unbounded ? r : nt - 1 - r;
 }
 
 template <class Arch, class T>
 void forward(const problem<T>& p, const fwd_out<T>& out, int threads, void* ws) {
+  // Items run (segment, head)-major, so consecutive items reuse the head's K/V from cache;
+  // within a head, costly groups first, so the threads end on cheap items (see run_items).
   const index_t G = q_group(p.d), nt = (query_tiles(p) + G - 1) / G;
   run_items(p.nseg * p.hq * nt, p.d, threads, ws, [&](index_t item, const buffers& w) {
-    const index_t t = item % nt, sh = item / nt;
-    forward_group<Arch>(p, out, sh / p.hq, sh % p.hq, balanced_tile(t, nt), w);
+    const index_t t = costly_group_first(p, item % nt, nt), sh = item / nt;
+    forward_group<Arch>(p, out, sh / p.hq, sh % p.hq, t, w);
   });
 }
 
@@ -781,7 +809,7 @@ void backward(const problem<T>& p, const bwd_io<T>& io, int threads, bool determ
   const bool all_s = p.dbias && !p.cu_q && p.bias_sb == 0, all_h = p.dbias && p.bias_sh == 0;
   const index_t ns = all_s ? 1 : p.nseg, nh = all_h ? 1 : p.hkv;
   run_items(ns * nh * ntk, p.d, threads, ws, [&](index_t item, const buffers& w) {
-    const index_t t = balanced_tile(item % ntk, ntk), sh = item / ntk;
+    const index_t t = costly_key_tile_first(p, item % ntk, ntk), sh = item / ntk;
     const index_t s0 = all_s ? 0 : sh / nh, s1 = all_s ? p.nseg : s0 + 1;
     const index_t h0 = all_h ? 0 : sh % nh, h1 = all_h ? p.hkv : h0 + 1;
     for (index_t s = s0; s < s1; ++s)
@@ -790,7 +818,7 @@ void backward(const problem<T>& p, const bwd_io<T>& io, int threads, bool determ
   // dQ pass: a work item is a group of up to G query tiles of one (segment, head).
   const index_t ntg = (query_tiles(p) + G - 1) / G;
   run_items(p.nseg * p.hq * ntg, p.d, threads, ws, [&](index_t item, const buffers& w) {
-    const index_t tg = balanced_tile(item % ntg, ntg), sh = item / ntg;
+    const index_t tg = costly_group_first(p, item % ntg, ntg), sh = item / ntg;
     const segment sg = get_segment(p, sh / p.hq);
     if (tg * G * tile < sg.nq) backward_qgroup<Arch, false>(p, io, sg, sh % p.hq, tg * G * tile, w);
   });
