@@ -354,7 +354,7 @@ int main(int argc, char** argv) {
     std::printf("\npeak RSS: getrusage high-water mark during the method (reset before it); growth "
                 "= over the resident set at its start (data sets in fp32 and the base model).\n");
     if (step_memory) {
-      // The weight-dominated table (vit_memory.hpp): ViT-B/16 (quick: a 3.2M-parameter shape).
+      // The weight-dominated table (vit_memory.hpp): ViT-B/16 (quick: a 12.7M-parameter shape).
       const auto t0 = std::chrono::steady_clock::now();
       const demo::index_t sb = shape_batch > 0 ? shape_batch : 1;
       std::vector<demo::step_memory_result> sm;

@@ -227,7 +227,7 @@ TEST_CASE("vit_demo --quick: pretraining, frozen base and full fine-tuning on in
 #endif
 }
 
-// The demo's second table (vit_memory.hpp) at --quick's weight-dominated shape (3.2M parameters,
+// The demo's second table (vit_memory.hpp) at --quick's weight-dominated shape (12.7M parameters,
 // 16 tokens, batch 2): one step of each method on random data. QLoRA's gradients are checked by
 // finite differences in test_demo_layers.cpp ("LoRA, DoRA and QLoRA hooks backprop correctly").
 TEST_CASE("vit_demo --quick: one-step memory at a weight-dominated shape", "[demo][quick]") {

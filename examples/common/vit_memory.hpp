@@ -44,14 +44,15 @@ inline vit_config vit_b16_config() {
   return c;
 }
 
-/// --quick: a smaller shape that is still weight-dominated (3.2M parameters, 16 tokens).
+/// --quick: a smaller shape that is still weight-dominated (12.7M parameters, 16 tokens). At
+/// width 256 (3.2M parameters) the rank-32 adapters alone made QLoRA 24.6% of full fine-tuning.
 inline vit_config weight_dominated_quick_config() {
   vit_config c;
   c.image = 64;
   c.patch = 16;
-  c.width = 256;
+  c.width = 512;
   c.depth = 4;
-  c.heads = 4;
+  c.heads = 8;
   c.mlp_ratio = 4;
   c.classes = 100;
   return c;
