@@ -9,6 +9,7 @@
 #include <lowmem/core/memory_hooks.hpp> // once per program: heap accounting for the table
 #include <lowmem/io/safetensors.hpp>
 
+#include <common/vit_memory.hpp>
 #include <common/vit_methods.hpp>
 #include <common/vit_pipeline.hpp>
 
@@ -26,7 +27,7 @@ namespace {
 
 // The method table: one row per method, in the order of the printed table. The LoRA family
 // also exports its adapter in peft's format to <out>/{lora,dora,qlora}/ (vit_methods.hpp).
-std::vector<demo::method> method_table(const std::string& out) {
+std::vector<demo::method> method_table(const std::string& out, const demo::demo_config& cfg) {
   const demo::adapter_export lora{out + "/lora", out + "/base.safetensors"};
   const demo::adapter_export dora{out + "/dora", out + "/base.safetensors"};
   const demo::adapter_export qlora{out + "/qlora", out + "/base.safetensors"};
@@ -35,9 +36,11 @@ std::vector<demo::method> method_table(const std::string& out) {
       {"full FT, AdamW fp32", demo::run_full_adamw},
       {"full FT, AdamW 8-bit", demo::run_full_adamw8},
       {"APOLLO-Mini", demo::run_apollo_mini},
-      {"LoRA r=8", [lora](const demo::method_context& c) { return demo::run_lora(c, lora); }},
-      {"DoRA r=8", [dora](const demo::method_context& c) { return demo::run_dora(c, dora); }},
-      {"QLoRA NF4 r=8",
+      {demo::adapter_row_name(demo::adapter_kind::lora, cfg),
+       [lora](const demo::method_context& c) { return demo::run_lora(c, lora); }},
+      {demo::adapter_row_name(demo::adapter_kind::dora, cfg),
+       [dora](const demo::method_context& c) { return demo::run_dora(c, dora); }},
+      {demo::adapter_row_name(demo::adapter_kind::qlora, cfg),
        [qlora](const demo::method_context& c) { return demo::run_qlora(c, qlora); }},
       {"QAT int4 LSQ", demo::run_qat},
       {"MeZO (LoRA)", demo::run_mezo_lora},
@@ -174,7 +177,11 @@ void usage() {
                "usage: vit_demo [--quick] [--out DIR] [--pretrain-steps N] "
                "[--finetune-steps N] [--pretrain-lr X] [--finetune-lr X] [--mezo-lr X] [--depth N] "
                "[--batch N] [--threads N] [--base FILE.safetensors (skip pretraining)] "
-               "[--methods 'NAME;NAME' (exact row names)] [--lora-lr X] [--apollo-lr X]\n");
+               "[--methods 'NAME;NAME' (exact row names)] [--lora-lr X] [--apollo-lr X] "
+               "[--lora-rank N] [--lora-alpha X] [--rslora] [--lora-plus RATIO] [--lora-norms] "
+               "[--shape-batch N (ViT-B/16 memory table, default 1)] [--no-step-memory] [--val N "
+               "(tune: train on the first 20K - N shifted images, report accuracy on "
+               "the last N instead of the test set)]\n");
 }
 
 } // namespace
@@ -187,6 +194,10 @@ int main(int argc, char** argv) {
   int threads = 1;
   long cfg_depth = -1, cfg_batch = -1;
   std::string base_path, only;
+  long lora_rank = -1, val = 0, shape_batch = -1;
+  bool step_memory = true;
+  float lora_alpha = -1, lora_plus = -1;
+  bool rslora = false, lora_norms = false;
   for (int i = 1; i < argc; ++i) {
     const std::string a = argv[i];
     auto value = [&]() -> std::string {
@@ -218,6 +229,22 @@ int main(int argc, char** argv) {
       lora_lr = std::stof(value());
     else if (a == "--apollo-lr")
       apollo_lr = std::stof(value());
+    else if (a == "--lora-rank")
+      lora_rank = std::stol(value());
+    else if (a == "--lora-alpha")
+      lora_alpha = std::stof(value());
+    else if (a == "--lora-plus")
+      lora_plus = std::stof(value());
+    else if (a == "--rslora")
+      rslora = true;
+    else if (a == "--lora-norms")
+      lora_norms = true;
+    else if (a == "--shape-batch")
+      shape_batch = std::stol(value());
+    else if (a == "--no-step-memory")
+      step_memory = false;
+    else if (a == "--val")
+      val = std::stol(value());
     else if (a == "--base")
       base_path = value();
     else if (a == "--methods")
@@ -239,6 +266,15 @@ int main(int argc, char** argv) {
   if (mezo_lr > 0) cfg.mezo_lr = mezo_lr;
   if (lora_lr > 0) cfg.lora_lr = lora_lr;
   if (apollo_lr > 0) cfg.apollo_lr = apollo_lr;
+  if (lora_rank > 0) cfg.lora_rank = lora_rank;
+  if (lora_alpha > 0) cfg.lora_alpha = lora_alpha;
+  if (lora_plus > 0) cfg.lora_plus_ratio = lora_plus;
+  if (rslora) cfg.lora_rslora = true;
+  if (lora_norms) cfg.lora_train_norms = true;
+  if (val < 0 || val >= cfg.finetune_limit) {
+    usage();
+    return 2;
+  }
 #if defined(_OPENMP)
   // One thread by default: the layers are small (M = batch·16 rows, K ≤ 256), so OpenMP gains
   // little and, on a loaded machine, every parallel region waits for a descheduled partner
@@ -272,13 +308,20 @@ int main(int argc, char** argv) {
 
     // Fine-tuning data: inverted images (the shifted domain); the unshifted set is no longer
     // needed, so free it before the measured runs.
-    const demo::dataset ft_train = demo::inverted(train, cfg.finetune_limit);
-    const demo::dataset ft_test = demo::inverted(test);
+    // --val N (tuning): the last N of the shifted fine-tuning images are held out and take the
+    // test set's place, so no choice is made on the test set.
+    const demo::dataset ft_train = demo::inverted(train, cfg.finetune_limit - val);
+    const demo::dataset ft_test =
+        val > 0 ? demo::inverted(train, val, cfg.finetune_limit - val) : demo::inverted(test);
+    if (val > 0)
+      std::printf("VALIDATION run: accuracies below are on %ld held-out shifted training images "
+                  "(images %ld..%ld), not on the test set.\n",
+                  val, long(cfg.finetune_limit - val), long(cfg.finetune_limit - 1));
     std::vector<float>().swap(train.images);
     const demo::method_context ctx{base, ft_train, ft_test, cfg};
 
     std::vector<demo::method_result> results;
-    for (const auto& m : method_table(out)) {
+    for (const auto& m : method_table(out, cfg)) {
       if (!only.empty() && only.find(";" + m.name + ";") == std::string::npos) continue;
       results.push_back(demo::run_measured(m, ctx));
       const auto& r = results.back();
@@ -310,6 +353,24 @@ int main(int argc, char** argv) {
       std::printf("\n(peak RSS could not be reset per method: values are process maxima)\n");
     std::printf("\npeak RSS: getrusage high-water mark during the method (reset before it); growth "
                 "= over the resident set at its start (data sets in fp32 and the base model).\n");
+    if (step_memory) {
+      // The weight-dominated table (vit_memory.hpp): ViT-B/16 (quick: a 12.7M-parameter shape).
+      const auto t0 = std::chrono::steady_clock::now();
+      const demo::index_t sb = shape_batch > 0 ? shape_batch : 1;
+      std::vector<demo::step_memory_result> sm;
+      {
+        demo::vit big(quick ? demo::weight_dominated_quick_config() : demo::vit_b16_config(),
+                      cfg.seed + 5);
+        big.attention = demo::lowmem_attention();
+        big.set_all_trainable(false);
+        std::fprintf(stderr, "step memory: %lld-parameter ViT built, batch %ld\n",
+                     (long long)big.parameter_count(), long(sb));
+        sm = demo::measure_step_memory(big, sb, cfg);
+        demo::print_step_memory(
+            sm, big, sb,
+            std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count());
+      }
+    }
     write_csv(results, out + "/results.csv");
     write_svg(results, out + "/accuracy_vs_memory.svg",
               "Fashion-MNIST ViT, inverted-image domain: accuracy vs training memory");

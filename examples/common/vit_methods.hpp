@@ -16,8 +16,8 @@
 // is an input inversion x → 1 − x, which the patch embedding sees first — its exact repair is
 // W_pe → −W_pe with a new bias, a FULL-rank change of a 64×49 matrix that a rank-8 adapter cannot
 // express. So, like peft's `modules_to_save`, the LoRA family trains the patch embedding (3.2K
-// parameters) and the classifier head (650) in full, and puts rank-8 adapters on every block
-// linear (qkv, proj, fc1, fc2).
+// parameters) and the classifier head (650) in full, and puts rank-32 adapters (rank chosen on a
+// validation split, vit_pipeline.hpp) on every block linear (qkv, proj, fc1, fc2).
 #pragma once
 
 #include <lowmem/adapters.hpp>
@@ -78,6 +78,21 @@ inline lora_options default_lora_options(const vit_config& c) {
     for (const char* s : {"attn.qkv", "attn.proj", "mlp.fc1", "mlp.fc2"})
       o.targets.push_back("blocks." + std::to_string(l) + "." + s);
   o.modules_to_save = {"patch_embed.proj", "head"};
+  return o;
+}
+
+/// The demo's LoRA-family options from its configuration (rank, alpha, rsLoRA, LayerNorms saved).
+inline lora_options lora_options_of(const demo_config& dc, const vit_config& c) {
+  lora_options o = default_lora_options(c);
+  o.rank = dc.lora_rank;
+  o.alpha = dc.lora_alpha > 0 ? dc.lora_alpha : 2.0f * float(dc.lora_rank);
+  o.rslora = dc.lora_rslora;
+  if (dc.lora_train_norms) {
+    for (index_t l = 0; l < c.depth; ++l)
+      for (const char* s : {"norm1", "norm2"})
+        o.modules_to_save.push_back("blocks." + std::to_string(l) + "." + s);
+    o.modules_to_save.push_back("norm");
+  }
   return o;
 }
 
@@ -371,12 +386,13 @@ public:
 /// ~0.01 would move by 30% per update and can cross zero).
 class split_lr_optimizer : public optimizer {
 public:
-  split_lr_optimizer(const std::vector<param_span>& params, std::string suffix, float factor)
+  split_lr_optimizer(const std::vector<param_span>& params, std::string suffix, float factor,
+                     float special_wd = 0.0f)
       : suffix_(std::move(suffix)), factor_(factor) {
     std::vector<param_span> a, b;
     for (const auto& p : params) (is_special(p) ? b : a).push_back(p);
     main_ = std::make_unique<adamw_fp32>(a);
-    special_ = std::make_unique<adamw_fp32>(b, 0.0f);
+    special_ = std::make_unique<adamw_fp32>(b, special_wd);
   }
   std::string name() const override { return "AdamW fp32 (split lr)"; }
   std::int64_t state_bytes() const override {
@@ -533,17 +549,32 @@ struct adapter_export {
   std::string base_model; // base_model_name_or_path
 };
 
+/// The LoRA family's optimizer: fp32 AdamW; with LoRA+ (lora_plus_ratio λ ≠ 1) the B factors
+/// train at λ · lr (same weight decay), everything else at lr.
+inline std::unique_ptr<optimizer> lora_optimizer(const std::vector<param_span>& s,
+                                                 const demo_config& c) {
+  if (c.lora_plus_ratio == 1.0f) return std::make_unique<adamw_fp32>(s);
+  return std::make_unique<split_lr_optimizer>(s, ".lora_B.weight", c.lora_plus_ratio, 0.05f);
+}
+
+/// Row names of the LoRA family ("LoRA r=8", "DoRA r=8", "QLoRA NF4 r=8" at rank 8).
+inline std::string adapter_row_name(adapter_kind kind, const demo_config& c) {
+  const char* k = kind == adapter_kind::lora   ? "LoRA"
+                  : kind == adapter_kind::dora ? "DoRA"
+                                               : "QLoRA NF4";
+  return std::string(k) + " r=" + std::to_string(c.lora_rank);
+}
+
 inline method_result run_adapter(const method_context& ctx, const std::string& name,
                                  adapter_kind kind, const adapter_export& ex = {}) {
-  const lora_options o = default_lora_options(ctx.base.cfg);
+  const lora_options o = lora_options_of(ctx.cfg, ctx.base.cfg);
   return finetune_gradient(
       ctx, name,
       [&](vit& m) {
         m.checkpointing = ctx.cfg.adapter_checkpointing;
         return attach_adapters(m, kind, o);
       },
-      [](const std::vector<param_span>& s) { return std::make_unique<adamw_fp32>(s); },
-      ctx.cfg.lora_lr,
+      [&](const std::vector<param_span>& s) { return lora_optimizer(s, ctx.cfg); }, ctx.cfg.lora_lr,
       [&](vit& m, const std::vector<std::unique_ptr<linear_hook>>& hooks) {
         if (!ex.dir.empty())
           export_peft_adapter(ex.dir, m, hooks, o, kind == adapter_kind::dora, ex.base_model);
@@ -551,13 +582,13 @@ inline method_result run_adapter(const method_context& ctx, const std::string& n
 }
 
 inline method_result run_lora(const method_context& ctx, const adapter_export& ex = {}) {
-  return run_adapter(ctx, "LoRA r=8", adapter_kind::lora, ex);
+  return run_adapter(ctx, adapter_row_name(adapter_kind::lora, ctx.cfg), adapter_kind::lora, ex);
 }
 inline method_result run_dora(const method_context& ctx, const adapter_export& ex = {}) {
-  return run_adapter(ctx, "DoRA r=8", adapter_kind::dora, ex);
+  return run_adapter(ctx, adapter_row_name(adapter_kind::dora, ctx.cfg), adapter_kind::dora, ex);
 }
 inline method_result run_qlora(const method_context& ctx, const adapter_export& ex = {}) {
-  return run_adapter(ctx, "QLoRA NF4 r=8", adapter_kind::qlora, ex);
+  return run_adapter(ctx, adapter_row_name(adapter_kind::qlora, ctx.cfg), adapter_kind::qlora, ex);
 }
 
 /// QAT: full fine-tuning (fp32 AdamW) through int4 LSQ fake-quant of every block linear; the
