@@ -77,7 +77,7 @@ LOWMEM_ARCH_TEST_CASE("sparse transposed product split by columns equals the who
   using Arch = TestType;
   LOWMEM_SKIP_IF_UNSUPPORTED();
   constexpr std::size_t P = adapters::kernels::panel;
-  const index_t out = 23, in = 37; // 23·k entries: several SIMD groups and a tail in sddmm_panel
+  const index_t out = 23, in = 37;
   const auto s = random_support(out, in, 0.4, 2);
   const auto val = ref::uniform_data(s.col.size(), 5);
   const auto yt = ref::uniform_data(out * P, 6), xt0 = ref::uniform_data(in * P, 7);
@@ -90,7 +90,7 @@ LOWMEM_ARCH_TEST_CASE("sparse transposed product split by columns equals the who
                                                        out, yt.data(), split.data(), c0, c1);
   }
   CHECK(ref::bitwise_equal(whole.data(), split.data(), whole.size()));
-  // grouped SDDMM against the scalar loop
+  // SDDMM against the scalar loop
   std::vector<float> g(s.col.size(), 0.5f);
   adapters::kernels::sddmm_panel<Arch>(s.row_ptr.data(), s.col.data(), out, yt.data(), xt0.data(),
                                        g.data());

@@ -130,33 +130,25 @@ inline void csr_transpose_times_panel(const std::int64_t* row_ptr, const std::in
   }
 }
 
-/// SDDMM on the support: grad[k] += Σ_t yt[j*panel + t] * xt[col[k]*panel + t] for the entries
-/// k of the `nrows` CSR rows j. The dots are taken W entries at a time (across row boundaries)
-/// and reduced together by one transposing horizontal add (xsimd::haddp), instead of one full
-/// horizontal reduction per entry, which dominated this kernel.
+/// SDDMM on the support: grad[k] += Σ_t yt[j*panel + t] * xt[col[k]*panel + t].
+/// (Reducing W entries at once with xsimd 8.1's haddp was tried: on avx512 it returns the sums
+/// in permuted lanes, and it measured no faster.)
 template <class Arch>
 inline void sddmm_panel(const std::int64_t* row_ptr, const std::int32_t* col, std::size_t nrows,
                         const float* yt, const float* xt, float* grad) noexcept {
   using F = simd::fbatch<Arch>;
   constexpr std::size_t W = simd::width<Arch>, R = panel / W;
-  const std::int64_t kb = row_ptr[0], ke = row_ptr[nrows];
-  std::size_t j = 0; // the row of entry k: row_ptr[j] <= k < row_ptr[j + 1]
-  auto dot = [&](std::int64_t k) {
-    while (k >= row_ptr[j + 1]) ++j;
-    const float* y = yt + j * panel;
-    const float* src = xt + std::size_t(col[k]) * panel;
-    F acc = F::load_unaligned(y) * F::load_unaligned(src);
-    for (std::size_t q = 1; q < R; ++q)
-      acc = simd::fma<Arch>(F::load_unaligned(y + q * W), F::load_unaligned(src + q * W), acc);
-    return acc;
-  };
-  std::int64_t k = kb;
-  for (; k + std::int64_t(W) <= ke; k += std::int64_t(W)) {
-    F acc[W];
-    for (std::size_t w = 0; w < W; ++w) acc[w] = dot(k + std::int64_t(w));
-    (F::load_unaligned(grad + k) + xsimd::haddp(acc)).store_unaligned(grad + k);
+  for (std::size_t j = 0; j < nrows; ++j) {
+    F g[R];
+    for (std::size_t q = 0; q < R; ++q) g[q] = F::load_unaligned(yt + j * panel + q * W);
+    for (std::int64_t k = row_ptr[j]; k < row_ptr[j + 1]; ++k) {
+      const float* src = xt + std::size_t(col[k]) * panel;
+      F acc = g[0] * F::load_unaligned(src);
+      for (std::size_t q = 1; q < R; ++q)
+        acc = simd::fma<Arch>(g[q], F::load_unaligned(src + q * W), acc);
+      grad[k] += simd::reduce_add(acc);
+    }
   }
-  for (; k < ke; ++k) grad[k] += simd::reduce_add(dot(k));
 }
 
 } // namespace lowmem::adapters::kernels
