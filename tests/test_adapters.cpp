@@ -221,3 +221,109 @@ LOWMEM_ARCH_TEST_CASE("dropout kernels match the scalar rule at tail sizes", "[a
     CHECK(dst[n] == dst0[n]);
   }
 }
+
+LOWMEM_ARCH_TEST_CASE("LoRA adapter-only pair (no base W) matches the reference over a zero base",
+                      "[adapters][lora]") {
+  using Arch = TestType;
+  LOWMEM_SKIP_IF_UNSUPPORTED();
+  for (const shape& sh : shapes) {
+    for (float p : {0.0f, 0.3f}) {
+      lora_data d(sh, 1100 + std::uint64_t(sh.rows));
+      const float s = lora_scale(2.0f, d.r);
+      const adapter_dropout drop{p, random::stream{78, std::uint64_t(sh.in)}};
+      owned_workspace ws(lora_backward_workspace_bytes(d.rows, d.in, d.r, drop));
+      Map xm(d.x.data(), d.rows, d.in), Am(d.A.data(), d.r, d.in), Bm(d.B.data(), d.out, d.r),
+          dym(d.dy.data(), d.rows, d.out);
+      // y, dx, dA, dB accumulate onto non-zero buffers (y stands for the caller's base output)
+      const auto y0 = ref::uniform_data(d.rows * d.out, 8),
+                 dx0 = ref::uniform_data(d.rows * d.in, 9), dA0 = ref::uniform_data(d.r * d.in, 10),
+                 dB0 = ref::uniform_data(d.out * d.r, 11);
+      auto y = y0, dx = dx0, dA = dA0, dB = dB0;
+      std::vector<float> u(d.rows * d.r);
+      Map um(u.data(), d.rows, d.r);
+      lora_adapter_forward<Arch>(xm, Am, Bm, s, drop, Map(y.data(), d.rows, d.out), um, ws.get());
+      lora_adapter_backward<Arch>(xm, Am, Bm, um, dym, s, drop, Map(dx.data(), d.rows, d.in),
+                                  Map(dA.data(), d.r, d.in), Map(dB.data(), d.out, d.r), ws.get());
+      const ref::Md mask = ref::dropout_factors(drop.stream, p, d.rows, d.in);
+      const auto g = ref::lora(ref::dense(d.x, d.rows, d.in), ref::Md::Zero(d.out, d.in), nullptr,
+                               ref::dense(d.A, d.r, d.in), ref::dense(d.B, d.out, d.r), s,
+                               p > 0 ? &mask : nullptr, ref::dense(d.dy, d.rows, d.out));
+      INFO("rows " << sh.rows << " in " << sh.in << " out " << sh.out << " p " << p);
+      CHECK(rel(minus(y, y0), g.y) < 1e-5);
+      CHECK(rel(minus(dx, dx0), g.dx) < 1e-5);
+      CHECK(rel(minus(dA, dA0), g.dA) < 1e-5);
+      CHECK(rel(minus(dB, dB0), g.dB) < 1e-5);
+
+      // the full pair is the base GEMMs plus this pair: same u, and dA, dB bitwise
+      std::vector<float> yf(d.rows * d.out), uf(u.size()), dAf = dA0, dBf = dB0;
+      RowMatrixXf nodx(0, 0);
+      Map Wm(d.W.data(), d.out, d.in), ufm(uf.data(), d.rows, d.r);
+      lora_forward<Arch>(xm, Wm, nullptr, Am, Bm, s, drop, Map(yf.data(), d.rows, d.out), ufm,
+                         ws.get());
+      lora_backward<Arch>(xm, Wm, Am, Bm, ufm, dym, s, drop, nodx, Map(dAf.data(), d.r, d.in),
+                          Map(dBf.data(), d.out, d.r), ws.get());
+      CHECK(ref::bitwise_equal(u.data(), uf.data(), u.size()));
+      CHECK(ref::bitwise_equal(dA.data(), dAf.data(), dA.size()));
+      CHECK(ref::bitwise_equal(dB.data(), dBf.data(), dB.size()));
+    }
+  }
+}
+
+TEST_CASE("LoRA adapter-only gradients pass central finite differences",
+          "[adapters][lora][gradcheck]") {
+  for (float p : {0.0f, 0.25f}) {
+    lora_data d({5, 9, 7, 2}, 1300);
+    const float s = lora_scale(4.0f, d.r);
+    const adapter_dropout drop{p, random::stream{5, 7}};
+    const auto G = ref::dense(d.dy, d.rows, d.out);
+    const ref::Md mask = ref::dropout_factors(drop.stream, p, d.rows, d.in);
+    Map xm(d.x.data(), d.rows, d.in), Am(d.A.data(), d.r, d.in), Bm(d.B.data(), d.out, d.r);
+    auto loss = [&] {
+      return ref::inner(G, ref::lora(ref::dense(d.x, d.rows, d.in), ref::Md::Zero(d.out, d.in),
+                                     nullptr, ref::dense(d.A, d.r, d.in),
+                                     ref::dense(d.B, d.out, d.r), s, p > 0 ? &mask : nullptr, G)
+                               .y);
+    };
+    owned_workspace ws(lora_backward_workspace_bytes(d.rows, d.in, d.r, drop));
+    std::vector<float> y(d.rows * d.out), u(d.rows * d.r);
+    lora_adapter_forward(xm, Am, Bm, s, drop, Map(y.data(), d.rows, d.out),
+                         Map(u.data(), d.rows, d.r), ws.get());
+    std::vector<float> dx(d.rows * d.in), dA(d.r * d.in), dB(d.out * d.r);
+    lora_adapter_backward(xm, Am, Bm, Map(u.data(), d.rows, d.r), Map(d.dy.data(), d.rows, d.out),
+                          s, drop, Map(dx.data(), d.rows, d.in), Map(dA.data(), d.r, d.in),
+                          Map(dB.data(), d.out, d.r), ws.get());
+    test::gradcheck(loss, d.A.data(), d.A.size(), dA.data(), "dA");
+    test::gradcheck(loss, d.B.data(), d.B.size(), dB.data(), "dB");
+    test::gradcheck(loss, d.x.data(), d.x.size(), dx.data(), "dx");
+  }
+}
+
+TEST_CASE("LoRA adapter-only pair rejects bad input before writing and allocates nothing",
+          "[adapters][lora][errors][memory]") {
+  lora_data d({6, 10, 8, 2}, 1500);
+  Map xm(d.x.data(), d.rows, d.in), Am(d.A.data(), d.r, d.in), Bm(d.B.data(), d.out, d.r),
+      dym(d.dy.data(), d.rows, d.out);
+  std::vector<float> y(d.rows * d.out, 4.f), u(d.rows * d.r, 4.f), dA(d.r * d.in, 3.f),
+      dB(d.out * d.r, 3.f), dx(d.rows * d.in, 3.f);
+  const auto y0 = y, u0 = u, dA0 = dA, dB0 = dB, dx0 = dx;
+  Map ym(y.data(), d.rows, d.out), um(u.data(), d.rows, d.r), dAm(dA.data(), d.r, d.in),
+      dBm(dB.data(), d.out, d.r), dxm(dx.data(), d.rows, d.in);
+  RowMatrixXf Bbad = RowMatrixXf::Ones(d.out, d.r + 1), ybad(d.rows, d.out + 1),
+              dybad(d.rows, d.out + 1);
+  CHECK_THROWS_AS(lora_adapter_forward(xm, Am, Bbad, 1.f, {}, ym, um), invalid_argument);
+  CHECK_THROWS_AS(lora_adapter_forward(xm, Am, Bm, 1.f, {}, ybad, um), invalid_argument);
+  CHECK_THROWS_AS(lora_adapter_forward(xm, Am, Bm, 1.f, {0.5f, {}}, ym, um),
+                  invalid_argument); // dropout needs a workspace
+  CHECK((y == y0 && u == u0));
+  CHECK_THROWS_AS(lora_adapter_backward(xm, Am, Bm, um, dym, 1.f, {}, dxm, dAm, dBm),
+                  invalid_argument); // no workspace for du
+  owned_workspace ws(lora_backward_workspace_bytes(d.rows, d.in, d.r));
+  CHECK_THROWS_AS(lora_adapter_backward(xm, Am, Bm, um, dybad, 1.f, {}, dxm, dAm, dBm, ws.get()),
+                  invalid_argument);
+  CHECK((dA == dA0 && dB == dB0 && dx == dx0));
+  if (!memory::tracking_enabled()) return;
+  memory::region region;
+  lora_adapter_forward(xm, Am, Bm, 0.5f, {}, ym, um, ws.get());
+  lora_adapter_backward(xm, Am, Bm, um, dym, 0.5f, {}, dxm, dAm, dBm, ws.get());
+  CHECK(region.allocations() == 0);
+}

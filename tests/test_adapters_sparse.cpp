@@ -71,6 +71,57 @@ LOWMEM_ARCH_TEST_CASE("sparse panel kernels match scalar loops", "[adapters][spa
   CHECK(relv(g, gr) < 1e-5);
 }
 
+LOWMEM_ARCH_TEST_CASE("sparse transposed product split by columns equals the whole; panel "
+                      "transposes round-trip",
+                      "[adapters][sparse][simd]") {
+  using Arch = TestType;
+  LOWMEM_SKIP_IF_UNSUPPORTED();
+  constexpr std::size_t P = adapters::kernels::panel;
+  const index_t out = 23, in = 37;
+  const auto s = random_support(out, in, 0.4, 2);
+  const auto val = ref::uniform_data(s.col.size(), 5);
+  const auto yt = ref::uniform_data(out * P, 6), xt0 = ref::uniform_data(in * P, 7);
+  auto whole = xt0, split = xt0;
+  adapters::kernels::csr_transpose_times_panel<Arch>(s.row_ptr.data(), s.col.data(), val.data(),
+                                                     out, yt.data(), whole.data());
+  for (std::int32_t c0 : {0, 5, 6, 20}) { // ranges [0,5) [5,6) [6,20) [20,37)
+    const std::int32_t c1 = c0 == 0 ? 5 : c0 == 5 ? 6 : c0 == 6 ? 20 : std::int32_t(in);
+    adapters::kernels::csr_transpose_times_panel<Arch>(s.row_ptr.data(), s.col.data(), val.data(),
+                                                       out, yt.data(), split.data(), c0, c1);
+  }
+  CHECK(ref::bitwise_equal(whole.data(), split.data(), whole.size()));
+  // SDDMM against the scalar loop
+  std::vector<float> g(s.col.size(), 0.5f);
+  adapters::kernels::sddmm_panel<Arch>(s.row_ptr.data(), s.col.data(), out, yt.data(), xt0.data(),
+                                       g.data());
+  std::vector<double> gr(g.size(), 0.5);
+  for (index_t j = 0; j < out; ++j)
+    for (std::int64_t k = s.row_ptr[j]; k < s.row_ptr[j + 1]; ++k)
+      for (std::size_t t = 0; t < P; ++t) gr[k] += double(yt[j * P + t]) * xt0[s.col[k] * P + t];
+  CHECK(relv(g, gr) < 1e-5);
+  // rows_to_panel / panel_add_to_rows on odd sizes with a row stride (ld > ncols)
+  for (std::size_t nb : {std::size_t(1), P - 1, P})
+    for (std::size_t ncols : {std::size_t(1), std::size_t(17), std::size_t(35)}) {
+      const std::size_t ld = ncols + 3;
+      const auto m = ref::uniform_data(nb * ld, 8);
+      std::vector<float> pan(ncols * P, 9.f);
+      adapters::kernels::rows_to_panel(m.data(), ld, nb, ncols, pan.data());
+      bool ok = true;
+      for (std::size_t c = 0; c < ncols; ++c)
+        for (std::size_t t = 0; t < P; ++t)
+          ok = ok && pan[c * P + t] == (t < nb ? m[t * ld + c] : 0.0f);
+      CHECK(ok);
+      auto dst = ref::uniform_data(nb * ld, 10);
+      const auto dst0 = dst;
+      adapters::kernels::panel_add_to_rows(pan.data(), nb, ncols, dst.data(), ld);
+      for (std::size_t t = 0; t < nb; ++t)
+        for (std::size_t c = 0; c < ld; ++c)
+          ok = ok &&
+               dst[t * ld + c] == (c < ncols ? dst0[t * ld + c] + m[t * ld + c] : dst0[t * ld + c]);
+      CHECK(ok);
+    }
+}
+
 TEST_CASE("sparse supports: random and magnitude", "[adapters][sparse]") {
   const index_t out = 20, in = 300;
   const auto s = random_support(out, in, 0.02, 5);

@@ -41,16 +41,23 @@ lora_bwd_scratch<WS> carve_lora_backward(WS& ws, index_t rows, index_t in, index
   return s;
 }
 
-/// Shapes shared by LoRA forward and backward.
-inline void validate_lora(const char* fn, index_t rows, index_t in, index_t out,
-                          const ConstRowRef<float>& W, const ConstRowRef<float>& A,
-                          const ConstRowRef<float>& B, float scale, const adapter_dropout& drop) {
-  require_dims(fn, "W", W, out, in);
+/// Shapes shared by the adapter-only pair (no W): A [r, in], B [out, r], 1 <= r <= min(in, out).
+inline void validate_adapter(const char* fn, index_t in, index_t out, const ConstRowRef<float>& A,
+                             const ConstRowRef<float>& B, float scale,
+                             const adapter_dropout& drop) {
   require_rank(fn, A.rows(), in, out);
   require_dims(fn, "A", A, A.rows(), in);
   require_dims(fn, "B", B, out, A.rows());
   require_scale(fn, scale);
   require_dropout(fn, drop);
+}
+
+/// Shapes shared by LoRA forward and backward.
+inline void validate_lora(const char* fn, index_t rows, index_t in, index_t out,
+                          const ConstRowRef<float>& W, const ConstRowRef<float>& A,
+                          const ConstRowRef<float>& B, float scale, const adapter_dropout& drop) {
+  require_dims(fn, "W", W, out, in);
+  validate_adapter(fn, in, out, A, B, scale, drop);
   (void)rows;
 }
 
@@ -114,6 +121,31 @@ void input_backward(const ConstRowRef<float>& x, const ConstRowRef<float>& A, co
   }
 }
 
+/// The adapter half of the LoRA forward (validated by the caller): u = drop(x)·Aᵀ,
+/// y += s·u·Bᵀ. xd: row_block×in scratch with dropout.
+template <class Arch>
+void adapter_forward(const ConstRowRef<float>& x, const ConstRowRef<float>& A,
+                     const ConstRowRef<float>& B, float scale, const adapter_dropout& drop,
+                     RowRef<float>& y, RowRef<float>& u, float* xd) {
+  project<Arch>(x, A, drop, u, xd);
+  y.noalias() += (scale * u) * B.transpose();
+}
+
+/// The adapter half of the LoRA backward (validated by the caller): du = s·dy·B,
+/// dB += s·dyᵀ·u, dA += duᵀ·drop(x), dx += drop'(du·A) when dx is non-empty.
+template <class Arch, class WS>
+void adapter_backward(const ConstRowRef<float>& x, const ConstRowRef<float>& A,
+                      const ConstRowRef<float>& B, const ConstRowRef<float>& u,
+                      const ConstRowRef<float>& dy, float scale, const adapter_dropout& drop,
+                      RowRef<float>& dx, RowRef<float>& dA, RowRef<float>& dB, WS& ws) {
+  const index_t rows = x.rows(), in = x.cols(), r = A.rows();
+  const auto s = carve_lora_backward(ws, rows, in, r, drop);
+  Eigen::Map<RowMatrixXf> du(s.du, rows, r);
+  du.noalias() = (scale * dy) * B;
+  dB.noalias() += (scale * dy.transpose()) * u;
+  input_backward<Arch>(x, A, du, drop, dx.size() != 0, dA, dx, s.mask, s.tmp);
+}
+
 } // namespace adapters::detail
 
 /// Scratch bytes of lora_forward / lora_project: 0 without dropout, 128·in floats with it.
@@ -170,10 +202,29 @@ void lora_forward(ConstRowRef<float> x, ConstRowRef<float> W, const float* bias,
   require_dims(fn, "u", u, rows, A.rows());
   require_workspace(fn, ws, lora_forward_workspace_bytes(in, drop));
   float* xd = carve_lora_forward(ws, in, drop);
-  project<Arch>(x, A, drop, u, xd);
   y.noalias() = x * W.transpose();
-  y.noalias() += (scale * u) * B.transpose();
+  adapter_forward<Arch>(x, A, B, scale, drop, y, u, xd);
   add_bias(y, bias);
+}
+
+/// LoRA adapter terms alone, for a base layer applied by the caller (a quantized W as in
+/// QLoRA, a sharded or fused base): y += s·u·Bᵀ with u = drop(x)·Aᵀ (overwritten; keep it for
+/// lora_adapter_backward). ACCUMULATES into y. lora_forward is y = x·Wᵀ, then this, then + b.
+/// Shapes: x [rows, in], A [r, in], B [out, r], y [rows, out], u [rows, r].
+/// Memory: lora_forward_workspace_bytes(in, drop). Preconditions as lora_forward.
+template <class Arch = simd::default_arch>
+void lora_adapter_forward(ConstRowRef<float> x, ConstRowRef<float> A, ConstRowRef<float> B,
+                          float scale, const adapter_dropout& drop, RowRef<float> y,
+                          RowRef<float> u, workspace ws = {}) {
+  using namespace adapters::detail;
+  const char* fn = "lora_adapter_forward";
+  const index_t rows = x.rows(), in = x.cols(), out = B.rows();
+  validate_adapter(fn, in, out, A, B, scale, drop);
+  require_dims(fn, "y", y, rows, out);
+  require_dims(fn, "u", u, rows, A.rows());
+  require_workspace(fn, ws, lora_forward_workspace_bytes(in, drop));
+  float* xd = carve_lora_forward(ws, in, drop);
+  adapter_forward<Arch>(x, A, B, scale, drop, y, u, xd);
 }
 
 /// LoRA backward; ACCUMULATES (+=) into dx, dA, dB:
@@ -201,13 +252,31 @@ void lora_backward(ConstRowRef<float> x, ConstRowRef<float> W, ConstRowRef<float
   require_dims(fn, "dA", dA, r, in);
   require_dims(fn, "dB", dB, out, r);
   require_workspace(fn, ws, lora_backward_workspace_bytes(rows, in, r, drop));
-  const auto s = carve_lora_backward(ws, rows, in, r, drop);
-  Eigen::Map<RowMatrixXf> du(s.du, rows, r);
-
-  du.noalias() = (scale * dy) * B;
-  dB.noalias() += (scale * dy.transpose()) * u;
   if (want_dx) dx.noalias() += dy * W;
-  input_backward<Arch>(x, A, du, drop, want_dx, dA, dx, s.mask, s.tmp);
+  adapter_backward<Arch>(x, A, B, u, dy, scale, drop, dx, dA, dB, ws);
+}
+
+/// LoRA adapter gradients alone (no base W; the caller adds the base's dy·W, e.g. from a
+/// quantized weight); ACCUMULATES (+=) into dx, dA, dB:
+///   du = s·dy·B,  dB += s·dyᵀ·u,  dA += duᵀ·drop(x),  dx += drop'(du·A).
+/// lora_backward is dx += dy·W, then this. Shapes as lora_backward without W (out = B.rows());
+/// dx may be empty (0×0) to skip. Memory: lora_backward_workspace_bytes(rows, in, r, drop).
+template <class Arch = simd::default_arch>
+void lora_adapter_backward(ConstRowRef<float> x, ConstRowRef<float> A, ConstRowRef<float> B,
+                           ConstRowRef<float> u, ConstRowRef<float> dy, float scale,
+                           const adapter_dropout& drop, RowRef<float> dx, RowRef<float> dA,
+                           RowRef<float> dB, workspace ws = {}) {
+  using namespace adapters::detail;
+  const char* fn = "lora_adapter_backward";
+  const index_t rows = x.rows(), in = x.cols(), out = B.rows(), r = A.rows();
+  validate_adapter(fn, in, out, A, B, scale, drop);
+  require_dims(fn, "u", u, rows, r);
+  require_dims(fn, "dy", dy, rows, out);
+  if (dx.size() != 0) require_dims(fn, "dx", dx, rows, in);
+  require_dims(fn, "dA", dA, r, in);
+  require_dims(fn, "dB", dB, out, r);
+  require_workspace(fn, ws, lora_backward_workspace_bytes(rows, in, r, drop));
+  adapter_backward<Arch>(x, A, B, u, dy, scale, drop, dx, dA, dB, ws);
 }
 
 /// Merge: W <- W + s·B·A in place (unmerge with -s, or lora_unmerge). Blocked over 128 rows of W

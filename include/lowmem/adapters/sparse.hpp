@@ -8,8 +8,8 @@
 // Supports are CSR (row_ptr [out + 1] int64, col [nnz] int32, sorted in each row), chosen at
 // random from a seed (exactly k = round(density·in) entries per row, selection sampling over the
 // counter RNG, so any row can be regenerated alone) or by magnitude (the k largest |W_jc| of each
-// row). The sparse products run on panels of 64 rows of x transposed into the workspace, so every
-// inner loop is a contiguous 64-wide SIMD axpy or dot (kernels/adapters.hpp).
+// row). The sparse products run on panels of 32 rows of x transposed into the workspace, so every
+// inner loop is a contiguous 32-wide SIMD axpy or dot (kernels/adapters.hpp).
 #pragma once
 
 #include <Eigen/Core>
@@ -72,12 +72,25 @@ sparse_scratch<WS> carve_sparse(WS& ws, index_t in, index_t out, bool backward) 
   return s;
 }
 
-/// Copies rows [i0, i0 + nb) of m transposed into a column panel [m.cols, 64], zero padded.
+/// Copies rows [i0, i0 + nb) of m transposed into a column panel [m.cols, P], zero padded.
+/// Threads split the columns (grain: 256 columns).
 inline void to_panel(const ConstRowRef<float>& m, index_t i0, index_t nb, float* panel) {
   constexpr index_t P = index_t(adapters::kernels::panel);
-  Eigen::Map<RowMatrixXf> t(panel, m.cols(), P);
-  t.leftCols(nb) = m.middleRows(i0, nb).transpose();
-  if (nb < P) t.rightCols(P - nb).setZero();
+  const float* src = m.data() + i0 * m.outerStride();
+  parallel_for(0, m.cols(), 256, [&](index_t b, index_t e, int) {
+    adapters::kernels::rows_to_panel(src + b, std::size_t(m.outerStride()), std::size_t(nb),
+                                     std::size_t(e - b), panel + b * P);
+  });
+}
+
+/// m.middleRows(i0, nb) += the first nb columns of the column panel [m.cols, P], transposed.
+inline void add_panel(const float* panel, index_t i0, index_t nb, RowRef<float>& m) {
+  constexpr index_t P = index_t(adapters::kernels::panel);
+  float* dst = m.data() + i0 * m.outerStride();
+  parallel_for(0, m.cols(), 256, [&](index_t b, index_t e, int) {
+    adapters::kernels::panel_add_to_rows(panel + b * P, std::size_t(nb), std::size_t(e - b),
+                                         dst + b, std::size_t(m.outerStride()));
+  });
 }
 
 /// y += x·Sᵀ, S the CSR matrix (support, values).
@@ -95,7 +108,7 @@ void sparse_forward_add(const ConstRowRef<float>& x, const csr_support& S, const
       adapters::kernels::csr_times_panel<Arch>(S.row_ptr + b, S.col, values, std::size_t(e - b), xt,
                                                yt + b * P);
     });
-    y.middleRows(i0, nb) += Yt.leftCols(nb).transpose();
+    add_panel(yt, i0, nb, y);
   }
   (void)in;
 }
@@ -119,9 +132,11 @@ void sparse_backward(const ConstRowRef<float>& x, const ConstRowRef<float>& dy,
     if (!want_dx) continue;
     Eigen::Map<RowMatrixXf> dXt(dxt, in, P);
     dXt.setZero();
-    adapters::kernels::csr_transpose_times_panel<Arch>(S.row_ptr, S.col, values, std::size_t(out),
-                                                       yt, dxt);
-    dx.middleRows(i0, nb) += dXt.leftCols(nb).transpose();
+    parallel_for(0, in, 256, [&](index_t b, index_t e, int) {
+      adapters::kernels::csr_transpose_times_panel<Arch>(S.row_ptr, S.col, values, std::size_t(out),
+                                                         yt, dxt, std::int32_t(b), std::int32_t(e));
+    });
+    add_panel(dxt, i0, nb, dx);
   }
 }
 
@@ -197,13 +212,13 @@ inline void sparse_support_magnitude(ConstRowRef<float> W, double density, std::
   }
 }
 
-/// Scratch bytes of shira_forward / sltrain_forward: 64·(in + out) floats (two row panels).
+/// Scratch bytes of shira_forward / sltrain_forward: 32·(in + out) floats (two row panels).
 inline std::size_t shira_forward_workspace_bytes(index_t in, index_t out) {
   workspace_planner p;
   adapters::detail::carve_sparse(p, in, out, false);
   return p.bytes();
 }
-/// Scratch bytes of shira_backward: 64·(2·in + out) floats.
+/// Scratch bytes of shira_backward: 32·(2·in + out) floats.
 inline std::size_t shira_backward_workspace_bytes(index_t in, index_t out) {
   workspace_planner p;
   adapters::detail::carve_sparse(p, in, out, true);
