@@ -58,6 +58,7 @@
 #include <vector>
 
 #include "../simd/simd.hpp"
+#include "optimizers.hpp" // adam_coeffs
 
 #if defined(__SSE2__)
 #include <immintrin.h>

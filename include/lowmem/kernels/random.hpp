@@ -35,6 +35,7 @@
 #include <cstddef>
 #include <cstdint>
 #include <cstring>
+#include <type_traits>
 
 #include "../core/random.hpp"
 #include "../core/threading.hpp"
@@ -286,13 +287,27 @@ template <class Arch> inline void expand_signs(std::uint32_t word, float* out) n
       1u << 8,  1u << 9,  1u << 10, 1u << 11, 1u << 12, 1u << 13, 1u << 14, 1u << 15,
       1u << 16, 1u << 17, 1u << 18, 1u << 19, 1u << 20, 1u << 21, 1u << 22, 1u << 23,
       1u << 24, 1u << 25, 1u << 26, 1u << 27, 1u << 28, 1u << 29, 1u << 30, 1u << 31};
-  const U w(word);
-  LOWMEM_RANDOM_UNROLL
-  for (std::size_t r = 0; r < 32 / W; ++r) {
-    // +1.0f is 0x3F800000, -1.0f is 0xBF800000
-    const U v = xsimd::select((w & U::load_aligned(lane_bit + r * W)) == U(0u), U(0x3F800000u),
-                              U(0xBF800000u));
-    simd::as_float<Arch>(v).store_unaligned(out + r * W);
+#if XSIMD_WITH_AVX512F
+  // xsimd 8.1's integer == on avx512bw does not compile for 32-bit lanes: use vptestmd directly.
+  if constexpr (std::is_base_of<xsimd::avx512f, Arch>::value) {
+    const __m512i w = _mm512_set1_epi32(static_cast<int>(word));
+    for (std::size_t r = 0; r < 2; ++r) {
+      const __mmask16 set = _mm512_test_epi32_mask(
+          w, _mm512_load_si512(reinterpret_cast<const void*>(lane_bit + 16 * r)));
+      _mm512_storeu_ps(out + 16 * r,
+                       _mm512_mask_blend_ps(set, _mm512_set1_ps(1.0f), _mm512_set1_ps(-1.0f)));
+    }
+  } else
+#endif
+  {
+    const U w(word);
+    LOWMEM_RANDOM_UNROLL
+    for (std::size_t r = 0; r < 32 / W; ++r) {
+      // +1.0f is 0x3F800000, -1.0f is 0xBF800000
+      const U v = xsimd::select((w & U::load_aligned(lane_bit + r * W)) == U(0u), U(0x3F800000u),
+                                U(0xBF800000u));
+      simd::as_float<Arch>(v).store_unaligned(out + r * W);
+    }
   }
 }
 
