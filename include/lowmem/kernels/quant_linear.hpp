@@ -112,12 +112,28 @@ inline void split_for_nibbles(const float* x, std::size_t cols, std::size_t bloc
 }
 
 #if XSIMD_WITH_AVX512BW
-/// Fused int8 GEMV rows [r0, r1) (AVX-512): codes -> fp32 lanes (vpmovsxbd / vpmovzxbd +
-/// vcvtdq2ps), fma with x; two rows per pass share the x loads.
-template <bool Signed>
-inline void int8_gemv_rows(const std::uint8_t* codes, const float* scales, const float* zeros,
-                           bool has_zeros, std::size_t cols, std::size_t block, const float* x,
-                           const float* xsum, std::size_t r0, std::size_t r1, float* y) {
+/// Software prefetch of the cache lines of W[row, k0 : k0 + len) into L1. Rows are streamed once,
+/// and the hardware prefetchers do not cross 4 KiB pages: a 4096-column int8 row is exactly one
+/// page, so without this every row starts with demand misses (measured: 4096×4096 int8 GEMV
+/// 1818 µs with 2 rows per pass and no prefetch, 721 µs with 4 rows and the next pass
+/// prefetched, same loaded machine).
+inline void prefetch_lines(const std::uint8_t* p, std::size_t len) noexcept {
+  for (std::size_t i = 0; i < len; i += 64)
+    _mm_prefetch(reinterpret_cast<const char*>(p + i), _MM_HINT_T0);
+}
+
+/// One pass of the fused int8 GEMV over R rows q[i·cols ...] (i < R): out[i] = Σ_b s_i,b ·
+/// Σ_{k∈b} w_i,k·x_k (without the zero-point term). Per 16 codes: vpmovsxbd / vpmovzxbd, vcvtdq2ps,
+/// one fma; the R rows share each x load; per block two partial sums (alternate 16-code chunks)
+/// then one fma by the block scale. While computing, the rows `next[i]` (the next pass) are
+/// prefetched. Every row's arithmetic is the same for every R, so a row's result does not depend
+/// on how rows are grouped into passes (bitwise identical for any thread count).
+/// The shift-based alternative (64 codes per zmm, bytes extracted by vpslld/vpsrad, x permuted to
+/// match) was measured slower on Zen 4 with W in L2 (256×1024: 10.6–11.1 µs vs 6.8–7.6 µs).
+template <bool Signed, int R>
+inline void int8_gemv_pass(const std::uint8_t* q, const float* const* s, std::size_t cols,
+                           std::size_t block, const float* x, const std::uint8_t* const* next,
+                           float* out) {
   const std::size_t nbr = cols / block;
   auto cvt = [](const std::uint8_t* p) {
     const __m128i b = _mm_loadu_si128(reinterpret_cast<const __m128i*>(p));
@@ -126,54 +142,66 @@ inline void int8_gemv_rows(const std::uint8_t* codes, const float* scales, const
     else
       return _mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(b));
   };
-  std::size_t r = r0;
-  for (; r + 2 <= r1; r += 2) {
-    const std::uint8_t* q0 = codes + r * cols;
-    const std::uint8_t* q1 = q0 + cols;
-    __m512 acc0 = _mm512_setzero_ps(), acc1 = _mm512_setzero_ps();
-    float off0 = 0, off1 = 0;
-    for (std::size_t b = 0; b < nbr; ++b) {
-      __m512 a0 = _mm512_setzero_ps(), a1 = _mm512_setzero_ps();
-      __m512 c0 = _mm512_setzero_ps(), c1 = _mm512_setzero_ps();
-      const std::size_t k0 = b * block;
-      std::size_t k = 0;
-      for (; k + 32 <= block; k += 32) {
-        const __m512 x0 = _mm512_loadu_ps(x + k0 + k), x1 = _mm512_loadu_ps(x + k0 + k + 16);
-        a0 = _mm512_fmadd_ps(cvt(q0 + k0 + k), x0, a0);
-        c0 = _mm512_fmadd_ps(cvt(q1 + k0 + k), x0, c0);
-        a1 = _mm512_fmadd_ps(cvt(q0 + k0 + k + 16), x1, a1);
-        c1 = _mm512_fmadd_ps(cvt(q1 + k0 + k + 16), x1, c1);
-      }
-      if (k < block) { // block % 32 == 16
-        const __m512 x0 = _mm512_loadu_ps(x + k0 + k);
-        a0 = _mm512_fmadd_ps(cvt(q0 + k0 + k), x0, a0);
-        c0 = _mm512_fmadd_ps(cvt(q1 + k0 + k), x0, c0);
-      }
-      const float s0 = scales[r * nbr + b], s1 = scales[(r + 1) * nbr + b];
-      acc0 = _mm512_fmadd_ps(_mm512_add_ps(a0, a1), _mm512_set1_ps(s0), acc0);
-      acc1 = _mm512_fmadd_ps(_mm512_add_ps(c0, c1), _mm512_set1_ps(s1), acc1);
-      if (has_zeros) {
-        off0 -= zeros[r * nbr + b] * s0 * xsum[b];
-        off1 -= zeros[(r + 1) * nbr + b] * s1 * xsum[b];
+  __m512 acc[R], a0[R], a1[R];
+  for (int i = 0; i < R; ++i) acc[i] = _mm512_setzero_ps();
+  for (std::size_t b = 0; b < nbr; ++b) {
+    const std::size_t k0 = b * block;
+    for (int i = 0; i < R; ++i) {
+      prefetch_lines(next[i] + k0, block);
+      a0[i] = _mm512_setzero_ps(), a1[i] = _mm512_setzero_ps();
+    }
+    std::size_t k = k0;
+    for (; k + 32 <= k0 + block; k += 32) {
+      const __m512 x0 = _mm512_loadu_ps(x + k), x1 = _mm512_loadu_ps(x + k + 16);
+      for (int i = 0; i < R; ++i) {
+        a0[i] = _mm512_fmadd_ps(cvt(q + i * cols + k), x0, a0[i]);
+        a1[i] = _mm512_fmadd_ps(cvt(q + i * cols + k + 16), x1, a1[i]);
       }
     }
-    y[r] = _mm512_reduce_add_ps(acc0) + off0;
-    y[r + 1] = _mm512_reduce_add_ps(acc1) + off1;
+    if (k < k0 + block) { // block % 32 == 16
+      const __m512 x0 = _mm512_loadu_ps(x + k);
+      for (int i = 0; i < R; ++i) a0[i] = _mm512_fmadd_ps(cvt(q + i * cols + k), x0, a0[i]);
+    }
+    for (int i = 0; i < R; ++i)
+      acc[i] = _mm512_fmadd_ps(_mm512_add_ps(a0[i], a1[i]), _mm512_set1_ps(s[i][b]), acc[i]);
+  }
+  for (int i = 0; i < R; ++i) out[i] = _mm512_reduce_add_ps(acc[i]);
+}
+
+/// Fused int8 GEMV rows [r0, r1) (AVX-512, block % 16 == 0): 4 rows per pass (int8_gemv_pass),
+/// the remaining r1 − r0 mod 4 rows one at a time with the same per-row arithmetic; asymmetric
+/// codes add −Σ_b z_b·s_b·xsum_b. The rows of the next pass (clamped to r1 − 1) are prefetched.
+template <bool Signed>
+inline void int8_gemv_rows(const std::uint8_t* codes, const float* scales, const float* zeros,
+                           bool has_zeros, std::size_t cols, std::size_t block, const float* x,
+                           const float* xsum, std::size_t r0, std::size_t r1, float* y) {
+  constexpr int R = 4;
+  const std::size_t nbr = cols / block;
+  auto finish = [&](std::size_t r, float v) {
+    float off = 0;
+    if (has_zeros)
+      for (std::size_t b = 0; b < nbr; ++b)
+        off -= zeros[r * nbr + b] * scales[r * nbr + b] * xsum[b];
+    y[r] = v + off;
+  };
+  auto row_after = [&](std::size_t r, std::size_t ahead) {
+    return codes + (r + ahead < r1 ? r + ahead : r1 - 1) * cols;
+  };
+  std::size_t r = r0;
+  for (; r + R <= r1; r += R) {
+    const float* s[R];
+    const std::uint8_t* next[R];
+    for (int i = 0; i < R; ++i) s[i] = scales + (r + i) * nbr, next[i] = row_after(r, R + i);
+    float out[R];
+    int8_gemv_pass<Signed, R>(codes + r * cols, s, cols, block, x, next, out);
+    for (int i = 0; i < R; ++i) finish(r + i, out[i]);
   }
   for (; r < r1; ++r) {
-    const std::uint8_t* q = codes + r * cols;
-    __m512 acc = _mm512_setzero_ps();
-    float off = 0;
-    for (std::size_t b = 0; b < nbr; ++b) {
-      __m512 a0 = _mm512_setzero_ps();
-      const std::size_t k0 = b * block;
-      for (std::size_t k = 0; k < block; k += 16)
-        a0 = _mm512_fmadd_ps(cvt(q + k0 + k), _mm512_loadu_ps(x + k0 + k), a0);
-      const float sb = scales[r * nbr + b];
-      acc = _mm512_fmadd_ps(a0, _mm512_set1_ps(sb), acc);
-      if (has_zeros) off -= zeros[r * nbr + b] * sb * xsum[b];
-    }
-    y[r] = _mm512_reduce_add_ps(acc) + off;
+    const float* s[1] = {scales + r * nbr};
+    const std::uint8_t* next[1] = {row_after(r, 1)};
+    float out[1];
+    int8_gemv_pass<Signed, 1>(codes + r * cols, s, cols, block, x, next, out);
+    finish(r, out[0]);
   }
 }
 #endif
