@@ -3,19 +3,22 @@
 //
 // Fused GEMV (AVX-512 only; other archs dequantize a row into L1 and take a dot product):
 //  * int8: bytes widened to int32 lanes (vpmovsxbd / vpmovzxbd), converted, fma with x; one fma
-//    per block applies its scale;
+//    per block applies its scale; 4 rows per pass share the x loads, and each row stream is
+//    software-prefetched 2 KiB ahead, into the next pass's rows (int8_gemv_pass);
 //  * 4-bit (int4, NF4, FP4): the 16 levels sit in one zmm register and vpermps looks codes up
 //    (it reads only the low 4 bits of each index lane: a right shift selects the nibble, no mask).
 //    When the block is a multiple of 64, each 32-byte segment is broadcast to both halves of a
 //    zmm and one variable shift per 16 codes selects their nibbles (nib64_gemv_rows), and the
 //    levels are pre-multiplied by the block scale, so per 16 weights the loop issues one shift,
 //    one vpermps and one fma; the shifted index vectors hold elements in a fixed interleaved
-//    order, and x is permuted once per call to match (x_split).
+//    order, and x is permuted once per call to match (x_split). The next pass's rows are
+//    prefetched (hardware prefetchers stop at 4 KiB pages).
 #pragma once
 
 #include <cstddef>
 #include <cstdint>
 #include <limits>
+#include <utility>
 
 #include "../simd/simd.hpp"
 #include "quant.hpp"
@@ -112,29 +115,53 @@ inline void split_for_nibbles(const float* x, std::size_t cols, std::size_t bloc
 }
 
 #if XSIMD_WITH_AVX512BW
-/// Software prefetch of the cache lines of W[row, k0 : k0 + len) into L1. Rows are streamed once,
-/// and the hardware prefetchers do not cross 4 KiB pages: a 4096-column int8 row is exactly one
-/// page, so without this every row starts with demand misses (measured: 4096×4096 int8 GEMV
-/// 1818 µs with 2 rows per pass and no prefetch, 721 µs with 4 rows and the next pass
-/// prefetched, same loaded machine).
-inline void prefetch_lines(const std::uint8_t* p, std::size_t len) noexcept {
-  for (std::size_t i = 0; i < len; i += 64)
-    _mm_prefetch(reinterpret_cast<const char*>(p + i), _MM_HINT_T0);
+/// Software prefetch of the cache line holding p into L1. GCC 12 at -O2 with -march=native on
+/// this machine (AMD EPYC, AVX-512) silently drops _mm_prefetch / __builtin_prefetch in these loops
+/// (kept at -O3; the int8 GEMV at -O2 was measured 1.6× slower without them), so GCC-compatible
+/// compilers get the instruction as inline assembly.
+inline void prefetch_l1(const void* p) noexcept {
+#if defined(__GNUC__)
+  asm volatile("prefetcht0 %0" : : "m"(*static_cast<const char*>(p)));
+#else
+  _mm_prefetch(static_cast<const char*>(p), _MM_HINT_T0);
+#endif
 }
 
-/// One pass of the fused int8 GEMV over R rows q[i·cols ...] (i < R): out[i] = Σ_b s_i,b ·
-/// Σ_{k∈b} w_i,k·x_k (without the zero-point term). Per 16 codes: vpmovsxbd / vpmovzxbd, vcvtdq2ps,
-/// one fma; the R rows share each x load; per block two partial sums (alternate 16-code chunks)
-/// then one fma by the block scale. While computing, the rows `next[i]` (the next pass) are
-/// prefetched. Every row's arithmetic is the same for every R, so a row's result does not depend
-/// on how rows are grouped into passes (bitwise identical for any thread count).
+/// Software prefetch of the cache lines of [p, p + len) into L1.
+inline void prefetch_lines(const std::uint8_t* p, std::size_t len) noexcept {
+  for (std::size_t i = 0; i < len; i += 64) prefetch_l1(p + i);
+}
+
+/// Prefetch distance of the fused int8 GEMV, in bytes of each row's stream (see int8_gemv_pass).
+inline constexpr std::size_t int8_gemv_prefetch_bytes = 2048;
+
+/// One pass of the fused int8 GEMV over R rows cur[i] (i < R): out[i] = Σ_b s_i,b ·
+/// Σ_{k∈b} w_i,k·x_k (without the zero-point term). Per 16 codes: vpmovsxbd / vpmovzxbd,
+/// vcvtdq2ps, one fma; the R rows share each x load; per block two partial sums (alternate
+/// 16-code chunks) then one fma by the block scale. Every row's arithmetic is the same for every
+/// R, so a row's result does not depend on how rows are grouped into passes (bitwise identical for
+/// any thread count).
+///
+/// Prefetch: W is streamed once, and the hardware prefetchers stop at 4 KiB pages — a 4096-column
+/// int8 row is exactly one page, so each new row would start with demand misses. Row slot i reads
+/// cur[i], then in the next pass nxt[i]; it prefetches D = min(2048, cols) bytes ahead in that
+/// stream, running into nxt[i] near the end of cur[i]. Measured (4096×4096, AMD EPYC, loaded
+/// machine, min of 25): no prefetch and 2 rows per pass 1565–1818 µs; 4 rows, next pass at the
+/// same column (D = cols) 884–1013 µs; D = 1024..3072 644–932 µs.
 /// The shift-based alternative (64 codes per zmm, bytes extracted by vpslld/vpsrad, x permuted to
-/// match) was measured slower on Zen 4 with W in L2 (256×1024: 10.6–11.1 µs vs 6.8–7.6 µs).
-template <bool Signed, int R>
-inline void int8_gemv_pass(const std::uint8_t* q, const float* const* s, std::size_t cols,
-                           std::size_t block, const float* x, const std::uint8_t* const* next,
-                           float* out) {
+/// match) was measured slower on this AMD EPYC (AVX-512; its L1D of 48 KiB and AVX512_VP2INTERSECT
+/// suggest Zen 5) with W cache-resident (256×1024: 10.6–11.1 µs vs 6.8–7.6 µs with vpmovsxbd;
+/// per 16 codes it issues 1.75 shifts where this issues one widening move).
+template <bool Signed, bool Block64, std::size_t... I>
+inline void int8_gemv_pass(std::index_sequence<I...>, const std::uint8_t* const* cur,
+                           const std::uint8_t* const* nxt, const float* const* s, std::size_t cols,
+                           std::size_t block, const float* x, float* out) {
+  // Every per-row statement is a fold over I, so the R rows' registers are distinct scalars
+  // whatever the optimization level (a rolled loop over the rows at -O2 kept a0/a1 in memory:
+  // measured 1.4× slower).
+  constexpr std::size_t R = sizeof...(I);
   const std::size_t nbr = cols / block;
+  const std::size_t D = cols < int8_gemv_prefetch_bytes ? cols : int8_gemv_prefetch_bytes;
   auto cvt = [](const std::uint8_t* p) {
     const __m128i b = _mm_loadu_si128(reinterpret_cast<const __m128i*>(p));
     if constexpr (Signed)
@@ -142,35 +169,45 @@ inline void int8_gemv_pass(const std::uint8_t* q, const float* const* s, std::si
     else
       return _mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(b));
   };
+  auto prefetch = [&](std::size_t i, std::size_t p) { // byte p of slot i's stream cur, nxt
+    prefetch_l1(p < cols ? cur[i] + p : nxt[i] + (p - cols));
+  };
   __m512 acc[R], a0[R], a1[R];
-  for (int i = 0; i < R; ++i) acc[i] = _mm512_setzero_ps();
+  ((acc[I] = _mm512_setzero_ps()), ...);
   for (std::size_t b = 0; b < nbr; ++b) {
-    const std::size_t k0 = b * block;
-    for (int i = 0; i < R; ++i) {
-      prefetch_lines(next[i] + k0, block);
-      a0[i] = _mm512_setzero_ps(), a1[i] = _mm512_setzero_ps();
-    }
+    const std::size_t k0 = b * block, k1 = k0 + block;
+    ((a0[I] = _mm512_setzero_ps(), a1[I] = _mm512_setzero_ps()), ...);
     std::size_t k = k0;
-    for (; k + 32 <= k0 + block; k += 32) {
+    for (; k + 64 <= k1; k += 64) { // one cache line per row
       const __m512 x0 = _mm512_loadu_ps(x + k), x1 = _mm512_loadu_ps(x + k + 16);
-      for (int i = 0; i < R; ++i) {
-        a0[i] = _mm512_fmadd_ps(cvt(q + i * cols + k), x0, a0[i]);
-        a1[i] = _mm512_fmadd_ps(cvt(q + i * cols + k + 16), x1, a1[i]);
+      const __m512 x2 = _mm512_loadu_ps(x + k + 32), x3 = _mm512_loadu_ps(x + k + 48);
+      ((prefetch(I, k + D), a0[I] = _mm512_fmadd_ps(cvt(cur[I] + k), x0, a0[I]),
+        a1[I] = _mm512_fmadd_ps(cvt(cur[I] + k + 16), x1, a1[I]),
+        a0[I] = _mm512_fmadd_ps(cvt(cur[I] + k + 32), x2, a0[I]),
+        a1[I] = _mm512_fmadd_ps(cvt(cur[I] + k + 48), x3, a1[I])),
+       ...);
+    }
+    if constexpr (!Block64) { // partial lines (block % 64 != 0)
+      if (k + 32 <= k1) {
+        const __m512 x0 = _mm512_loadu_ps(x + k), x1 = _mm512_loadu_ps(x + k + 16);
+        ((prefetch(I, k + D), a0[I] = _mm512_fmadd_ps(cvt(cur[I] + k), x0, a0[I]),
+          a1[I] = _mm512_fmadd_ps(cvt(cur[I] + k + 16), x1, a1[I])),
+         ...);
+        k += 32;
+      }
+      if (k < k1) { // block % 32 == 16
+        const __m512 x0 = _mm512_loadu_ps(x + k);
+        ((prefetch(I, k + D), a0[I] = _mm512_fmadd_ps(cvt(cur[I] + k), x0, a0[I])), ...);
       }
     }
-    if (k < k0 + block) { // block % 32 == 16
-      const __m512 x0 = _mm512_loadu_ps(x + k);
-      for (int i = 0; i < R; ++i) a0[i] = _mm512_fmadd_ps(cvt(q + i * cols + k), x0, a0[i]);
-    }
-    for (int i = 0; i < R; ++i)
-      acc[i] = _mm512_fmadd_ps(_mm512_add_ps(a0[i], a1[i]), _mm512_set1_ps(s[i][b]), acc[i]);
+    ((acc[I] = _mm512_fmadd_ps(_mm512_add_ps(a0[I], a1[I]), _mm512_set1_ps(s[I][b]), acc[I])), ...);
   }
-  for (int i = 0; i < R; ++i) out[i] = _mm512_reduce_add_ps(acc[i]);
+  ((out[I] = _mm512_reduce_add_ps(acc[I])), ...);
 }
 
 /// Fused int8 GEMV rows [r0, r1) (AVX-512, block % 16 == 0): 4 rows per pass (int8_gemv_pass),
 /// the remaining r1 − r0 mod 4 rows one at a time with the same per-row arithmetic; asymmetric
-/// codes add −Σ_b z_b·s_b·xsum_b. The rows of the next pass (clamped to r1 − 1) are prefetched.
+/// codes add −Σ_b z_b·s_b·xsum_b. Each pass prefetches into the next one (rows clamped to r1 − 1).
 template <bool Signed>
 inline void int8_gemv_rows(const std::uint8_t* codes, const float* scales, const float* zeros,
                            bool has_zeros, std::size_t cols, std::size_t block, const float* x,
@@ -184,23 +221,30 @@ inline void int8_gemv_rows(const std::uint8_t* codes, const float* scales, const
         off -= zeros[r * nbr + b] * scales[r * nbr + b] * xsum[b];
     y[r] = v + off;
   };
-  auto row_after = [&](std::size_t r, std::size_t ahead) {
-    return codes + (r + ahead < r1 ? r + ahead : r1 - 1) * cols;
-  };
+  auto row = [&](std::size_t r) { return codes + (r < r1 ? r : r1 - 1) * cols; };
   std::size_t r = r0;
   for (; r + R <= r1; r += R) {
     const float* s[R];
-    const std::uint8_t* next[R];
-    for (int i = 0; i < R; ++i) s[i] = scales + (r + i) * nbr, next[i] = row_after(r, R + i);
+    const std::uint8_t *cur[R], *nxt[R];
+    for (int i = 0; i < R; ++i)
+      s[i] = scales + (r + i) * nbr, cur[i] = row(r + i), nxt[i] = row(r + R + i);
     float out[R];
-    int8_gemv_pass<Signed, R>(codes + r * cols, s, cols, block, x, next, out);
+    if (block % 64 == 0)
+      int8_gemv_pass<Signed, true>(std::make_index_sequence<R>(), cur, nxt, s, cols, block, x, out);
+    else
+      int8_gemv_pass<Signed, false>(std::make_index_sequence<R>(), cur, nxt, s, cols, block, x,
+                                    out);
     for (int i = 0; i < R; ++i) finish(r + i, out[i]);
   }
   for (; r < r1; ++r) {
     const float* s[1] = {scales + r * nbr};
-    const std::uint8_t* next[1] = {row_after(r, 1)};
+    const std::uint8_t *cur[1] = {row(r)}, *nxt[1] = {row(r + 1)};
     float out[1];
-    int8_gemv_pass<Signed, 1>(codes + r * cols, s, cols, block, x, next, out);
+    if (block % 64 == 0)
+      int8_gemv_pass<Signed, true>(std::make_index_sequence<1>(), cur, nxt, s, cols, block, x, out);
+    else
+      int8_gemv_pass<Signed, false>(std::make_index_sequence<1>(), cur, nxt, s, cols, block, x,
+                                    out);
     finish(r, out[0]);
   }
 }
@@ -239,6 +283,9 @@ inline void nib64_gemv_rows(__m512 lut, const std::uint8_t* codes, const float* 
   for (; r + 2 <= r1; r += 2) {
     const std::uint8_t* qa = codes + r * cols / 2;
     const std::uint8_t* qb = qa + cols / 2;
+    // the next pass's two rows (clamped to r1 − 1), prefetched one 64-byte line per 128 codes
+    const std::uint8_t* pa = codes + (r + 2 < r1 ? r + 2 : r1 - 1) * cols / 2;
+    const std::uint8_t* pb = codes + (r + 3 < r1 ? r + 3 : r1 - 1) * cols / 2;
     const float* sa = scales + r * nbr;
     const float* sb = sa + nbr;
     __m512 a[4], c[4];
@@ -248,6 +295,7 @@ inline void nib64_gemv_rows(__m512 lut, const std::uint8_t* codes, const float* 
       const __m512 lb = _mm512_mul_ps(lut, _mm512_set1_ps(sb[b]));
       for (std::size_t g = 0; g < spb; ++g) {
         const std::size_t e = b * block + 64 * g;
+        if (e % 128 == 0) prefetch_lines(pa + e / 2, 1), prefetch_lines(pb + e / 2, 1);
         const __m512i va = seg(qa + e / 2), vb = seg(qb + e / 2);
         for (int k = 0; k < 4; ++k) {
           const __m512 xk = _mm512_loadu_ps(xs + e + 16 * k);
