@@ -1,7 +1,7 @@
 // bench_quant: quantizer throughput (GB/s counted on the fp32 side) and quantized linear kernels.
-//  * int8 / NF4 block-64 quantize + dequantize, FP8 e4m3 encode + decode: 100M floats, 1 thread,
-//    and 256K floats (L2-resident: the kernel's compute throughput); lowmem vs naive (plain scalar
-//    loops / Eigen per block, same math);
+//  * int8 / NF4 block-64 quantize + dequantize, FP4 (e2m1) block-64 quantize, FP8 e4m3 encode +
+//    decode: 100M floats, 1 thread, and 256K floats (L2-resident: the kernel's compute throughput);
+//    lowmem vs naive (plain scalar loops / Eigen per block, same math);
 //  * FWHT on 4096-length rows (lowmem vs a textbook scalar FWHT);
 //  * 4096×4096 W: NF4 / int4 / int8 GEMV (batch 1) and dequant-GEMM (4096 rows) vs fp32 Eigen
 //    (BM_quant_gemv_fp32/naive, BM_quant_gemm_fp32/naive); "naive" for a quantized format is
@@ -104,20 +104,21 @@ void BM_int8_dequant_naive(benchmark::State& st) {
 }
 
 // ---- NF4 block-64 ------------------------------------------------------------------------------
-void BM_nf4_quant_lowmem(benchmark::State& st) {
+void fourbit_quant_lowmem(benchmark::State& st, fourbit t) {
   const std::size_t n = std::size_t(st.range(0));
   const auto& x = input(n);
   std::vector<std::uint8_t> q(n / 2);
   std::vector<float> s(n / 64);
   bench::peak_memory peak;
   for (auto _ : st) {
-    fourbit_quantize(x.data(), n, fourbit::nf4, 64, q.data(), s.data());
+    fourbit_quantize(x.data(), n, t, 64, q.data(), s.data());
     benchmark::ClobberMemory();
   }
   peak.report(st);
   bytes(st, n);
 }
-void BM_nf4_quant_naive(benchmark::State& st) { // nearest of 16 levels by distance
+void fourbit_quant_naive(benchmark::State& st, fourbit t) { // nearest of 16 levels by distance
+  const float* levels = fourbit_levels(t);
   const std::size_t n = std::size_t(st.range(0));
   const auto& x = input(n);
   std::vector<std::uint8_t> q(n / 2);
@@ -135,8 +136,7 @@ void BM_nf4_quant_naive(benchmark::State& st) { // nearest of 16 levels by dista
           const float v = xb[Eigen::Index(k) + e] * inv;
           int best = 0;
           for (int l = 1; l < 16; ++l)
-            if (std::fabs(v - kernels::nf4_levels[l]) < std::fabs(v - kernels::nf4_levels[best]))
-              best = l;
+            if (std::fabs(v - levels[l]) < std::fabs(v - levels[best])) best = l;
           c[e] = best;
         }
         q[(64 * b + k) / 2] = std::uint8_t(c[0] << 4 | c[1]);
@@ -409,10 +409,16 @@ struct registrar {
         ->Apply(big_args);
     benchmark::RegisterBenchmark("BM_quant_int8_dequantize/naive", BM_int8_dequant_naive)
         ->Apply(big_args);
-    benchmark::RegisterBenchmark("BM_quant_nf4_quantize/lowmem", BM_nf4_quant_lowmem)
-        ->Apply(big_args);
-    benchmark::RegisterBenchmark("BM_quant_nf4_quantize/naive", BM_nf4_quant_naive)
-        ->Apply(big_args);
+    for (auto [name, t] :
+         {std::pair<const char*, fourbit>{"nf4", fourbit::nf4}, {"fp4", fourbit::fp4}}) {
+      const fourbit tt = t;
+      benchmark::RegisterBenchmark((std::string("BM_quant_") + name + "_quantize/lowmem").c_str(),
+                                   [tt](benchmark::State& st) { fourbit_quant_lowmem(st, tt); })
+          ->Apply(big_args);
+      benchmark::RegisterBenchmark((std::string("BM_quant_") + name + "_quantize/naive").c_str(),
+                                   [tt](benchmark::State& st) { fourbit_quant_naive(st, tt); })
+          ->Apply(big_args);
+    }
     benchmark::RegisterBenchmark("BM_quant_nf4_dequantize/lowmem", BM_nf4_dequant_lowmem)
         ->Apply(big_args);
     benchmark::RegisterBenchmark("BM_quant_nf4_dequantize/naive", BM_nf4_dequant_naive)

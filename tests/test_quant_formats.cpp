@@ -202,7 +202,8 @@ LOWMEM_ARCH_TEST_CASE("4-bit packed codes equal the scalar nearest-level count a
                       "[quant][nf4]") {
   using Arch = TestType;
   LOWMEM_SKIP_IF_UNSUPPORTED();
-  CHECK(kernels::nf4_codebook().cells_ok); // NF4 takes the one-compare cell path
+  CHECK(kernels::nf4_codebook().cells_ok);     // NF4 takes the one-compare cell path
+  CHECK(kernels::fp4_codebook().mag_cells_ok); // FP4 its magnitude-cell path
   for (const kernels::codebook4* cb : {&kernels::nf4_codebook(), &kernels::fp4_codebook()}) {
     // values around every threshold and every 1/16 cell edge, a few ulps either side, plus ±1
     std::vector<float> v;
@@ -215,6 +216,11 @@ LOWMEM_ARCH_TEST_CASE("4-bit packed codes equal the scalar nearest-level count a
     };
     for (int t = 0; t < 15; ++t) around(cb->mid[t]);
     for (int j = 0; j <= 32; ++j) around(float(-1.0 + j / 16.0));
+    for (int j = 0; j <= 16; ++j) { // FP4's magnitude cell edges (j - 1/2)/16, both signs
+      around(float((j - 0.5) / 16.0));
+      around(float(-(j - 0.5) / 16.0));
+    }
+    v.push_back(-0.f); // sign-magnitude: -0 takes the code of +0
     auto r = ref::uniform_data(997, 77, -1.f, 1.f);
     v.insert(v.end(), r.begin(), r.end());
     for (float& e : v) e = std::min(1.f, std::max(-1.f, e));
@@ -248,6 +254,34 @@ LOWMEM_ARCH_TEST_CASE("4-bit packed codes equal the scalar nearest-level count a
         INFO("fused, v " << xb[i]);
         REQUIRE(am[i / 64] == 1.f);
         REQUIRE(ref::nibble(pb.data(), i) == kernels::codebook_code_scalar(xb[i], *cb));
+      }
+    }
+  }
+}
+
+LOWMEM_ARCH_TEST_CASE("4-bit quantize: blocks with absmax < 2^-128 (1/absmax = inf) follow the "
+                      "scalar contract",
+                      "[quant][nf4]") {
+  using Arch = TestType;
+  LOWMEM_SKIP_IF_UNSUPPORTED();
+  // x·(1/absmax) is ±inf for nonzero x and NaN for zeros: every path must give the scalar codes
+  const float tiny = std::numeric_limits<float>::denorm_min();
+  for (fourbit t : {fourbit::nf4, fourbit::fp4}) {
+    const kernels::codebook4& cb =
+        t == fourbit::nf4 ? kernels::nf4_codebook() : kernels::fp4_codebook();
+    for (index_t block : {64, 32}) {
+      const std::size_t n = 256;
+      std::vector<float> x(n);
+      for (std::size_t i = 0; i < n; ++i) x[i] = i % 3 == 0 ? 0.f : (i % 3 == 1 ? tiny : -tiny);
+      std::vector<std::uint8_t> packed(n / 2);
+      std::vector<float> absmax(n / std::size_t(block));
+      fourbit_quantize<Arch>(x.data(), n, t, block, packed.data(), absmax.data());
+      const float inv = 1.0f / tiny;
+      REQUIRE(std::isinf(inv));
+      for (std::size_t i = 0; i < n; ++i) {
+        INFO("type " << int(t) << " block " << block << " i " << i);
+        REQUIRE(absmax[i / std::size_t(block)] == tiny);
+        REQUIRE(ref::nibble(packed.data(), i) == kernels::codebook_code_scalar(x[i] * inv, cb));
       }
     }
   }

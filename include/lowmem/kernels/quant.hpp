@@ -78,6 +78,14 @@ struct codebook4 {
   alignas(64) float mid16[16];         // mid, then +inf (vector lookups)
   alignas(64) std::int32_t code32[16]; // code_of widened to int32 lanes
   alignas(64) float mag16[16];         // mag_mid, then +inf (sign-magnitude vector path)
+  // Magnitude cell table (sign-magnitude books, FP4): |v| cut into 16 cells of width 1/16
+  // centred on j/16, cell j = min(floor(16·|v| + 1/2), 15) covers [(j − 1/2)/16, (j + 1/2)/16)
+  // (cell 15 extends to +inf); mag_base[j] = #{t : mag_mid[t] < (j − 1/2)/16}. FP4's magnitude
+  // thresholds {1, 3, 5, 7, 10, 14, 20}/24 sit at 16·t + 1/2 = 1.17, 2.5, 3.83, ... : one per cell
+  // at most and >= 1/6 cell from every edge (the half-cell offset keeps 1/8 = 3/24 off an edge),
+  // so the magnitude index is mag_base[j] + (|v| > mag_mid[mag_base[j]]) (mag_cells_ok).
+  bool mag_cells_ok;
+  alignas(64) std::int32_t mag_base[16];
 };
 
 inline codebook4 make_codebook4(const float* levels) noexcept {
@@ -125,6 +133,19 @@ inline codebook4 make_codebook4(const float* levels) noexcept {
   for (int k = 0; k < 16; ++k) cb.code32[k] = cb.code_of[k];
   for (int k = 0; k < 16; ++k)
     cb.mag16[k] = k < 7 ? cb.mag_mid[k] : std::numeric_limits<float>::infinity();
+  cb.mag_cells_ok = cb.sign_magnitude && !cb.identity;
+  for (int j = 0; j < 16; ++j) {
+    const double lo = (j - 0.5) / 16.0, hi = j == 15 ? HUGE_VAL : lo + 1.0 / 16.0;
+    int base = 0, inside = 0;
+    for (int t = 0; t < 7; ++t) {
+      const double m = cb.mag_mid[t];
+      base += m < lo;
+      inside += m >= lo && m < hi;
+      cb.mag_cells_ok = cb.mag_cells_ok && std::fabs(m - lo) > 1e-6 && std::fabs(m - hi) > 1e-6;
+    }
+    cb.mag_base[j] = base;
+    cb.mag_cells_ok = cb.mag_cells_ok && inside <= 1;
+  }
   return cb;
 }
 
@@ -553,74 +574,115 @@ inline void codebook_codes(const float* x, std::size_t n, float inv, const codeb
   for (; i < n; ++i) codes[i] = codebook_code_scalar(x[i] * inv, cb);
 }
 
-/// True when codebook_blocks64 applies: AVX-512 and a codebook with the cell table (NF4).
+/// True when codebook_blocks64 applies: AVX-512 and a codebook with a cell table (NF4: cells_ok;
+/// FP4: mag_cells_ok).
 template <class Arch> inline bool has_codebook_blocks_path(const codebook4& cb) {
 #if XSIMD_WITH_AVX512BW
-  return std::is_base_of<xsimd::avx512f, Arch>::value && cb.cells_ok;
+  return std::is_base_of<xsimd::avx512f, Arch>::value && (cb.cells_ok || cb.mag_cells_ok);
 #else
   (void)cb;
   return false;
 #endif
 }
 
-/// AVX-512, cb.cells_ok: 4-bit quantization of nb whole blocks of B floats (B % 64 == 0) fused in
-/// one pass per block: absmax (integer max of |x| bits; NaN/Inf: absmax NaN and the code of 0
-/// everywhere), inv = 1/absmax (0 for an all-zero block), sorted index by the cell table exactly
-/// as codebook_codes_packed, then 64 codes -> 64 bytes (pack4_epi32_epi8) -> 32 packed bytes
-/// (vpmaddubsw by (16, 1) fuses each pair into code_even·16 + code_odd, vpmovwb narrows).
-/// Bitwise the same as absmax_bits + codebook_codes_packed.
+#if XSIMD_WITH_AVX512BW
+/// The block loop of codebook_blocks64 for one code function (16 floats v -> 16 int32 codes).
+template <class Code>
+inline void codebook_blocks64_loop(const float* x, std::size_t nb, std::size_t B,
+                                   std::uint8_t zero_code, Code code, std::uint8_t* packed,
+                                   float* absmax) {
+  const __m512i absmask = _mm512_set1_epi32(0x7FFFFFFF);
+  const __m512i pair_weights = _mm512_set1_epi16(0x0110); // bytes (16, 1)
+  for (std::size_t b = 0; b < nb; ++b, x += B, packed += B / 2) {
+    __m512i m0 = _mm512_setzero_si512(), m1 = m0;
+    for (std::size_t k = 0; k < B; k += 64) {
+      m0 = _mm512_max_epi32(m0, _mm512_and_si512(_mm512_loadu_si512(x + k), absmask));
+      m1 = _mm512_max_epi32(m1, _mm512_and_si512(_mm512_loadu_si512(x + k + 16), absmask));
+      m0 = _mm512_max_epi32(m0, _mm512_and_si512(_mm512_loadu_si512(x + k + 32), absmask));
+      m1 = _mm512_max_epi32(m1, _mm512_and_si512(_mm512_loadu_si512(x + k + 48), absmask));
+    }
+    const std::int32_t bits = _mm512_reduce_max_epi32(_mm512_max_epi32(m0, m1));
+    if (bits >= inf_bits) {
+      absmax[b] = std::numeric_limits<float>::quiet_NaN();
+      std::memset(packed, (zero_code << 4) | zero_code, B / 2);
+      continue;
+    }
+    const float am = bits_to_float(bits);
+    absmax[b] = am;
+    const __m512 inv = _mm512_set1_ps(am > 0 ? 1.0f / am : 0.0f);
+    for (std::size_t k = 0; k < B; k += 64) {
+      const __m512i c0 = code(_mm512_mul_ps(_mm512_loadu_ps(x + k), inv));
+      const __m512i c1 = code(_mm512_mul_ps(_mm512_loadu_ps(x + k + 16), inv));
+      const __m512i c2 = code(_mm512_mul_ps(_mm512_loadu_ps(x + k + 32), inv));
+      const __m512i c3 = code(_mm512_mul_ps(_mm512_loadu_ps(x + k + 48), inv));
+      const __m512i pairs = _mm512_maddubs_epi16(pack4_epi32_epi8(c0, c1, c2, c3), pair_weights);
+      _mm256_storeu_si256(reinterpret_cast<__m256i*>(packed + k / 2), _mm512_cvtepi16_epi8(pairs));
+    }
+  }
+}
+#endif
+
+/// AVX-512, has_codebook_blocks_path: 4-bit quantization of nb whole blocks of B floats
+/// (B % 64 == 0) fused in one pass per block: absmax (integer max of |x| bits; NaN/Inf: absmax
+/// NaN and the code of 0 everywhere), inv = 1/absmax (0 for an all-zero block), then per value
+///  * cb.cells_ok (NF4): sorted index by the cell table exactly as codebook_codes_packed, then
+///    its code;
+///  * cb.mag_cells_ok (FP4): magnitude index mag_base[j] + (|v| > mag_mid[mag_base[j]]) with
+///    j = min(floor(16·|v| + 1/2), 15), plus 8 when v < 0 — the sign-magnitude contract of
+///    codebook_code_scalar (ties to the smaller magnitude on both signs; −0 -> code 0);
+/// then 64 codes -> 64 bytes (pack4_epi32_epi8) -> 32 packed bytes (vpmaddubsw by (16, 1) fuses
+/// each pair into code_even·16 + code_odd, vpmovwb narrows). The cell index is clamped in float
+/// (min(31.5 or 15.5, ·), NaN passes through and truncates to 0x80000000, whose low bits pick cell
+/// 0), so ±inf and NaN from 1/absmax = inf (absmax < 2^-128) get the scalar codes too.
+/// Bitwise the same as absmax_bits + codebook_code_scalar.
 template <class Arch>
 inline void codebook_blocks64(const float* x, std::size_t nb, std::size_t B, const codebook4& cb,
                               std::uint8_t* packed, float* absmax) {
 #if XSIMD_WITH_AVX512BW
   if constexpr (std::is_base_of<xsimd::avx512f, Arch>::value) {
-    const __m512i absmask = _mm512_set1_epi32(0x7FFFFFFF);
-    const __m512 tm = _mm512_load_ps(cb.mid16);
-    const __m512i tc = _mm512_load_si512(cb.code32);
-    const __m512i base_lo = _mm512_load_si512(cb.cell_base);
-    const __m512i base_hi = _mm512_load_si512(cb.cell_base + 16);
-    const __m512 sixteen = _mm512_set1_ps(16.0f);
-    const __m512i top = _mm512_set1_epi32(31), one = _mm512_set1_epi32(1);
-    const __m512i pair_weights = _mm512_set1_epi16(0x0110); // bytes (16, 1)
     const std::uint8_t zc = codebook_code_scalar(0.0f, cb);
-    // sorted index of v (cell j = min(floor(16 v + 16), 31), one compare), then its code;
-    // v >= -1 - 2^-23, so 16 v + 16 > -1 truncates to 0 at worst: no clamp at 0 needed.
-    auto code = [&](__m512 v) {
-      const __m512i j =
-          _mm512_min_epi32(_mm512_cvttps_epi32(_mm512_fmadd_ps(v, sixteen, sixteen)), top);
-      const __m512i base = _mm512_permutex2var_epi32(base_lo, j, base_hi);
-      const __m512 t = _mm512_permutexvar_ps(base, tm);
-      const __m512i idx =
-          _mm512_mask_add_epi32(base, _mm512_cmp_ps_mask(v, t, _CMP_GT_OQ), base, one);
-      return cb.identity ? idx : _mm512_permutexvar_epi32(idx, tc);
-    };
-    for (std::size_t b = 0; b < nb; ++b, x += B, packed += B / 2) {
-      __m512i m0 = _mm512_setzero_si512(), m1 = m0;
-      for (std::size_t k = 0; k < B; k += 64) {
-        m0 = _mm512_max_epi32(m0, _mm512_and_si512(_mm512_loadu_si512(x + k), absmask));
-        m1 = _mm512_max_epi32(m1, _mm512_and_si512(_mm512_loadu_si512(x + k + 16), absmask));
-        m0 = _mm512_max_epi32(m0, _mm512_and_si512(_mm512_loadu_si512(x + k + 32), absmask));
-        m1 = _mm512_max_epi32(m1, _mm512_and_si512(_mm512_loadu_si512(x + k + 48), absmask));
-      }
-      const std::int32_t bits = _mm512_reduce_max_epi32(_mm512_max_epi32(m0, m1));
-      if (bits >= inf_bits) {
-        absmax[b] = std::numeric_limits<float>::quiet_NaN();
-        std::memset(packed, (zc << 4) | zc, B / 2);
-        continue;
-      }
-      const float am = bits_to_float(bits);
-      absmax[b] = am;
-      const __m512 inv = _mm512_set1_ps(am > 0 ? 1.0f / am : 0.0f);
-      for (std::size_t k = 0; k < B; k += 64) {
-        const __m512i c0 = code(_mm512_mul_ps(_mm512_loadu_ps(x + k), inv));
-        const __m512i c1 = code(_mm512_mul_ps(_mm512_loadu_ps(x + k + 16), inv));
-        const __m512i c2 = code(_mm512_mul_ps(_mm512_loadu_ps(x + k + 32), inv));
-        const __m512i c3 = code(_mm512_mul_ps(_mm512_loadu_ps(x + k + 48), inv));
-        const __m512i pairs = _mm512_maddubs_epi16(pack4_epi32_epi8(c0, c1, c2, c3), pair_weights);
-        _mm256_storeu_si256(reinterpret_cast<__m256i*>(packed + k / 2),
-                            _mm512_cvtepi16_epi8(pairs));
-      }
+    const __m512i one = _mm512_set1_epi32(1);
+    if (cb.cells_ok) {
+      const __m512 tm = _mm512_load_ps(cb.mid16);
+      const __m512i tc = _mm512_load_si512(cb.code32);
+      const __m512i base_lo = _mm512_load_si512(cb.cell_base);
+      const __m512i base_hi = _mm512_load_si512(cb.cell_base + 16);
+      const __m512 sixteen = _mm512_set1_ps(16.0f), cap = _mm512_set1_ps(31.5f);
+      // sorted index of v (cell j = min(floor(16 v + 16), 31), one compare), then its code;
+      // v >= -1 - 2^-23, so 16 v + 16 > -1 truncates to 0 at worst: no clamp at 0 needed.
+      const bool identity = cb.identity;
+      codebook_blocks64_loop(
+          x, nb, B, zc,
+          [&](__m512 v) {
+            const __m512i j =
+                _mm512_cvttps_epi32(_mm512_min_ps(cap, _mm512_fmadd_ps(v, sixteen, sixteen)));
+            const __m512i base = _mm512_permutex2var_epi32(base_lo, j, base_hi);
+            const __m512 t = _mm512_permutexvar_ps(base, tm);
+            const __m512i idx =
+                _mm512_mask_add_epi32(base, _mm512_cmp_ps_mask(v, t, _CMP_GT_OQ), base, one);
+            return identity ? idx : _mm512_permutexvar_epi32(idx, tc);
+          },
+          packed, absmax);
+      return;
     }
+    const __m512 tmag = _mm512_load_ps(cb.mag16);
+    const __m512i mbase = _mm512_load_si512(cb.mag_base);
+    const __m512 sixteen = _mm512_set1_ps(16.0f), half = _mm512_set1_ps(0.5f);
+    const __m512 cap = _mm512_set1_ps(15.5f), zero = _mm512_setzero_ps();
+    const __m512i eight = _mm512_set1_epi32(8);
+    codebook_blocks64_loop(
+        x, nb, B, zc,
+        [&](__m512 v) {
+          const __m512 a = _mm512_abs_ps(v);
+          const __m512i j =
+              _mm512_cvttps_epi32(_mm512_min_ps(cap, _mm512_fmadd_ps(a, sixteen, half)));
+          const __m512i base = _mm512_permutexvar_epi32(j, mbase);
+          const __m512 t = _mm512_permutexvar_ps(base, tmag);
+          const __m512i m =
+              _mm512_mask_add_epi32(base, _mm512_cmp_ps_mask(a, t, _CMP_GT_OQ), base, one);
+          return _mm512_mask_add_epi32(m, _mm512_cmp_ps_mask(v, zero, _CMP_LT_OQ), m, eight);
+        },
+        packed, absmax);
     return;
   }
 #endif
@@ -661,12 +723,14 @@ inline void codebook_codes_packed(const float* x, std::size_t n, float inv, cons
       // that can fall inside the cell.
       const __m512i base_lo = _mm512_load_si512(cb.cell_base);
       const __m512i base_hi = _mm512_load_si512(cb.cell_base + 16);
-      const __m512 sixteen = _mm512_set1_ps(16.0f);
-      const __m512i top = _mm512_set1_epi32(31), one = _mm512_set1_epi32(1);
+      // The upper clamp is in float (before the conversion), so +inf (x·inv with inv = inf,
+      // absmax < 2^-128) lands in cell 31 instead of converting to 0x80000000.
+      const __m512 sixteen = _mm512_set1_ps(16.0f), cap = _mm512_set1_ps(31.5f);
+      const __m512i one = _mm512_set1_epi32(1);
       for (std::size_t i = 0; i < n; i += 16) {
         const __m512 v = _mm512_mul_ps(_mm512_loadu_ps(x + i), vinv);
-        __m512i j = _mm512_cvttps_epi32(_mm512_fmadd_ps(v, sixteen, sixteen));
-        j = _mm512_min_epi32(_mm512_max_epi32(j, _mm512_setzero_si512()), top);
+        __m512i j = _mm512_cvttps_epi32(_mm512_min_ps(cap, _mm512_fmadd_ps(v, sixteen, sixteen)));
+        j = _mm512_max_epi32(j, _mm512_setzero_si512());
         const __m512i base = _mm512_permutex2var_epi32(base_lo, j, base_hi);
         const __m512 t = _mm512_permutexvar_ps(base, tm);
         pack(i, _mm512_mask_add_epi32(base, _mm512_cmp_ps_mask(v, t, _CMP_GT_OQ), base, one));
