@@ -468,8 +468,9 @@ inline void adamw_quantized(const char* fn, P* param, const G* grad, quantized_s
 /// Numerics: the parameter update is exactly adamw_step's on the dequantized state; the stored
 /// state carries the codebook's rounding error (≤ half a code gap × block scale).
 /// Speed: on AVX512-VBMI runs kernels::adamw_quant_full_groups (two passes per group, bit for
-/// bit the generic path); 8-bit ~95 vector instructions per 16 parameters (update 34, encode m
-/// 33, encode v 28): compute-bound at ~1-1.4× the fp32 step, not memory-bound.
+/// bit the generic path); 8-bit ~91 vector instructions per 16 parameters (update + decode 34,
+/// encode m 30, encode v 27): compute-bound (issue-bound) at ~1-1.4× the fp32 step, not
+/// memory-bound.
 /// Preconditions: as adamw_step, plus state.size() == n and state.moments() == 2.
 template <class Arch = simd::default_arch>
 inline void adamw_step(float* param, const float* grad, quantized_state& state, std::size_t n,
