@@ -41,9 +41,9 @@
 // A step dequantizes one group of each moment into an L1-resident stack buffer (16 KiB), runs the
 // same fp32 update kernel as the unquantized optimizer, and requantizes: no full-size temporaries.
 // 8-bit and 4-bit AdamW and Lion with fp32 parameters and gradients on AVX512-VBMI run the same
-// arithmetic in two passes per group (quant_full_groups: decode + update + block absmax, then
-// encode), fetching the next group's parameters and gradients during the encode pass; other steps
-// prefetch too.
+// arithmetic in two passes per group (adamw_quant_full_groups, quant_full_groups: decode +
+// update + block absmax, then encode), fetching the next group's parameters and gradients during
+// the encode pass; other steps prefetch too.
 // Cost (8-bit AdamW, Zen 4, measured per 16 parameters with L2-resident data): both encoders
 // ~60% (m ~4.2 ns, v ~3.3 ns), decoding ~12%, the update ~25%. The step is issue-bound (about
 // two 512-bit operations per cycle), not divider-bound: vsqrtps + vdivps occupy the divider
