@@ -518,3 +518,44 @@ LOWMEM_ARCH_TEST_CASE("8/4-bit AdamW fused two-pass kernel equals the generic gr
       CHECK(same);
     }
 }
+
+LOWMEM_ARCH_TEST_CASE("8/4-bit Lion fused two-pass kernel equals the generic group path bitwise",
+                      "[optimizers][quant]") {
+  // lion_step (fp32 p, g; the VBMI two-pass kernel where compiled) against quantized_dispatch's
+  // dequantize / lion_span / quantize: parameters, codes, block bytes and group scales identical
+  // after every step, partial last group included.
+  using Arch = TestType;
+  LOWMEM_SKIP_IF_UNSUPPORTED();
+  for (int bits : {8, 4})
+    for (std::size_t n : {std::size_t(4096), std::size_t(2048 * 3 + 131)}) {
+      optim::quantized_state a(n, bits, 1), b(n, bits, 1);
+      auto p = ref::uniform_data(n, 91), p2 = p;
+      bool same = true;
+      const optim::lion_config cfg{1e-3, 0.9, 0.99, 0.1};
+      k::lion_coeffs c;
+      c.decay = float(1 - cfg.lr * cfg.weight_decay), c.lr = float(cfg.lr);
+      c.beta1 = float(cfg.beta1), c.one_minus_beta1 = float(1 - cfg.beta1);
+      c.beta2 = float(cfg.beta2), c.one_minus_beta2 = float(1 - cfg.beta2);
+      auto span = [&c](float* pp, const float* gg, float* mm, float*, std::size_t kk) {
+        k::lion_span<Arch>(pp, gg, mm, kk, c);
+      };
+      for (std::int64_t t = 1; t <= 6; ++t) {
+        auto g = ref::uniform_data(n, 9100 + std::uint64_t(t), -1.f, 1.f);
+        for (std::size_t i = 0; i < n; i += 97) g[i] *= 1e4f; // blocks with different scales
+        for (std::size_t i = 5; i < n; i += 89) g[i] = 0.0f;  // sign(0) = 0 on a zero moment
+        optim::lion_step<Arch>(p.data(), g.data(), a, n, cfg);
+        if (bits == 8)
+          optim::detail::quantized_dispatch<Arch, 8>(p2.data(), g.data(), b, n, nullptr, 1, span);
+        else
+          optim::detail::quantized_dispatch<Arch, 4>(p2.data(), g.data(), b, n, nullptr, 1, span);
+        same = same && ref::bitwise_equal(p.data(), p2.data(), n);
+        const auto &x = a.view(0), &y = b.view(0);
+        const std::size_t B = bits == 8 ? 256 : 128;
+        same = same && std::memcmp(x.codes, y.codes, bits == 8 ? n : (n + 1) / 2) == 0 &&
+               std::memcmp(x.block_exp, y.block_exp, (n + B - 1) / B) == 0 &&
+               std::memcmp(x.group_scale, y.group_scale, 4 * ((n + 2047) / 2048)) == 0;
+      }
+      INFO("bits=" << bits << " n=" << n);
+      CHECK(same);
+    }
+}

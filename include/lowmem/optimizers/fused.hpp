@@ -468,8 +468,9 @@ inline void adamw_quantized(const char* fn, P* param, const G* grad, quantized_s
 /// Numerics: the parameter update is exactly adamw_step's on the dequantized state; the stored
 /// state carries the codebook's rounding error (≤ half a code gap × block scale).
 /// Speed: on AVX512-VBMI runs kernels::adamw_quant_full_groups (two passes per group, bit for
-/// bit the generic path); 8-bit ~95 vector instructions per 16 parameters (update 34, encode m
-/// 33, encode v 28): compute-bound at ~1-1.4× the fp32 step, not memory-bound.
+/// bit the generic path); 8-bit ~91 vector instructions per 16 parameters (update + decode 34,
+/// encode m 30, encode v 27): compute-bound (issue-bound) at ~1-1.4× the fp32 step, not
+/// memory-bound.
 /// Preconditions: as adamw_step, plus state.size() == n and state.moments() == 2.
 template <class Arch = simd::default_arch>
 inline void adamw_step(float* param, const float* grad, quantized_state& state, std::size_t n,
@@ -504,6 +505,8 @@ inline void adamw_step(bf16* param, const bf16* grad, quantized_state& state, st
 
 /// 8-bit / 4-bit Lion: lion_step's update on the dequantized signed-dynamic-map m, requantized.
 /// `state` = quantized_state(n, bits, 1). Preconditions as lion_step plus state shape.
+/// Speed: on AVX512-VBMI runs kernels::lion_quant_full_groups (the two-pass driver of the
+/// quantized AdamW step with Lion's update; bit for bit the generic path).
 template <class Arch = simd::default_arch>
 inline void lion_step(float* param, const float* grad, quantized_state& state, std::size_t n,
                       const lion_config& cfg, int threads = 1) {
@@ -520,6 +523,38 @@ inline void lion_step(float* param, const float* grad, quantized_state& state, s
   auto span = [&c](float* p, const float* g, float* m, float*, std::size_t k) {
     kernels::lion_span<Arch>(p, g, m, k, c);
   };
+#if XSIMD_WITH_AVX512F && defined(__AVX512VBMI__)
+  if constexpr (std::is_base_of<xsimd::avx512bw, Arch>::value) {
+    if (state.quantized()) {
+      // two-pass kernel over full groups (same arithmetic, bit for bit); the partial last group
+      // through the generic path
+      const std::ptrdiff_t groups =
+          std::ptrdiff_t((n + kernels::group_size - 1) / kernels::group_size);
+      kernels::qmoment_view* views = state.views();
+      auto run = [&](auto bits) {
+        constexpr int Bits = decltype(bits)::value;
+        parallel_for(
+            0, groups, 64,
+            [&](std::ptrdiff_t gb, std::ptrdiff_t ge, int) {
+              kernels::qmoment_view local[1] = {views[0]};
+              const std::size_t rest = kernels::lion_quant_full_groups<Bits>(
+                  param, grad, local, std::size_t(gb), std::size_t(ge), n, c);
+              kernels::quantized_groups<Arch, Bits>(
+                  rest, std::size_t(ge), n, local, 1,
+                  [&](std::size_t b, std::size_t len, float* mb, float* vb) {
+                    span(param + b, grad + b, mb, vb, len);
+                  });
+            },
+            threads);
+      };
+      if (state.bits() == 8)
+        run(std::integral_constant<int, 8>{});
+      else
+        run(std::integral_constant<int, 4>{});
+      return;
+    }
+  }
+#endif
   if (state.bits() == 8)
     detail::quantized_dispatch<Arch, 8>(param, grad, state, n, nullptr, threads, span);
   else
