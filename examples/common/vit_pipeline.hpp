@@ -290,9 +290,12 @@ struct demo_config {
   float mezo_lora_lr = 1e-3f;     // ZO-SGD learning rate of MeZO on the LoRA parameters
   float apollo_lr = 3e-3f;        // APOLLO-Mini's (constant) matrix learning rate
   // AdamW learning rate of the LoRA family (adapters + saved modules). Low-rank factors want a
-  // larger rate than full fine-tuning (LoRA accuracy, full default run, same base: 3e-3 75.5%,
-  // 5e-3 77.5%, 7e-3 77.9%, 1e-2 78.6%, 2e-2 77.1%; also training the LayerNorms: 78.5%).
-  float lora_lr = 1e-2f;
+  // larger rate than full fine-tuning. Chosen on the VALIDATION split (vit_demo --val 2000, rank
+  // 32, base of the 2 Dec 2026 full run; full FT 80.80% there), LoRA / QLoRA: 3e-3 79.60 / 79.45%,
+  // 5e-3 80.60 / 81.20%, 7e-3 80.05 / 80.85%, 1e-2 78.05 / 77.35%, 2e-2 45.30 / 25.20% (diverges).
+  // An older base, swept on the test set, had favoured 1e-2 (3e-3 75.5%, 5e-3 77.5%, 7e-3 77.9%,
+  // 1e-2 78.6%): the best rate moves with the base, so it is re-chosen on validation.
+  float lora_lr = 5e-3f;
   // Rank of the LoRA family, chosen on a VALIDATION split (vit_demo --val 2000: train on the
   // first 18K shifted images, evaluate on the last 2K; same base; full FT 80.85% there):
   // r=8 77.90%, r=16 78.95%, r=32 79.30%; r=16 + LayerNorms 78.85%; r=16 at lr 1.5e-2 78.30%;
