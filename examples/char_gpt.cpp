@@ -11,50 +11,18 @@
 #include <lowmem/core/memory_hooks.hpp> // once per program: heap accounting for the table
 
 #include <common/gpt.hpp>
+#include <common/process.hpp>
 
-#include <lowmem/core/memory.hpp>
-
-#include <malloc.h>
-#include <sys/resource.h>
 #include <sys/stat.h>
-#include <unistd.h>
 
 #include <cstdio>
 #include <string>
 #include <vector>
 
-#if defined(_OPENMP)
-#include <omp.h>
-#endif
-
 namespace {
 
 using demo::index_t;
-
-double mib(std::int64_t b) { return double(b) / (1024.0 * 1024.0); }
-
-/// Resets the kernel's RSS high-water mark ("5" > /proc/self/clear_refs, Linux >= 4.0) after
-/// returning freed heap to the OS, so the next getrusage() peak belongs to the next phase.
-bool reset_peak_rss() {
-  malloc_trim(0);
-  std::FILE* f = std::fopen("/proc/self/clear_refs", "w");
-  if (!f) return false;
-  const bool ok = std::fputs("5", f) >= 0;
-  return std::fclose(f) == 0 && ok;
-}
-long current_rss_kib() {
-  std::FILE* f = std::fopen("/proc/self/statm", "r");
-  if (!f) return 0;
-  long size = 0, resident = 0;
-  const int n = std::fscanf(f, "%ld %ld", &size, &resident);
-  std::fclose(f);
-  return n == 2 ? resident * (sysconf(_SC_PAGESIZE) / 1024) : 0;
-}
-long peak_rss_kib() {
-  rusage u{};
-  getrusage(RUSAGE_SELF, &u);
-  return u.ru_maxrss;
-}
+using demo::mib;
 
 /// One attention backend's measurement of the same training step (same weights, same batch).
 struct step_result {
@@ -63,9 +31,7 @@ struct step_result {
   std::int64_t att_saved = 0, att_ws = 0; // attention: saved activations (all layers), workspace
   std::int64_t activations = 0;           // whole activation arena (incl. attention)
   std::int64_t tracked = 0;               // params + grads + optimizer state + activations
-  std::int64_t heap_peak = -1;            // heap growth during the phase (lowmem::memory::region)
-  long rss_start_kib = 0, rss_peak_kib = 0;
-  bool rss_reset = false;
+  demo::phase_memory mem;                 // peak RSS and heap peak of the measurement
   double sec_per_step = 0, cpu_per_step = 0;
   std::vector<float> grads;
 };
@@ -76,10 +42,7 @@ step_result measure_step(demo::gpt& model, const demo::causal_attention& backend
   step_result r;
   r.backend = backend.name;
   model.attention = backend;
-  r.rss_reset = reset_peak_rss();
-  r.rss_start_kib = current_rss_kib();
-  {
-    lowmem::memory::region region;
+  r.mem = demo::measure_phase([&] {
     demo::gpt_activations a = model.plan(B, T);
     model.zero_grad();
     r.loss = model.forward(a, ids, tg, B, T); // untimed first step: page faults of a fresh arena
@@ -104,15 +67,8 @@ step_result measure_step(demo::gpt& model, const demo::causal_attention& backend
     r.att_ws = a.attention_workspace_bytes;
     r.activations = a.bytes();
     r.tracked = led.total();
-    if (lowmem::memory::tracking_enabled()) r.heap_peak = region.peak_bytes();
-    r.rss_peak_kib = peak_rss_kib();
-  }
+  });
   return r;
-}
-
-void usage() {
-  std::fprintf(stderr, "usage: char_gpt [--quick] [--out DIR] [--steps N] [--seq N] [--text FILE] "
-                       "[--batch N] [--width N] [--depth N] [--heads N] [--lr X] [--threads N]\n");
 }
 
 } // namespace
@@ -123,54 +79,24 @@ int main(int argc, char** argv) {
   long steps = -1, seq = -1, batch = -1, width = -1, depth = -1, heads = -1;
   double lr = -1;
   int threads = 1;
-  for (int i = 1; i < argc; ++i) {
-    const std::string a = argv[i];
-    auto value = [&]() -> std::string {
-      if (i + 1 >= argc) {
-        usage();
-        std::exit(2);
-      }
-      return argv[++i];
-    };
-    try {
-      if (a == "--quick")
-        quick = true;
-      else if (a == "--out")
-        out = value();
-      else if (a == "--text")
-        text_file = value();
-      else if (a == "--steps")
-        steps = std::stol(value());
-      else if (a == "--seq")
-        seq = std::stol(value());
-      else if (a == "--batch")
-        batch = std::stol(value());
-      else if (a == "--width")
-        width = std::stol(value());
-      else if (a == "--depth")
-        depth = std::stol(value());
-      else if (a == "--heads")
-        heads = std::stol(value());
-      else if (a == "--lr")
-        lr = std::stod(value());
-      else if (a == "--threads")
-        threads = std::stoi(value());
-      else {
-        usage();
-        return 2;
-      }
-    } catch (const std::logic_error&) {
-      std::fprintf(stderr, "char_gpt: bad value for %s\n", a.c_str());
-      return 2;
-    }
-  }
-#if defined(_OPENMP)
+  demo::options opts("char_gpt",
+                     "usage: char_gpt [--quick] [--out DIR] [--steps N] [--seq N] [--text FILE] "
+                     "[--batch N] [--width N] [--depth N] [--heads N] [--lr X] [--threads N]\n");
+  opts.add("--quick", quick)
+      .add("--out", out)
+      .add("--text", text_file)
+      .add("--steps", steps)
+      .add("--seq", seq)
+      .add("--batch", batch)
+      .add("--width", width)
+      .add("--depth", depth)
+      .add("--heads", heads)
+      .add("--lr", lr)
+      .add("--threads", threads);
+  if (const int rc = opts.parse(argc, argv)) return rc;
   // One thread by default, as vit_demo: the demo runs on a possibly shared 2-core machine where
   // each parallel region waits for a descheduled partner. --threads 2 opts in.
-  omp_set_num_threads(std::max(1, threads));
-#else
-  (void)threads;
-#endif
+  demo::set_threads(threads);
   lowmem::warm_up_threads();
 
   demo::gpt_config mc;
@@ -226,16 +152,9 @@ int main(int argc, char** argv) {
     }
 
     // ---- training with lowmem's tiled attention ----
-    const bool train_rss_reset = reset_peak_rss();
-    const long train_rss0 = current_rss_kib();
-    std::int64_t train_heap = -1;
     demo::gpt_train_result tr;
-    {
-      lowmem::memory::region region;
-      tr = demo::train_gpt(model, opt, train, tc, "tiled");
-      if (lowmem::memory::tracking_enabled()) train_heap = region.peak_bytes();
-    }
-    const long train_rss_peak = peak_rss_kib();
+    const demo::phase_memory train_mem =
+        demo::measure_phase([&] { tr = demo::train_gpt(model, opt, train, tc, "tiled"); });
     const std::int64_t train_act = tr.arena.bytes();
     tr.arena = demo::gpt_activations{};
     double val1 = 0;
@@ -292,9 +211,10 @@ int main(int argc, char** argv) {
                 "peak RSS %.1f MiB (+%.1f)%s.\n\n",
                 long(tc.steps), tr.seconds, tr.cpu_seconds, tr.tokens_per_s,
                 double(tc.steps * tc.batch * tc.seq) / std::max(tr.cpu_seconds, 1e-9), first, last,
-                long(k), std::log(double(mc.vocab)), val0, val1, mib(train_act), mib(train_heap),
-                double(train_rss_peak) / 1024.0, double(train_rss_peak - train_rss0) / 1024.0,
-                train_rss_reset ? "" : " (process maximum)");
+                long(k), std::log(double(mc.vocab)), val0, val1, mib(train_act),
+                mib(train_mem.heap_peak_bytes), double(train_mem.peak_rss_kib) / 1024.0,
+                double(train_mem.peak_rss_kib - train_mem.start_rss_kib) / 1024.0,
+                train_mem.rss_reset ? "" : " (process maximum)");
     std::printf(
         "Same training step (final weights, one batch of %ld x %ld) with each attention:\n\n",
         long(tc.batch), long(tc.seq));
@@ -306,8 +226,9 @@ int main(int argc, char** argv) {
       std::printf("| %s | %.5f | %.3f MiB (%.3f + %.3f) | %.1f MiB | %.1f MiB | %.1f MiB (+%.1f) | "
                   "%.0f ms, %.0f ms | %.0f |\n",
                   r.backend.c_str(), r.loss, mib(r.att_saved + r.att_ws), mib(r.att_saved),
-                  mib(r.att_ws), mib(r.tracked), mib(r.heap_peak), double(r.rss_peak_kib) / 1024.0,
-                  double(r.rss_peak_kib - r.rss_start_kib) / 1024.0, 1e3 * r.sec_per_step,
+                  mib(r.att_ws), mib(r.tracked), mib(r.mem.heap_peak_bytes),
+                  double(r.mem.peak_rss_kib) / 1024.0,
+                  double(r.mem.peak_rss_kib - r.mem.start_rss_kib) / 1024.0, 1e3 * r.sec_per_step,
                   1e3 * r.cpu_per_step, tok_per_step / r.sec_per_step);
     const double ratio =
         double(rs[1].att_saved + rs[1].att_ws) / double(rs[0].att_saved + rs[0].att_ws);
@@ -319,7 +240,7 @@ int main(int argc, char** argv) {
     std::printf("(attention memory: log-sum-exp vs the B*H*N^2 probabilities, per layer x %ld "
                 "layers, plus backward scratch; peak RSS: getrusage high-water mark, reset before "
                 "each phase%s)\n",
-                long(mc.depth), rs[0].rss_reset ? "" : " — reset refused: process maxima");
+                long(mc.depth), rs[0].mem.rss_reset ? "" : " — reset refused: process maxima");
     std::printf("\nSample (temperature 0.7, seed 2026, prompt \"%s\"):\n%s%s\n", prompt.c_str(),
                 prompt.c_str(), sample.c_str());
 
@@ -338,9 +259,9 @@ int main(int argc, char** argv) {
                    r.backend.c_str(), long(tc.batch), long(tc.seq), long(mc.width), long(mc.depth),
                    long(mc.heads), (long long)model.parameter_count(), long(tc.steps), r.loss,
                    (long long)r.att_saved, (long long)r.att_ws, (long long)r.activations,
-                   (long long)r.tracked, (long long)r.heap_peak, r.rss_peak_kib, r.rss_start_kib,
-                   r.sec_per_step, r.cpu_per_step, tok_per_step / r.sec_per_step, tr.tokens_per_s,
-                   first, last, val0, val1);
+                   (long long)r.tracked, (long long)r.mem.heap_peak_bytes, r.mem.peak_rss_kib,
+                   r.mem.start_rss_kib, r.sec_per_step, r.cpu_per_step,
+                   tok_per_step / r.sec_per_step, tr.tokens_per_s, first, last, val0, val1);
     std::fclose(f);
     f = std::fopen((out + "/gpt_loss.csv").c_str(), "w");
     if (!f) throw std::runtime_error("cannot write " + out + "/gpt_loss.csv");

@@ -9,6 +9,7 @@
 #include <lowmem/core/memory_hooks.hpp> // once per program: heap accounting for the table
 #include <lowmem/io/safetensors.hpp>
 
+#include <common/process.hpp>
 #include <common/vit_memory.hpp>
 #include <common/vit_methods.hpp>
 #include <common/vit_pipeline.hpp>
@@ -19,11 +20,9 @@
 #include <sys/stat.h>
 #include <vector>
 
-#if defined(_OPENMP)
-#include <omp.h>
-#endif
-
 namespace {
+
+using demo::mib;
 
 // The method table: one row per method, in the order of the printed table. The LoRA family
 // also exports its adapter in peft's format to <out>/{lora,dora,qlora}/ (vit_methods.hpp).
@@ -74,8 +73,6 @@ demo::vit load_base(const demo::demo_config& cfg, const std::string& path) {
   m.set_all_trainable(false);
   return m;
 }
-
-double mib(std::int64_t b) { return double(b) / (1024.0 * 1024.0); }
 
 void write_csv(const std::vector<demo::method_result>& rs, const std::string& path) {
   std::FILE* f = std::fopen(path.c_str(), "w");
@@ -172,18 +169,6 @@ void write_svg(const std::vector<demo::method_result>& rs, const std::string& pa
   std::fclose(f);
 }
 
-void usage() {
-  std::fprintf(stderr,
-               "usage: vit_demo [--quick] [--out DIR] [--pretrain-steps N] "
-               "[--finetune-steps N] [--pretrain-lr X] [--finetune-lr X] [--mezo-lr X] [--depth N] "
-               "[--batch N] [--threads N] [--base FILE.safetensors (skip pretraining)] "
-               "[--methods 'NAME;NAME' (exact row names)] [--lora-lr X] [--apollo-lr X] "
-               "[--lora-rank N] [--lora-alpha X] [--rslora] [--lora-plus RATIO] [--lora-norms] "
-               "[--shape-batch N (ViT-B/16 memory table, default 1)] [--no-step-memory] [--val N "
-               "(tune: train on the first 20K - N shifted images, report accuracy on "
-               "the last N instead of the test set)]\n");
-}
-
 } // namespace
 
 int main(int argc, char** argv) {
@@ -195,67 +180,44 @@ int main(int argc, char** argv) {
   long cfg_depth = -1, cfg_batch = -1;
   std::string base_path, only;
   long lora_rank = -1, val = 0, shape_batch = -1;
-  bool step_memory = true;
+  bool no_step_memory = false;
   float lora_alpha = -1, lora_plus = -1;
   bool rslora = false, lora_norms = false;
-  for (int i = 1; i < argc; ++i) {
-    const std::string a = argv[i];
-    auto value = [&]() -> std::string {
-      if (i + 1 >= argc) {
-        usage();
-        std::exit(2);
-      }
-      return argv[++i];
-    };
-    if (a == "--quick")
-      quick = true;
-    else if (a == "--out")
-      out = value();
-    else if (a == "--pretrain-steps")
-      pre = std::stol(value());
-    else if (a == "--finetune-steps")
-      fine = std::stol(value());
-    else if (a == "--pretrain-lr")
-      pre_lr = std::stof(value());
-    else if (a == "--finetune-lr")
-      fine_lr = std::stof(value());
-    else if (a == "--mezo-lr")
-      mezo_lr = std::stof(value());
-    else if (a == "--depth")
-      cfg_depth = std::stol(value());
-    else if (a == "--batch")
-      cfg_batch = std::stol(value());
-    else if (a == "--lora-lr")
-      lora_lr = std::stof(value());
-    else if (a == "--apollo-lr")
-      apollo_lr = std::stof(value());
-    else if (a == "--lora-rank")
-      lora_rank = std::stol(value());
-    else if (a == "--lora-alpha")
-      lora_alpha = std::stof(value());
-    else if (a == "--lora-plus")
-      lora_plus = std::stof(value());
-    else if (a == "--rslora")
-      rslora = true;
-    else if (a == "--lora-norms")
-      lora_norms = true;
-    else if (a == "--shape-batch")
-      shape_batch = std::stol(value());
-    else if (a == "--no-step-memory")
-      step_memory = false;
-    else if (a == "--val")
-      val = std::stol(value());
-    else if (a == "--base")
-      base_path = value();
-    else if (a == "--methods")
-      only = ";" + value() + ";";
-    else if (a == "--threads")
-      threads = std::stoi(value());
-    else {
-      usage();
-      return 2;
-    }
-  }
+  std::string methods;
+  demo::options opts(
+      "vit_demo",
+      "usage: vit_demo [--quick] [--out DIR] [--pretrain-steps N] "
+      "[--finetune-steps N] [--pretrain-lr X] [--finetune-lr X] [--mezo-lr X] [--depth N] "
+      "[--batch N] [--threads N] [--base FILE.safetensors (skip pretraining)] "
+      "[--methods 'NAME;NAME' (exact row names)] [--lora-lr X] [--apollo-lr X] "
+      "[--lora-rank N] [--lora-alpha X] [--rslora] [--lora-plus RATIO] [--lora-norms] "
+      "[--shape-batch N (ViT-B/16 memory table, default 1)] [--no-step-memory] [--val N "
+      "(tune: train on the first 20K - N shifted images, report accuracy on "
+      "the last N instead of the test set)]\n");
+  opts.add("--quick", quick)
+      .add("--out", out)
+      .add("--pretrain-steps", pre)
+      .add("--finetune-steps", fine)
+      .add("--pretrain-lr", pre_lr)
+      .add("--finetune-lr", fine_lr)
+      .add("--mezo-lr", mezo_lr)
+      .add("--depth", cfg_depth)
+      .add("--batch", cfg_batch)
+      .add("--lora-lr", lora_lr)
+      .add("--apollo-lr", apollo_lr)
+      .add("--lora-rank", lora_rank)
+      .add("--lora-alpha", lora_alpha)
+      .add("--lora-plus", lora_plus)
+      .add("--rslora", rslora)
+      .add("--lora-norms", lora_norms)
+      .add("--shape-batch", shape_batch)
+      .add("--no-step-memory", no_step_memory)
+      .add("--val", val)
+      .add("--base", base_path)
+      .add("--methods", methods)
+      .add("--threads", threads);
+  if (const int rc = opts.parse(argc, argv)) return rc;
+  if (!methods.empty()) only = ";" + methods + ";";
   demo::demo_config cfg = quick ? demo::quick_config() : demo::demo_config{};
   if (pre >= 0) cfg.pretrain_steps = pre;
   if (fine >= 0) cfg.finetune_steps = fine;
@@ -272,17 +234,13 @@ int main(int argc, char** argv) {
   if (rslora) cfg.lora_rslora = true;
   if (lora_norms) cfg.lora_train_norms = true;
   if (val < 0 || val >= cfg.finetune_limit) {
-    usage();
+    opts.print_usage();
     return 2;
   }
-#if defined(_OPENMP)
   // One thread by default: the layers are small (M = batch·16 rows, K ≤ 256), so OpenMP gains
   // little and, on a loaded machine, every parallel region waits for a descheduled partner
   // (measured 10× slower with 2 threads at load 9 on 2 cores). --threads N opts in.
-  omp_set_num_threads(std::max(1, threads));
-#else
-  (void)threads;
-#endif
+  demo::set_threads(threads);
   ::mkdir(out.c_str(), 0755);
   const auto t_start = std::chrono::steady_clock::now();
 
@@ -353,7 +311,7 @@ int main(int argc, char** argv) {
       std::printf("\n(peak RSS could not be reset per method: values are process maxima)\n");
     std::printf("\npeak RSS: getrusage high-water mark during the method (reset before it); growth "
                 "= over the resident set at its start (data sets in fp32 and the base model).\n");
-    if (step_memory) {
+    if (!no_step_memory) {
       // The weight-dominated table (vit_memory.hpp): ViT-B/16 (quick: a 12.7M-parameter shape).
       const auto t0 = std::chrono::steady_clock::now();
       const demo::index_t sb = shape_batch > 0 ? shape_batch : 1;

@@ -8,6 +8,7 @@
 
 #include <cmath>
 #include <cstring>
+#include <functional>
 #include <string>
 #include <vector>
 
@@ -81,6 +82,23 @@ template <class T = float> struct problem_data {
     return out;
   }
 };
+
+/// Gradient-check setup: the loss L = Σ w ∘ O (w uniform, stream 555), so dO = w; runs forward and
+/// backward of P under opt (gradients in P.dq, P.dk, P.dv and opt.bias) and returns L as a function
+/// of the current inputs, through the double reference (what the finite differences perturb).
+std::function<double()> weighted_output_loss(problem_data<>& P, const attention_options& opt) {
+  const auto w = ref::uniform_data(P.nq_elems(), 555);
+  P.dout.assign(w.begin(), w.end());
+  attention_forward(P.Q(), P.K(), P.V(), P.O(), P.lse.data(), opt);
+  attention_backward(P.Q(), P.K(), P.V(), P.Oc(), P.dO(), P.lse.data(), P.dQ(), P.dK(), P.dV(),
+                     opt);
+  return [&P, &opt, w] {
+    const auto r = ref::attention<float>(P.Q(), P.K(), P.V(), opt);
+    double l = 0;
+    for (std::size_t i = 0; i < r.o.size(); ++i) l += w[i] * r.o[i];
+    return l;
+  };
+}
 
 /// max |a - ref| / max(max |ref|, floor). The floor matters where the exact gradient is ~0 by
 /// cancellation (one visible key per row: P = 1, dS = dP - D = 0): there fp32 leaves ~1e-7.
@@ -223,17 +241,7 @@ TEST_CASE("attention gradients match central finite differences", "[attention][g
   for (const auto& opt : opts) {
     const shape sh{1, 2, 1, 6, 9, 5};
     problem_data<> P(sh, 3);
-    const auto w = ref::uniform_data(P.nq_elems(), 555); // loss = Σ w ∘ O
-    P.dout.assign(w.begin(), w.end());
-    attention_forward(P.Q(), P.K(), P.V(), P.O(), P.lse.data(), opt);
-    attention_backward(P.Q(), P.K(), P.V(), P.Oc(), P.dO(), P.lse.data(), P.dQ(), P.dK(), P.dV(),
-                       opt);
-    const auto loss = [&] {
-      const auto r = ref::attention<float>(P.Q(), P.K(), P.V(), opt);
-      double l = 0;
-      for (std::size_t i = 0; i < r.o.size(); ++i) l += w[i] * r.o[i];
-      return l;
-    };
+    const auto loss = weighted_output_loss(P, opt);
     test::gradcheck(loss, P.q.data(), P.q.size(), P.dq.data(), "dQ");
     test::gradcheck(loss, P.k.data(), P.k.size(), P.dk.data(), "dK");
     test::gradcheck(loss, P.v.data(), P.v.size(), P.dv.data(), "dV");
@@ -518,17 +526,7 @@ TEST_CASE("attention bias gradient matches central finite differences",
       opt.bias = kind == 0 ? attention_bias{bias.data(), 0, Nq * Nk, Nk, db.data()}
                            : attention_bias{bias.data(), Nk, 0, 0, db.data()};
       problem_data<> P({B, Hq, 1, Nq, Nk, 5}, 3);
-      const auto w = ref::uniform_data(P.nq_elems(), 555); // loss = Σ w ∘ O
-      P.dout.assign(w.begin(), w.end());
-      attention_forward(P.Q(), P.K(), P.V(), P.O(), P.lse.data(), opt);
-      attention_backward(P.Q(), P.K(), P.V(), P.Oc(), P.dO(), P.lse.data(), P.dQ(), P.dK(), P.dV(),
-                         opt);
-      const auto loss = [&] {
-        const auto r = ref::attention<float>(P.Q(), P.K(), P.V(), opt);
-        double l = 0;
-        for (std::size_t i = 0; i < r.o.size(); ++i) l += w[i] * r.o[i];
-        return l;
-      };
+      const auto loss = weighted_output_loss(P, opt);
       test::gradcheck(loss, bias.data(), n, db.data(), "dbias");
       test::gradcheck(loss, P.q.data(), P.q.size(), P.dq.data(), "dQ with bias");
     }

@@ -246,14 +246,9 @@ public:
 
 TEST_CASE("tiny ViT: whole-model backward matches finite differences, with and without a hook",
           "[demo][vit]") {
-  demo::vit_config c;
-  c.image = 8;
-  c.patch = 4; // 4 tokens of 16 pixels
-  c.width = 8;
-  c.depth = 2;
-  c.heads = 2;
-  c.mlp_ratio = 2;
-  c.classes = 3;
+  // 8×8 images in 4×4 patches: 4 tokens of 16 pixels
+  const demo::vit_config c = demo::vit_shape(/*image*/ 8, /*patch*/ 4, /*width*/ 8, /*depth*/ 2,
+                                             /*heads*/ 2, /*mlp_ratio*/ 2, /*classes*/ 3);
   demo::vit m(c, 3);
   m.set_all_trainable(true);
   for (auto& p : m.params) // non-trivial LayerNorm affine params and biases
@@ -298,15 +293,8 @@ TEST_CASE("tiny ViT: whole-model backward matches finite differences, with and w
 
 namespace {
 demo::vit_config tiny_config() {
-  demo::vit_config c;
-  c.image = 8;
-  c.patch = 4;
-  c.width = 8;
-  c.depth = 3;
-  c.heads = 2;
-  c.mlp_ratio = 2;
-  c.classes = 3;
-  return c;
+  return demo::vit_shape(/*image*/ 8, /*patch*/ 4, /*width*/ 8, /*depth*/ 3, /*heads*/ 2,
+                         /*mlp_ratio*/ 2, /*classes*/ 3);
 }
 } // namespace
 

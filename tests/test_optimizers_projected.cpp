@@ -12,19 +12,14 @@
 #include <vector>
 
 #include "reference/common.hpp"
+#include "support/random_matrix.hpp"
 
 using namespace lowmem;
 using optim::projection_method;
 using Md = Eigen::MatrixXd;
+using lowmem::test::random_matrix;
 
 namespace {
-
-RowMatrixXf random_matrix(index_t r, index_t c, std::uint64_t id, float scale = 1.f) {
-  RowMatrixXf m(r, c);
-  const auto v = ref::uniform_data(std::size_t(r * c), id, -scale, scale);
-  std::copy(v.begin(), v.end(), m.data());
-  return m;
-}
 
 // Double reference of one projected step on the d×D orientation (What, Ghat), given P [d, r].
 struct projected_ref {

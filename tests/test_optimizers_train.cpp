@@ -3,6 +3,7 @@
 // reaches the stated margin of fp32 AdamW's test accuracy.
 #include <catch2/catch.hpp>
 #include <common/fashion_mnist.hpp>
+#include <common/optimizers_mlp.hpp> // the 784-128-10 MLP, shared with optimizers_compare
 #include <lowmem/optimizers.hpp>
 
 #include <cmath>
@@ -11,81 +12,9 @@
 #include <vector>
 
 using namespace lowmem;
+using namespace lowmem::examples::optimizers_mlp;
 
 namespace {
-
-constexpr std::size_t in_dim = 784, hid = 128, classes = 10;
-
-// Parameters in the layout the loops want: W1 [784, 128] (x · W1), W2 [128, 10].
-struct mlp {
-  std::vector<float> w1, b1, w2, b2;
-  std::vector<float> gw1, gb1, gw2, gb2;
-  explicit mlp(std::uint64_t seed) {
-    w1.resize(in_dim * hid), b1.assign(hid, 0.f), w2.resize(hid * classes), b2.assign(classes, 0.f);
-    const random::stream s{seed, 0};
-    random::fill_normal(s, 0, w1.data(), w1.size());
-    random::fill_normal(s, w1.size(), w2.data(), w2.size());
-    for (float& x : w1) x *= std::sqrt(2.0f / in_dim); // He init
-    for (float& x : w2) x *= std::sqrt(1.0f / hid);
-    gw1.assign(w1.size(), 0.f), gb1.assign(hid, 0.f), gw2.assign(w2.size(), 0.f),
-        gb2.assign(classes, 0.f);
-  }
-  // logits for one image; h receives the hidden activations
-  void forward(const float* x, float* h, float* logits) const {
-    for (std::size_t j = 0; j < hid; ++j) h[j] = b1[j];
-    for (std::size_t k = 0; k < in_dim; ++k) {
-      const float xk = x[k];
-      if (xk == 0.f) continue; // many background pixels
-      const float* w = w1.data() + k * hid;
-      for (std::size_t j = 0; j < hid; ++j) h[j] += xk * w[j];
-    }
-    for (std::size_t j = 0; j < hid; ++j) h[j] = h[j] > 0.f ? h[j] : 0.f;
-    for (std::size_t c = 0; c < classes; ++c) logits[c] = b2[c];
-    for (std::size_t j = 0; j < hid; ++j)
-      for (std::size_t c = 0; c < classes; ++c) logits[c] += h[j] * w2[j * classes + c];
-  }
-  // mean cross-entropy gradient over a batch (gradients overwritten)
-  void backward(const data::image_set& d, std::size_t begin, std::size_t count) {
-    std::fill(gw1.begin(), gw1.end(), 0.f), std::fill(gb1.begin(), gb1.end(), 0.f);
-    std::fill(gw2.begin(), gw2.end(), 0.f), std::fill(gb2.begin(), gb2.end(), 0.f);
-    float h[hid], logits[classes], dl[classes], dh[hid];
-    const float inv = 1.0f / float(count);
-    for (std::size_t s = begin; s < begin + count; ++s) {
-      const float* x = d.images.data() + s * in_dim;
-      forward(x, h, logits);
-      float mx = logits[0], z = 0;
-      for (float l : logits) mx = std::max(mx, l);
-      for (std::size_t c = 0; c < classes; ++c) z += (dl[c] = std::exp(logits[c] - mx));
-      for (std::size_t c = 0; c < classes; ++c)
-        dl[c] = (dl[c] / z - (c == d.labels[s] ? 1.f : 0.f)) * inv;
-      for (std::size_t j = 0; j < hid; ++j) {
-        float acc = 0;
-        for (std::size_t c = 0; c < classes; ++c) {
-          gw2[j * classes + c] += h[j] * dl[c];
-          acc += w2[j * classes + c] * dl[c];
-        }
-        dh[j] = h[j] > 0.f ? acc : 0.f;
-        gb1[j] += dh[j];
-      }
-      for (std::size_t c = 0; c < classes; ++c) gb2[c] += dl[c];
-      for (std::size_t k = 0; k < in_dim; ++k) {
-        const float xk = x[k];
-        if (xk == 0.f) continue;
-        float* g = gw1.data() + k * hid;
-        for (std::size_t j = 0; j < hid; ++j) g[j] += xk * dh[j];
-      }
-    }
-  }
-  double accuracy(const data::image_set& d) const {
-    float h[hid], logits[classes];
-    std::size_t ok = 0;
-    for (std::size_t s = 0; s < d.count; ++s) {
-      forward(d.images.data() + s * in_dim, h, logits);
-      ok += std::size_t(std::max_element(logits, logits + classes) - logits) == d.labels[s];
-    }
-    return double(ok) / double(d.count);
-  }
-};
 
 // An optimizer = a function applied to the model after each backward, step t >= 1.
 using stepper = std::function<void(mlp&, std::int64_t)>;

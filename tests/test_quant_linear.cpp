@@ -12,21 +12,16 @@
 #include "reference/quant_reference.hpp"
 #include "support/arch.hpp"
 #include "support/gradcheck.hpp"
+#include "support/random_matrix.hpp"
 
 using namespace lowmem;
 using namespace lowmem::quant;
+using lowmem::test::random_matrix;
 
 namespace {
 const weight_format all_formats[] = {weight_format::int8_sym, weight_format::int8_asym,
                                      weight_format::int4_sym, weight_format::int4_asym,
                                      weight_format::nf4,      weight_format::fp4};
-
-RowMatrixXf random_matrix(index_t r, index_t c, std::uint64_t id) {
-  RowMatrixXf m(r, c);
-  const auto v = ref::uniform_data(static_cast<std::size_t>(r * c), id, -1.f, 1.f);
-  std::copy(v.begin(), v.end(), m.data());
-  return m;
-}
 } // namespace
 
 LOWMEM_ARCH_TEST_CASE("qlinear forward/backward equal dequantize-then-GEMM in double",

@@ -13,18 +13,13 @@
 
 #include "reference/common.hpp"
 #include "support/gradcheck.hpp"
+#include "support/random_matrix.hpp"
 
 using namespace lowmem;
 using namespace lowmem::quant;
+using lowmem::test::random_matrix;
 
 namespace {
-RowMatrixXf random_matrix(index_t r, index_t c, std::uint64_t id, float scale = 1.f) {
-  RowMatrixXf m(r, c);
-  const auto v = ref::uniform_data(std::size_t(r * c), id, -scale, scale);
-  std::copy(v.begin(), v.end(), m.data());
-  return m;
-}
-
 // y = x·Dᵀ + s·drop(x)·Aᵀ·Bᵀ in double, D = deq(W) (exact floats), drop from the documented mask.
 std::vector<double> qlora_ref(const RowMatrixXf& x, const RowMatrixXf& D, const RowMatrixXf& A,
                               const RowMatrixXf& B, double s, const adapter_dropout& drop) {

@@ -14,17 +14,13 @@
 #include "reference/quant_reference.hpp"
 #include "support/arch.hpp"
 #include "support/gradcheck.hpp"
+#include "support/random_matrix.hpp"
 
 using namespace lowmem;
 using namespace lowmem::quant;
+using lowmem::test::random_matrix;
 
 namespace {
-RowMatrixXf random_matrix(index_t r, index_t c, std::uint64_t id, float scale = 1.f) {
-  RowMatrixXf m(r, c);
-  const auto v = ref::uniform_data(std::size_t(r * c), id, -scale, scale);
-  std::copy(v.begin(), v.end(), m.data());
-  return m;
-}
 // weights in [-0.1, 0.1] with planted large entries (every 37th element, |w| in [0.8, 1])
 RowMatrixXf planted(index_t r, index_t c, std::uint64_t id) {
   RowMatrixXf m = random_matrix(r, c, id, 0.1f);

@@ -15,18 +15,11 @@
 #include <vector>
 
 #include "reference/common.hpp"
+#include "support/random_matrix.hpp"
 
 using namespace lowmem;
 using namespace lowmem::quant;
-
-namespace {
-RowMatrixXf random_matrix(index_t r, index_t c, std::uint64_t id, float scale = 1.f) {
-  RowMatrixXf m(r, c);
-  const auto v = ref::uniform_data(std::size_t(r * c), id, -scale, scale);
-  std::copy(v.begin(), v.end(), m.data());
-  return m;
-}
-} // namespace
+using lowmem::test::random_matrix;
 
 TEST_CASE("QZO fine-tunes the scales of an NF4 / int4 model: loss falls below 20% of its start",
           "[zeroth_order][qzo][quant]") {

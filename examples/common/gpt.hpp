@@ -30,7 +30,6 @@
 #include <cstdio>
 #include <cstdlib>
 #include <cstring>
-#include <ctime>
 #include <memory>
 #include <stdexcept>
 #include <string>
@@ -38,6 +37,7 @@
 #include <vector>
 
 #include "layers.hpp"
+#include "process.hpp"
 
 namespace demo {
 
@@ -598,13 +598,6 @@ struct gpt_batcher {
     }
   }
 };
-
-/// Process CPU seconds (all threads): the machine is shared, so wall time alone misleads.
-inline double process_cpu_seconds() {
-  timespec ts{};
-  clock_gettime(CLOCK_PROCESS_CPUTIME_ID, &ts);
-  return double(ts.tv_sec) + 1e-9 * double(ts.tv_nsec);
-}
 
 /// AdamW (lowmem's fused adamw_step) over the model's tensors: weight decay on 2-D weights only;
 /// global-norm gradient clipping before the update. m, v: zero-initialised, params.size() each.

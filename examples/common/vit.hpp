@@ -45,6 +45,20 @@ struct vit_config {
   index_t head_dim() const { return width / heads; }
 };
 
+/// A ViT shape (the input standardisation keeps its default).
+inline vit_config vit_shape(index_t image, index_t patch, index_t width, index_t depth,
+                            index_t heads, index_t mlp_ratio, index_t classes) {
+  vit_config c;
+  c.image = image;
+  c.patch = patch;
+  c.width = width;
+  c.depth = depth;
+  c.heads = heads;
+  c.mlp_ratio = mlp_ratio;
+  c.classes = classes;
+  return c;
+}
+
 /// One named parameter tensor with its fp32 storage and (when trainable) its gradient.
 /// A hook may release `value` (e.g. QLoRA keeps the weight as NF4 codes instead); the model then
 /// counts that hook's resident_bytes() in place of the fp32 bytes.

@@ -21,6 +21,7 @@
 // 256 → 768 instead of 768 → 768 (0.4M of ViT-B's 86M weights); head 1000 classes.
 #pragma once
 
+#include "process.hpp"
 #include "vit_methods.hpp"
 #include "vit_pipeline.hpp"
 
@@ -33,29 +34,15 @@ namespace demo {
 
 /// ViT-B/16 (Dosovitskiy et al., 2020) with one input channel.
 inline vit_config vit_b16_config() {
-  vit_config c;
-  c.image = 224;
-  c.patch = 16;
-  c.width = 768;
-  c.depth = 12;
-  c.heads = 12;
-  c.mlp_ratio = 4;
-  c.classes = 1000;
-  return c;
+  return vit_shape(/*image*/ 224, /*patch*/ 16, /*width*/ 768, /*depth*/ 12, /*heads*/ 12,
+                   /*mlp_ratio*/ 4, /*classes*/ 1000);
 }
 
 /// --quick: a smaller shape that is still weight-dominated (12.7M parameters, 16 tokens). At
 /// width 256 (3.2M parameters) the rank-32 adapters alone made QLoRA 24.6% of full fine-tuning.
 inline vit_config weight_dominated_quick_config() {
-  vit_config c;
-  c.image = 64;
-  c.patch = 16;
-  c.width = 512;
-  c.depth = 4;
-  c.heads = 8;
-  c.mlp_ratio = 4;
-  c.classes = 100;
-  return c;
+  return vit_shape(/*image*/ 64, /*patch*/ 16, /*width*/ 512, /*depth*/ 4, /*heads*/ 8,
+                   /*mlp_ratio*/ 4, /*classes*/ 100);
 }
 
 struct step_memory_result {
@@ -107,18 +94,9 @@ inline std::vector<step_memory_result> measure_step_memory(const vit& base, inde
       vit m(base);
       lowmem::memory::ledger l;
       if (row.first == mezo) {
-        m.set_all_trainable(false);
-        std::vector<param_span> spans = m.all_spans();
         lowmem::zo::parameters params;
-        for (std::size_t k = 0; k < spans.size(); ++k) {
-          params.add(k, spans[k].data, std::size_t(spans[k].numel));
-          r.trainable_params += spans[k].numel;
-        }
-        lowmem::zo::options o;
-        o.lr = cfg.mezo_lr;
-        o.epsilon = 1e-3f;
-        o.seed = cfg.seed + 200;
-        lowmem::zo::optimizer opt(params, o);
+        r.trainable_params = add_all_parameters(m, params);
+        lowmem::zo::optimizer opt(params, mezo_options(cfg, cfg.mezo_lr, 200)); // as run_mezo_full
         vit_activations acts = m.plan(batch, false);
         l = inference_ledger(m, acts);
         r.rss_reset = reset_peak_rss();
@@ -136,10 +114,8 @@ inline std::vector<step_memory_result> measure_step_memory(const vit& base, inde
         } else {
           m.set_all_trainable(true);
         }
-        std::vector<param_span> spans = m.trainable_spans();
-        for (auto& h : hooks)
-          for (auto& s : h->params()) spans.push_back(s);
-        for (const auto& s : spans) r.trainable_params += s.numel;
+        const std::vector<param_span> spans = trained_spans(m, hooks);
+        r.trainable_params = numel(spans);
         std::unique_ptr<optimizer> opt;
         if (row.first == full32)
           opt = std::make_unique<adamw_fp32>(spans);
@@ -159,11 +135,7 @@ inline std::vector<step_memory_result> measure_step_memory(const vit& base, inde
         opt->step(spans, cfg.finetune_lr);
         r.step_seconds = std::chrono::duration<double>(clock::now() - t1).count();
       }
-      r.param_bytes = l.bytes("parameters");
-      r.grad_bytes = l.bytes("gradients");
-      r.optimizer_bytes = l.bytes("optimizer state");
-      r.activation_bytes = l.bytes("activations");
-      r.tracked_bytes = l.total();
+      record_ledger(r, l);
       r.step_peak_rss_kib = peak_rss_kib();
     }
     out.push_back(r);
@@ -175,7 +147,6 @@ inline std::vector<step_memory_result> measure_step_memory(const vit& base, inde
 inline void print_step_memory(const std::vector<step_memory_result>& rs, const vit& base,
                               index_t batch, double seconds) {
   const auto& c = base.cfg;
-  auto mib = [](std::int64_t b) { return double(b) / (1024.0 * 1024.0); };
   std::printf(
       "\nMemory at a weight-dominated shape: ONE training step, random weights and inputs\n"
       "(ViT %ldx%ld input, %ldx%ld patches -> %ld tokens, width %ld, depth %ld, %ld heads, MLP "

@@ -616,11 +616,7 @@ inline method_result run_qat(const method_context& ctx) {
 /// 2·max(m, n) floats of state per matrix.
 inline method_result run_apollo_mini(const method_context& ctx) {
   return finetune_gradient(
-      ctx, "APOLLO-Mini",
-      [](vit& m) {
-        m.set_all_trainable(true);
-        return std::vector<std::unique_ptr<linear_hook>>{};
-      },
+      ctx, "APOLLO-Mini", train_all,
       [&](const std::vector<param_span>& s) {
         lowmem::optim::projected_config c;
         c.method = lowmem::optim::projection_method::apollo_mini;

@@ -26,16 +26,14 @@
 #include <cstdint>
 #include <cstdio>
 #include <functional>
-#include <malloc.h>
 #include <memory>
 #include <numeric>
 #include <random>
 #include <string>
-#include <sys/resource.h>
-#include <unistd.h>
 #include <vector>
 
 #include "lowmem_attention.hpp"
+#include "process.hpp"
 #include "vit.hpp"
 
 namespace demo {
@@ -358,8 +356,8 @@ struct method {
   std::function<method_result(const method_context&)> run;
 };
 
-/// Fills the ledger-derived fields of r.
-inline void record_ledger(method_result& r, const lowmem::memory::ledger& l) {
+/// Fills the ledger-derived fields of r (a method_result, or vit_memory.hpp's step_memory_result).
+template <class Result> void record_ledger(Result& r, const lowmem::memory::ledger& l) {
   r.param_bytes = l.bytes("parameters");
   r.grad_bytes = l.bytes("gradients");
   r.optimizer_bytes = l.bytes("optimizer state");
@@ -396,6 +394,20 @@ inline method_result run_frozen(const method_context& ctx) {
   return r;
 }
 
+/// What a gradient method trains: the model's trainable tensors, then its hooks' tensors.
+inline std::vector<param_span>
+trained_spans(vit& m, const std::vector<std::unique_ptr<linear_hook>>& hooks) {
+  std::vector<param_span> spans = m.trainable_spans();
+  for (auto& h : hooks)
+    for (auto& s : h->params()) spans.push_back(s);
+  return spans;
+}
+inline std::int64_t numel(const std::vector<param_span>& spans) {
+  std::int64_t n = 0;
+  for (const auto& s : spans) n += s.numel;
+  return n;
+}
+
 /// A gradient method: `configure` freezes / attaches hooks on the copy of the base (returning
 /// the hooks it owns), `make_optimizer` builds the optimizer over the trainable spans.
 using configure_fn = std::function<std::vector<std::unique_ptr<linear_hook>>(vit&)>;
@@ -411,10 +423,8 @@ inline method_result finetune_gradient(const method_context& ctx, const std::str
   r.name = name;
   vit m(ctx.base);
   std::vector<std::unique_ptr<linear_hook>> hooks = configure(m);
-  std::vector<param_span> spans = m.trainable_spans();
-  for (auto& h : hooks)
-    for (auto& s : h->params()) spans.push_back(s);
-  for (const auto& s : spans) r.trainable_params += s.numel;
+  const std::vector<param_span> spans = trained_spans(m, hooks);
+  r.trainable_params = numel(spans);
   std::unique_ptr<optimizer> opt = make_optimizer(spans);
   vit_activations acts = m.plan(ctx.cfg.batch, true);
   const lowmem::memory::ledger l = training_ledger(m, *opt, acts);
@@ -435,14 +445,16 @@ inline method_result finetune_gradient(const method_context& ctx, const std::str
   return r;
 }
 
+/// The `configure` of full fine-tuning: every model tensor trainable, no hooks.
+inline std::vector<std::unique_ptr<linear_hook>> train_all(vit& m) {
+  m.set_all_trainable(true);
+  return {};
+}
+
 /// Full fine-tuning: every parameter trainable, fp32 AdamW.
 inline method_result run_full_adamw(const method_context& ctx) {
   return finetune_gradient(
-      ctx, "full FT, AdamW fp32",
-      [](vit& m) {
-        m.set_all_trainable(true);
-        return std::vector<std::unique_ptr<linear_hook>>{};
-      },
+      ctx, "full FT, AdamW fp32", train_all,
       [](const std::vector<param_span>& s) { return std::make_unique<adamw_fp32>(s); },
       ctx.cfg.finetune_lr);
 }
@@ -450,13 +462,28 @@ inline method_result run_full_adamw(const method_context& ctx) {
 /// Full fine-tuning with 8-bit AdamW state (arXiv:2110.02861 via lowmem::optim).
 inline method_result run_full_adamw8(const method_context& ctx) {
   return finetune_gradient(
-      ctx, "full FT, AdamW 8-bit",
-      [](vit& m) {
-        m.set_all_trainable(true);
-        return std::vector<std::unique_ptr<linear_hook>>{};
-      },
+      ctx, "full FT, AdamW 8-bit", train_all,
       [](const std::vector<param_span>& s) { return std::make_unique<adamw_lowmem>(s, 8); },
       ctx.cfg.finetune_lr);
+}
+
+/// The ZO-SGD options of the MeZO rows: ε = 1e-3, seed ctx seed + seed_offset.
+inline lowmem::zo::options mezo_options(const demo_config& c, float lr, std::uint64_t seed_offset) {
+  lowmem::zo::options o;
+  o.lr = lr;
+  o.epsilon = 1e-3f;
+  o.seed = c.seed + seed_offset;
+  return o;
+}
+
+/// MeZO (full): freezes m (no gradient buffers) and registers every tensor of it with `params`
+/// (ids 0, 1, … in the model's order). Returns the number of parameters registered.
+inline std::int64_t add_all_parameters(vit& m, lowmem::zo::parameters& params) {
+  m.set_all_trainable(false);
+  const std::vector<param_span> spans = m.all_spans();
+  for (std::size_t k = 0; k < spans.size(); ++k)
+    params.add(k, spans[k].data, std::size_t(spans[k].numel));
+  return numel(spans);
 }
 
 /// The MeZO loop shared by the MeZO rows: ZO-SGD (lowmem::zo) over `params` of `m` for
@@ -464,11 +491,7 @@ inline method_result run_full_adamw8(const method_context& ctx) {
 /// timing, loss and accuracy. Seeds: optimizer ctx seed + seed_offset, minibatches + 100 more.
 inline void finetune_mezo(const method_context& ctx, vit& m, lowmem::zo::parameters& params,
                           float lr, std::uint64_t seed_offset, method_result& r) {
-  lowmem::zo::options o;
-  o.lr = lr;
-  o.epsilon = 1e-3f;
-  o.seed = ctx.cfg.seed + seed_offset;
-  lowmem::zo::optimizer opt(params, o);
+  lowmem::zo::optimizer opt(params, mezo_options(ctx.cfg, lr, seed_offset));
   vit_activations acts = m.plan(ctx.cfg.batch, false); // inference arena only
   const lowmem::memory::ledger l = inference_ledger(m, acts);
   batch_sampler sampler(ctx.train, ctx.cfg.batch, ctx.cfg.seed + seed_offset + 100);
@@ -501,59 +524,21 @@ inline method_result run_mezo_full(const method_context& ctx) {
   method_result r;
   r.name = "MeZO (full)";
   vit m(ctx.base);
-  m.set_all_trainable(false);
-  std::vector<param_span> spans = m.all_spans();
   lowmem::zo::parameters params;
-  for (std::size_t k = 0; k < spans.size(); ++k) {
-    params.add(k, spans[k].data, std::size_t(spans[k].numel));
-    r.trainable_params += spans[k].numel;
-  }
+  r.trainable_params = add_all_parameters(m, params);
   finetune_mezo(ctx, m, params, ctx.cfg.mezo_lr, 200, r);
   return r;
 }
 
-// ---- process memory ----------------------------------------------------------------------------
-
-/// Resets the kernel's RSS high-water mark (Linux ≥ 4.0: "5" > /proc/self/clear_refs) after
-/// returning freed heap to the OS, so the next getrusage() peak is this method's. False if refused.
-inline bool reset_peak_rss() {
-  malloc_trim(0);
-  std::FILE* f = std::fopen("/proc/self/clear_refs", "w");
-  if (!f) return false;
-  const bool ok = std::fputs("5", f) >= 0;
-  return std::fclose(f) == 0 && ok;
-}
-/// Current resident set (KiB) from /proc/self/statm; 0 when unavailable.
-inline long current_rss_kib() {
-  std::FILE* f = std::fopen("/proc/self/statm", "r");
-  if (!f) return 0;
-  long size = 0, resident = 0;
-  const int n = std::fscanf(f, "%ld %ld", &size, &resident);
-  std::fclose(f);
-  return n == 2 ? resident * (sysconf(_SC_PAGESIZE) / 1024) : 0;
-}
-inline long peak_rss_kib() {
-  rusage u{};
-  getrusage(RUSAGE_SELF, &u);
-  return u.ru_maxrss;
-}
-
 /// Runs one method with per-method peak RSS and heap-peak measurement.
 inline method_result run_measured(const method& meth, const method_context& ctx) {
-  const bool reset = reset_peak_rss();
-  const long rss0 = current_rss_kib();
-  std::int64_t heap = -1;
   method_result r;
-  {
-    lowmem::memory::region region;
-    r = meth.run(ctx);
-    if (lowmem::memory::tracking_enabled()) heap = region.peak_bytes();
-  }
+  const phase_memory mem = measure_phase([&] { r = meth.run(ctx); });
   if (r.name.empty()) r.name = meth.name;
-  r.rss_reset = reset;
-  r.peak_rss_kib = peak_rss_kib();
-  r.start_rss_kib = rss0;
-  r.heap_peak_bytes = heap;
+  r.rss_reset = mem.rss_reset;
+  r.peak_rss_kib = mem.peak_rss_kib;
+  r.start_rss_kib = mem.start_rss_kib;
+  r.heap_peak_bytes = mem.heap_peak_bytes;
   return r;
 }
 

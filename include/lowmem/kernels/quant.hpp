@@ -448,13 +448,18 @@ inline __m512i pack4_epi32_epi8(__m512i a, __m512i b, __m512i c, __m512i d) {
 }
 #endif
 
-/// True when affine_sym8_blocks has a fast path for Arch (AVX-512).
-template <class Arch> inline constexpr bool has_sym8_blocks_path() {
+/// True when Arch takes this file's AVX-512 fast paths: an AVX-512 arch in a build with AVX512BW.
+template <class Arch> inline constexpr bool has_avx512_path() {
 #if XSIMD_WITH_AVX512BW
   return std::is_base_of<xsimd::avx512f, Arch>::value;
 #else
   return false;
 #endif
+}
+
+/// True when affine_sym8_blocks has a fast path for Arch (AVX-512).
+template <class Arch> inline constexpr bool has_sym8_blocks_path() {
+  return has_avx512_path<Arch>();
 }
 
 /// AVX-512: symmetric int8 quantization of nb whole blocks of B floats (B % 64 == 0), fused in
@@ -691,11 +696,7 @@ inline void codebook_blocks64(const float* x, std::size_t nb, std::size_t B, con
 
 /// True when codebook_codes_packed has a fast path for Arch (AVX-512).
 template <class Arch> inline constexpr bool has_packed_codebook_path() {
-#if XSIMD_WITH_AVX512BW
-  return std::is_base_of<xsimd::avx512f, Arch>::value;
-#else
-  return false;
-#endif
+  return has_avx512_path<Arch>();
 }
 
 /// AVX-512: quantizes n (a multiple of 16) values x·inv to their nearest codes and writes them
