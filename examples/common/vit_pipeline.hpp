@@ -321,11 +321,6 @@ inline demo_config quick_config() {
   c.batch = 64;
   c.pretrain_steps = 600;
   c.finetune_steps = 60;
-#ifdef LOWMEM_SANITIZER_BUILD
-  // ASan/UBSan run several times slower: same model, half the pretraining, fewer test images.
-  c.pretrain_steps = 300;
-  c.test_limit = 1000;
-#endif
   return c;
 }
 
