@@ -7,14 +7,18 @@
 //   BM_adapters_multi_lora      three rank-r adapters on one W in one pass vs adapter by adapter
 //   BM_adapters_lora_ga         LoRA-GA init from (x, dy) without forming G vs forming G
 //   BM_adapters_pissa           PiSSA init (randomized SVD) vs Eigen BDCSVD on a smaller W
-// Time: process CPU time per iteration (manual timing), as the peer measures it: the machine is
-// shared, and CPU time is far less disturbed by other jobs than wall time. With 2 threads it is
-// the CPU time of both threads (wall time × ~2 on an idle machine).
-// Counters: flops (rate, the dense fwd+bwd count 4·rows·in·out plus the adapter's own GEMMs),
-// peak_MiB (heap growth during the timed loop beyond the inputs and workspaces).
+// Time (manual timing): with threads:1, process CPU time per iteration, as the peer measures it
+// (the machine is shared, and CPU time is far less disturbed by other jobs than wall time); with
+// threads:N > 1, WALL time per iteration, the figure a threaded run is for (process CPU time
+// sums the threads, including OpenMP's spin-waiting, and says nothing about the speed-up).
+// Counters: wall_ms and cpu_ms (per iteration, both always, so either can be compared: cpu_ms /
+// wall_ms is the average number of busy threads), flops (rate over the reported time: the dense
+// fwd+bwd count 4·rows·in·out plus the adapter's own GEMMs), peak_MiB (heap growth during the
+// timed loop beyond the inputs and workspaces).
 #include "bench_support.hpp"
 
 #include <lowmem/adapters.hpp>
+#include <lowmem/core/threading.hpp>
 
 #include <Eigen/SVD>
 #include <algorithm>
@@ -44,16 +48,31 @@ struct layer {
   }
 };
 
-double cpu_now() {
+double clock_now(clockid_t id) {
   timespec t{};
-  clock_gettime(CLOCK_PROCESS_CPUTIME_ID, &t);
+  clock_gettime(id, &t);
   return double(t.tv_sec) + 1e-9 * double(t.tv_nsec);
 }
-/// Sets the iteration's (manual) time to the process CPU time spent in its scope.
+
+/// Per-case timing totals behind the wall_ms / cpu_ms counters.
+struct timing {
+  double wall = 0, cpu = 0;
+};
+thread_local timing case_timing;
+
+/// Sets the iteration's (manual) time to the process CPU time spent in its scope with one
+/// thread, and to the wall time with several (range(4) is the thread count); both are summed
+/// for the wall_ms / cpu_ms counters (set_threads resets them, report_times writes them).
 struct cpu_iteration {
   benchmark::State& state;
-  double t0 = cpu_now();
-  ~cpu_iteration() { state.SetIterationTime(cpu_now() - t0); }
+  double w0 = clock_now(CLOCK_MONOTONIC), c0 = clock_now(CLOCK_PROCESS_CPUTIME_ID);
+  ~cpu_iteration() {
+    const double wall = clock_now(CLOCK_MONOTONIC) - w0;
+    const double cpu = clock_now(CLOCK_PROCESS_CPUTIME_ID) - c0;
+    case_timing.wall += wall;
+    case_timing.cpu += cpu;
+    state.SetIterationTime(state.range(4) > 1 ? wall : cpu);
+  }
 };
 
 void set_threads(benchmark::State& state) {
@@ -61,6 +80,15 @@ void set_threads(benchmark::State& state) {
 #if defined(_OPENMP)
   omp_set_num_threads(int(state.range(4)));
 #endif
+  warm_up_threads(int(state.range(4)));
+  case_timing = {};
+}
+
+/// wall_ms and cpu_ms per iteration (averaged over the iterations of the run).
+void report_times(benchmark::State& state) {
+  const double n = double(std::max<benchmark::IterationCount>(state.iterations(), 1));
+  state.counters["wall_ms"] = 1e3 * case_timing.wall / n;
+  state.counters["cpu_ms"] = 1e3 * case_timing.cpu / n;
 }
 
 double dense_flops(const layer& l) { return 4.0 * double(l.rows) * double(l.in) * double(l.out); }
@@ -79,6 +107,7 @@ void BM_frozen(benchmark::State& state) {
     benchmark::ClobberMemory();
   }
   peak.report(state);
+  report_times(state);
   bench::set_flops(state, dense_flops(l));
 }
 
@@ -96,6 +125,7 @@ void BM_lora_lowmem(benchmark::State& state) {
     benchmark::ClobberMemory();
   }
   peak.report(state);
+  report_times(state);
   bench::set_flops(state, dense_flops(l) + lora_extra_flops(l));
 }
 
@@ -116,6 +146,7 @@ void BM_lora_naive(benchmark::State& state) {
     benchmark::ClobberMemory();
   }
   peak.report(state);
+  report_times(state);
   bench::set_flops(state, dense_flops(l) + 2.0 * double(l.rows) * double(l.in) * double(l.out));
 }
 
@@ -137,6 +168,7 @@ void BM_dora_lowmem(benchmark::State& state) {
     benchmark::ClobberMemory();
   }
   peak.report(state);
+  report_times(state);
   bench::set_flops(state, dense_flops(l) + lora_extra_flops(l));
 }
 
@@ -160,6 +192,7 @@ void BM_dora_naive(benchmark::State& state) {
     benchmark::ClobberMemory();
   }
   peak.report(state);
+  report_times(state);
   bench::set_flops(state, dense_flops(l) + 2.0 * double(l.rows) * double(l.in) * double(l.out));
 }
 
@@ -179,6 +212,7 @@ void BM_vera_lowmem(benchmark::State& state) {
     benchmark::ClobberMemory();
   }
   peak.report(state);
+  report_times(state);
   bench::set_flops(state, dense_flops(l) + lora_extra_flops(l));
 }
 
@@ -202,6 +236,7 @@ void BM_shira_lowmem(benchmark::State& state) {
     benchmark::ClobberMemory();
   }
   peak.report(state);
+  report_times(state);
   bench::set_flops(state, dense_flops(l) + 6.0 * double(l.rows) * double(col.size()));
 }
 
@@ -222,6 +257,7 @@ void BM_kron_lowmem(benchmark::State& state) {
     benchmark::ClobberMemory();
   }
   peak.report(state);
+  report_times(state);
   bench::set_flops(state, dense_flops(l) + 10.0 * double(l.rows) * double(a) * double(l.in));
 }
 
@@ -258,6 +294,7 @@ void BM_multi_lowmem(benchmark::State& state) {
     benchmark::ClobberMemory();
   }
   peak.report(state);
+  report_times(state);
   bench::set_flops(state, dense_flops(l) + 3.0 * lora_extra_flops(l));
 }
 void BM_multi_naive(benchmark::State& state) {
@@ -289,6 +326,7 @@ void BM_multi_naive(benchmark::State& state) {
     benchmark::ClobberMemory();
   }
   peak.report(state);
+  report_times(state);
   bench::set_flops(state, dense_flops(l) + 3.0 * lora_extra_flops(l));
 }
 
@@ -306,6 +344,7 @@ void BM_lora_ga_lowmem(benchmark::State& state) {
     benchmark::ClobberMemory();
   }
   peak.report(state);
+  report_times(state);
 }
 void BM_lora_ga_naive(benchmark::State& state) {
   set_threads(state);
@@ -320,6 +359,7 @@ void BM_lora_ga_naive(benchmark::State& state) {
     benchmark::ClobberMemory();
   }
   peak.report(state);
+  report_times(state);
 }
 
 // PiSSA init (randomized SVD, r + 8 columns, 2 power iterations) vs Eigen's full BDCSVD
@@ -336,6 +376,7 @@ void BM_pissa_lowmem(benchmark::State& state) {
     benchmark::ClobberMemory();
   }
   peak.report(state);
+  report_times(state);
   W.noalias() += B * A; // W_res + s·B·A vs W: the reconstruction error
   err = double((W - W0).norm() / W0.norm());
   state.counters["recon_rel_err"] = err;
@@ -358,6 +399,7 @@ void BM_pissa_naive(benchmark::State& state) {
     benchmark::ClobberMemory();
   }
   peak.report(state);
+  report_times(state);
 }
 
 void shapes(benchmark::internal::Benchmark* b, bool with_rank = true) {

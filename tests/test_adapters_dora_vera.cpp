@@ -3,6 +3,7 @@
 #include <catch2/catch.hpp>
 #include <lowmem/adapters.hpp>
 #include <lowmem/core/memory.hpp>
+#include <lowmem/core/threading.hpp>
 
 #include <vector>
 
@@ -417,4 +418,70 @@ TEST_CASE("DoRA and VeRA dropout gradients pass finite differences and allocate 
     test::gradcheck(loss, bvec.data(), bvec.size(), db.data(), "VeRA db");
     test::gradcheck(loss, x.data(), x.size(), dx.data(), "VeRA dx");
   }
+}
+
+// ---- threads
+// -------------------------------------------------------------------------------------
+TEST_CASE("DoRA's own threaded passes are bitwise identical on 1 and 2 threads",
+          "[adapters][dora][threads]") {
+  // Eigen is held to one thread so that only lowmem's passes (row norms, the column scale of y,
+  // h and dm, the 128-row blocks of the backward) change with the thread count. 300 rows = three
+  // row blocks (the last partial), out = 136 = two 64-column blocks of h and a partial one.
+  const int omp0 = max_threads(), eigen0 = Eigen::nbThreads();
+  const shape sh{300, 9, 136, 3};
+  const adapter_dropout drop{0.25f, random::stream{5, 1}};
+  struct result {
+    std::vector<float> y, u, n, dx, dA, dB, dm;
+  };
+  auto run = [&](int threads, bool exact, bool small_ws) {
+#if defined(_OPENMP)
+    omp_set_num_threads(threads);
+#endif
+    Eigen::setNbThreads(1);
+    dora_data d(sh, 321);
+    const float s = lora_scale(2.0f, d.r);
+    result o{std::vector<float>(d.rows * d.out), std::vector<float>(d.rows * d.r),
+             std::vector<float>(d.out),          ref::uniform_data(d.rows * d.in, 9),
+             ref::uniform_data(d.r * d.in, 10),  ref::uniform_data(d.out * d.r, 11),
+             ref::uniform_data(d.out, 12)};
+    std::size_t bwd = dora_backward_workspace_bytes(d.rows, d.in, d.out, d.r, exact, drop);
+    if (small_ws) { // sized for one thread: the block loop must fall back to one D block
+#if defined(_OPENMP)
+      omp_set_num_threads(1);
+      bwd = dora_backward_workspace_bytes(d.rows, d.in, d.out, d.r, exact, drop);
+      omp_set_num_threads(threads);
+#endif
+    }
+    owned_workspace ws(std::max(dora_forward_workspace_bytes(d.in, d.out, d.r, drop), bwd));
+    Map xm(d.x.data(), d.rows, d.in), Wm(d.W.data(), d.out, d.in), Am(d.A.data(), d.r, d.in),
+        Bm(d.B.data(), d.out, d.r), ym(o.y.data(), d.rows, d.out), um(o.u.data(), d.rows, d.r);
+    VMap mm(d.m.data(), d.out), nm(o.n.data(), d.out);
+    dora_forward(xm, Wm, d.bias.data(), Am, Bm, mm, s, drop, ym, um, nm, ws.get());
+    dora_backward(xm, Wm, d.bias.data(), Am, Bm, mm, um, nm, ym, Map(d.dy.data(), d.rows, d.out), s,
+                  exact, drop, Map(o.dx.data(), d.rows, d.in), Map(o.dA.data(), d.r, d.in),
+                  Map(o.dB.data(), d.out, d.r), VMap(o.dm.data(), d.out), ws.get());
+    return o;
+  };
+  auto same = [](const std::vector<float>& a, const std::vector<float>& b) {
+    return a.size() == b.size() && ref::bitwise_equal(a.data(), b.data(), a.size());
+  };
+  for (bool exact : {false, true}) {
+    const result one = run(1, exact, false);
+    for (bool small_ws : {false, true}) {
+      INFO("exact " << exact << " workspace for one thread " << small_ws);
+      const result two = run(2, exact, small_ws);
+      CHECK(same(one.y, two.y));
+      CHECK(same(one.u, two.u));
+      CHECK(same(one.n, two.n));
+      CHECK(same(one.dx, two.dx));
+      CHECK(same(one.dA, two.dA));
+      CHECK(same(one.dB, two.dB));
+      CHECK(same(one.dm, two.dm));
+    }
+  }
+#if defined(_OPENMP)
+  omp_set_num_threads(omp0);
+#endif
+  Eigen::setNbThreads(eigen0);
+  (void)omp0;
 }

@@ -1,8 +1,8 @@
 // QLoRA composition: an NF4 base (quant::qlinear_forward / qlinear_backward) plus the adapters
-// family's LoRA (lora_forward / lora_backward over a zero base) equals, in forward and backward,
-// the double reference y = x·deq(W)ᵀ + s·drop(x)·Aᵀ·Bᵀ and its gradients; the gradients also pass
-// central finite differences. GEMV (M < 8) and tiled GEMM (M >= 8) batches, with and without
-// adapter dropout.
+// family's base-free LoRA terms (lora_adapter_forward / lora_adapter_backward) equals, in forward
+// and backward, the double reference y = x·deq(W)ᵀ + s·drop(x)·Aᵀ·Bᵀ and its gradients; the
+// gradients also pass central finite differences. GEMV (M < 8) and tiled GEMM (M >= 8) batches,
+// with and without adapter dropout.
 #include <catch2/catch.hpp>
 #include <lowmem/adapters/lora.hpp>
 #include <lowmem/core.hpp>
@@ -45,26 +45,23 @@ std::vector<double> qlora_ref(const RowMatrixXf& x, const RowMatrixXf& D, const 
 
 struct qlora_layer { // the composition under test
   const qweight W;
-  const RowMatrixXf zero_base; // LoRA over a zero base: the adapter terms alone
   float s;
   adapter_dropout drop;
   owned_workspace ws;
   qlora_layer(const qweight& w, index_t M, index_t r, float scale, adapter_dropout d)
-      : W(w), zero_base(RowMatrixXf::Zero(w.rows, w.cols)), s(scale), drop(d),
+      : W(w), s(scale), drop(d),
         ws(std::max({qlinear_workspace_bytes(w, M), lora_forward_workspace_bytes(w.cols, d),
                      lora_backward_workspace_bytes(M, w.cols, r, d)})) {}
   void forward(const RowMatrixXf& x, const RowMatrixXf& A, const RowMatrixXf& B, RowMatrixXf& y,
                RowMatrixXf& u) {
-    RowMatrixXf yl(x.rows(), W.rows);
     qlinear_forward(x, W, y, ws.get());
-    lora_forward(x, zero_base, nullptr, A, B, s, drop, yl, u, ws.get());
-    y += yl;
+    lora_adapter_forward(x, A, B, s, drop, y, u, ws.get()); // y += s·drop(x)·Aᵀ·Bᵀ
   }
   void backward(const RowMatrixXf& x, const RowMatrixXf& A, const RowMatrixXf& B,
                 const RowMatrixXf& u, const RowMatrixXf& dy, RowMatrixXf& dx, RowMatrixXf& dA,
                 RowMatrixXf& dB) {
     qlinear_backward(dy, W, dx, ws.get());
-    lora_backward(x, zero_base, A, B, u, dy, s, drop, dx, dA, dB, ws.get());
+    lora_adapter_backward(x, A, B, u, dy, s, drop, dx, dA, dB, ws.get());
   }
 };
 } // namespace

@@ -4,7 +4,8 @@
 //   LoRA   lora_hook   : lowmem::lora_forward / lora_backward            (adapters/lora.hpp)
 //   DoRA   dora_hook   : lowmem::dora_forward / dora_backward / norms    (adapters/dora.hpp)
 //   QLoRA  qlora_hook  : NF4 base (quant::qweight_storage, double-quantized absmax) through
-//                        quant::qlinear_forward / qlinear_backward, LoRA branch via lora_project
+//                        quant::qlinear_forward / qlinear_backward, plus the base-free LoRA
+//                        terms lowmem::lora_adapter_forward / lora_adapter_backward
 //   QAT    qat_hook    : quant::lsq_forward / lsq_backward (int4, learned per-channel steps)
 //   APOLLO-Mini / GaLore projected_optimizer : optim::projected_adam for matrices, AdamW for
 //   vectors MeZO on LoRA       : lowmem::zo over the LoRA A/B spans only (inference memory)
@@ -223,11 +224,11 @@ public:
 /// QLoRA (arXiv:2305.14314): the frozen base is NF4 (block 64) with double-quantized absmax
 /// (e4m3 codes + one fp32 scale per 256 blocks + a mean: 4.127 bits per weight); the fp32 W is
 /// RELEASED, so the model's resident bytes count the 4-bit codes (resident_bytes()). Forward:
-/// y = x·deq(W)ᵀ (quant::qlinear_forward, a tile dequantized at a time) + b + s·u·Bᵀ with
-/// u = x·Aᵀ (lowmem::lora_project). Backward: dx += dy·deq(W) (quant::qlinear_backward) + du·A,
-/// dB += s·dyᵀ·u, dA += duᵀ·x with du = s·dy·B. lowmem::lora_backward needs a dense W for dx,
-/// so the three thin adapter GEMMs are written here (the library has no LoRA-over-qweight
-/// backward; reported). The absmax scales are decoded into the workspace on every call.
+/// y = x·deq(W)ᵀ (quant::qlinear_forward, a tile dequantized at a time) + s·u·Bᵀ + b with
+/// u = x·Aᵀ (lowmem::lora_adapter_forward: LoRA's adapter terms without a base W). Backward:
+/// dx += dy·deq(W) (quant::qlinear_backward), then lowmem::lora_adapter_backward: du = s·dy·B,
+/// dB += s·dyᵀ·u, dA += duᵀ·x, dx += du·A. The absmax scales are decoded into the workspace on
+/// every call.
 class qlora_hook : public adapter_hook {
 public:
   lowmem::quant::qweight_storage q; // codes; q.scales is cleared after double quantization
@@ -267,7 +268,11 @@ public:
   }
   std::size_t workspace_floats(index_t rows) const override {
     using namespace methods_detail;
-    return pad16(nblocks) + pad16(std::size_t(rows * r)) + pad16(floats_of(qlinear_bytes(rows)));
+    return pad16(nblocks) + pad16(lora_floats(rows)) + pad16(floats_of(qlinear_bytes(rows)));
+  }
+  /// Scratch of lora_adapter_backward (du, rows·r floats, and its alignment slack).
+  std::size_t lora_floats(index_t rows) const {
+    return methods_detail::floats_of(lowmem::lora_backward_workspace_bytes(rows, in, r));
   }
   lowmem::quant::qweight decode_scales(float* ws) const {
     lowmem::quant::double_dequantize_absmax(dq_codes.data(), dq_group_scales.data(), dq_mean,
@@ -278,13 +283,12 @@ public:
                index_t rows) override {
     using namespace methods_detail;
     const auto W = decode_scales(ws);
-    float* qws = ws + pad16(nblocks) + pad16(std::size_t(rows * r));
+    float* qws = ws + pad16(nblocks) + pad16(lora_floats(rows));
     auto Y = map(y, rows, out);
     lowmem::quant::qlinear_forward(cmap(x, rows, in), W, Y,
                                    lowmem::workspace(qws, qlinear_bytes(rows)));
-    auto u = map(saved, rows, r);
-    lowmem::lora_project(cmap(x, rows, in), cmap(A.data(), r, in), {}, u);
-    Y.noalias() += (scale * u) * cmap(B.data(), out, r).transpose();
+    lowmem::lora_adapter_forward(cmap(x, rows, in), cmap(A.data(), r, in), cmap(B.data(), out, r),
+                                 scale, {}, Y, map(saved, rows, r));
     const float* b = s.b->value.data();
     for (index_t i = 0; i < rows; ++i)
       for (index_t o = 0; o < out; ++o) y[i * out + o] += b[o];
@@ -293,19 +297,18 @@ public:
                 const float* saved, float* ws, index_t rows) override {
     using namespace methods_detail;
     const auto W = decode_scales(ws);
-    float* du_p = ws + pad16(nblocks);
-    float* qws = du_p + pad16(std::size_t(rows * r));
+    float* lws = ws + pad16(nblocks);
+    float* qws = lws + pad16(lora_floats(rows));
     const auto DY = cmap(dy, rows, out);
-    const auto u = cmap(saved, rows, r);
-    auto du = map(du_p, rows, r);
-    du.noalias() = (scale * DY) * cmap(B.data(), out, r);
-    map(dB.data(), out, r).noalias() += (scale * DY.transpose()) * u;
-    map(dA.data(), r, in).noalias() += du.transpose() * cmap(x, rows, in);
-    if (dx) {
-      auto DX = map(dx, rows, in);
-      lowmem::quant::qlinear_backward(DY, W, DX, lowmem::workspace(qws, qlinear_bytes(rows)));
-      DX.noalias() += du * cmap(A.data(), r, in);
-    }
+    lowmem::RowMatrixXf none(0, 0);
+    if (dx)
+      lowmem::quant::qlinear_backward(DY, W, map(dx, rows, in),
+                                      lowmem::workspace(qws, qlinear_bytes(rows)));
+    lowmem::lora_adapter_backward(
+        cmap(x, rows, in), cmap(A.data(), r, in), cmap(B.data(), out, r), cmap(saved, rows, r), DY,
+        scale, {}, dx ? lowmem::RowRef<float>(map(dx, rows, in)) : lowmem::RowRef<float>(none),
+        map(dA.data(), r, in), map(dB.data(), out, r),
+        lowmem::workspace(lws, lowmem::lora_backward_workspace_bytes(rows, in, r)));
     bias_grad(s, dy, rows);
   }
 };

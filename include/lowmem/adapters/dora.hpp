@@ -10,12 +10,22 @@
 //   e_j = -h_j / n_j²,  h_j = Σ_rows dy ⊙ (y - b)   (so dm_j = h_j / m_j)
 //   dB += s·diag(e)·(Pᵀ + s·B·G),   dA += s·(diag(e)B)ᵀ·W + s²·((diag(e)B)ᵀ·B)·A.
 // The scaled gradient dy ⊙ c is formed 128 rows at a time (no rows×out temporary).
+//
+// Threads (OpenMP, core/threading.hpp): the GEMMs on full operands are Eigen's (threaded by
+// Eigen); everything else is split by lowmem::parallel_for so that no serial pass over a
+// rows×out or out×in operand remains: row norms (by rows of W), the column scale of y (by rows),
+// h (by 64-column blocks), and the 128-row blocks of the backward (by blocks, one D buffer per
+// thread: each block's GEMMs D·W and D·B are the same serial Eigen calls whatever the thread
+// count). Each output element is computed by the same operations for any thread count, so these
+// passes are bitwise identical on 1 and N threads (Eigen's own threaded GEMMs aside).
 #pragma once
 
 #include <Eigen/Core>
+#include <algorithm>
 #include <cmath>
 #include <cstddef>
 
+#include "../core/threading.hpp"
 #include "common.hpp"
 #include "lora.hpp"
 
@@ -26,9 +36,10 @@ namespace adapters::detail {
 template <class WS> struct dora_scratch {
   float *P, *G, *BG, *c, *h, *du, *D, *Be, *K, *mask, *tmp;
 };
+/// Carves DoRA's scratch; the backward's `threads` D blocks (128×out each) come last, in one piece.
 template <class WS>
 dora_scratch<WS> carve_dora(WS& ws, index_t rows, index_t out, index_t r, bool backward, bool exact,
-                            index_t in = 0, const adapter_dropout& drop = {}) {
+                            index_t in = 0, const adapter_dropout& drop = {}, int threads = 1) {
   dora_scratch<WS> s{};
   s.P = ws.template take<float>(std::size_t(r * out));
   s.G = ws.template take<float>(std::size_t(r * r));
@@ -41,11 +52,11 @@ dora_scratch<WS> carve_dora(WS& ws, index_t rows, index_t out, index_t r, bool b
   s.c = ws.template take<float>(std::size_t(out));
   s.h = ws.template take<float>(std::size_t(out));
   s.du = ws.template take<float>(std::size_t(rows * r));
-  s.D = ws.template take<float>(std::size_t(row_block * out));
   if (exact) {
     s.Be = ws.template take<float>(std::size_t(out * r));
     s.K = ws.template take<float>(std::size_t(r * r));
   }
+  s.D = ws.template take<float>(std::size_t(threads) * std::size_t(row_block * out));
   return s;
 }
 
@@ -59,16 +70,49 @@ inline void dora_norms_impl(const ConstRowRef<float>& W, const ConstRowRef<float
   P.noalias() = A * W.transpose();
   G.noalias() = A * A.transpose();
   BG.noalias() = B * G;
-  for (index_t j = 0; j < out; ++j) {
-    double n2 = double(W.row(j).squaredNorm());
-    double cross = 0, quad = 0;
-    for (index_t k = 0; k < r; ++k) {
-      cross += double(B(j, k)) * double(P(k, j));
-      quad += double(BG(j, k)) * double(B(j, k));
+  // ‖W_j‖² reads all of W: split by rows (each row is one thread's, same code for any split)
+  parallel_for(0, out, 64, [&](index_t j0, index_t j1, int) {
+    for (index_t j = j0; j < j1; ++j) {
+      double n2 = double(W.row(j).squaredNorm());
+      double cross = 0, quad = 0;
+      for (index_t k = 0; k < r; ++k) {
+        cross += double(B(j, k)) * double(P(k, j));
+        quad += double(BG(j, k)) * double(B(j, k));
+      }
+      n2 += 2.0 * double(s) * cross + double(s) * double(s) * quad;
+      norms[j] = float(std::sqrt(n2 > 0 ? n2 : 0.0));
     }
-    n2 += 2.0 * double(s) * cross + double(s) * double(s) * quad;
-    norms[j] = float(std::sqrt(n2 > 0 ? n2 : 0.0));
-  }
+  });
+}
+
+/// y.row(i) *= c for every row, split by rows.
+inline void scale_columns(RowRef<float>& y, const float* c) {
+  const Eigen::Map<const Eigen::RowVectorXf> cv(c, y.cols());
+  parallel_for(0, y.rows(), 16, [&](index_t i0, index_t i1, int) {
+    for (index_t i = i0; i < i1; ++i) y.row(i).array() *= cv.array();
+  });
+}
+
+/// h_j = Σ_i dy_ij·(y_ij − b_j) (b = 0 when bias is null), summed over rows in row order; split
+/// by 64-column blocks, so each h_j sees the same operations whatever the thread count.
+inline void column_dots(const ConstRowRef<float>& dy, const ConstRowRef<float>& y,
+                        const float* bias, float* hd) {
+  constexpr index_t cb = 64;
+  const index_t rows = dy.rows(), out = dy.cols();
+  Eigen::Map<Eigen::RowVectorXf> h(hd, out);
+  h.setZero();
+  parallel_for(0, (out + cb - 1) / cb, 1, [&](index_t b0, index_t b1, int) {
+    const index_t j0 = b0 * cb, n = (b1 * cb < out ? b1 * cb : out) - j0;
+    auto hs = h.segment(j0, n);
+    if (bias) {
+      const Eigen::Map<const Eigen::RowVectorXf> b(bias + j0, n);
+      for (index_t i = 0; i < rows; ++i)
+        hs.array() += dy.row(i).segment(j0, n).array() * (y.row(i).segment(j0, n) - b).array();
+    } else {
+      for (index_t i = 0; i < rows; ++i)
+        hs.array() += dy.row(i).segment(j0, n).array() * y.row(i).segment(j0, n).array();
+    }
+  });
 }
 
 inline void validate_dora(const char* fn, const ConstRowRef<float>& x, const ConstRowRef<float>& W,
@@ -92,11 +136,13 @@ inline std::size_t dora_forward_workspace_bytes(index_t out, index_t r) {
   return p.bytes();
 }
 
-/// Scratch bytes of dora_backward: rows·r + 128·out + O(r·out) floats.
+/// Scratch bytes of dora_backward: rows·r + 128·out·T + O(r·out) floats, T = max_threads() at
+/// this call (one 128-row block of dy ⊙ c per thread; dora_backward uses as many threads for its
+/// block loop as the workspace has blocks, at least one).
 inline std::size_t dora_backward_workspace_bytes(index_t rows, index_t out, index_t r,
                                                  bool exact = false) {
   workspace_planner p;
-  adapters::detail::carve_dora(p, rows, out, r, true, exact);
+  adapters::detail::carve_dora(p, rows, out, r, true, exact, 0, {}, max_threads());
   return p.bytes();
 }
 
@@ -112,7 +158,7 @@ inline std::size_t dora_forward_workspace_bytes(index_t in, index_t out, index_t
 inline std::size_t dora_backward_workspace_bytes(index_t rows, index_t in, index_t out, index_t r,
                                                  bool exact, const adapter_dropout& drop) {
   workspace_planner p;
-  adapters::detail::carve_dora(p, rows, out, r, true, exact, in, drop);
+  adapters::detail::carve_dora(p, rows, out, r, true, exact, in, drop, max_threads());
   return p.bytes();
 }
 
@@ -168,9 +214,8 @@ void dora_forward(ConstRowRef<float> x, ConstRowRef<float> W, const float* bias,
   y.noalias() = x * W.transpose();
   y.noalias() += (scale * u) * B.transpose();
   // column scale c = m / n; s.P is free again and holds c
-  Eigen::Map<Eigen::RowVectorXf> c(s.P, out);
-  for (index_t j = 0; j < out; ++j) c[j] = m[j] / norms[j];
-  for (index_t i = 0; i < rows; ++i) y.row(i).array() *= c.array();
+  for (index_t j = 0; j < out; ++j) s.P[j] = m[j] / norms[j];
+  scale_columns(y, s.P);
   add_bias(y, bias);
 }
 
@@ -192,8 +237,11 @@ inline void dora_forward(ConstRowRef<float> x, ConstRowRef<float> W, const float
 /// Shapes: as dora_forward; y, u and norms are the forward's outputs (y unmodified), dy
 /// [rows, out], dx [rows, in] or empty (0×0) to skip, dA [r, in], dB [out, r], dm [out].
 /// With dropout (the same drop as the forward) dA += duᵀ·drop(x) and dx += D·W + drop'(du·A).
-/// Memory: dora_backward_workspace_bytes(rows, in, out, r, exact, drop). Preconditions: as
-/// dora_forward, norms > 0.
+/// Memory: dora_backward_workspace_bytes(rows, in, out, r, exact, drop) (sized for max_threads()
+/// at that call; a workspace with fewer 128×out blocks runs the block loop on fewer threads).
+/// Threads: lowmem's own passes (h, dm, the 128-row blocks) give bitwise the same results on 1
+/// and N threads; the full-size GEMMs (dyᵀ·u, duᵀ·x, du·A) are Eigen's, threaded by Eigen.
+/// Preconditions: as dora_forward, norms > 0.
 template <class Arch = simd::default_arch>
 void dora_backward(ConstRowRef<float> x, ConstRowRef<float> W, const float* bias,
                    ConstRowRef<float> A, ConstRowRef<float> B, ConstVecRef m, ConstRowRef<float> u,
@@ -215,30 +263,46 @@ void dora_backward(ConstRowRef<float> x, ConstRowRef<float> W, const float* bias
   require_dims(fn, "dB", dB, out, r);
   require_equal(fn, "dm.size", out, index_t(dm.size()));
   require_dropout(fn, drop);
-  require_workspace(fn, ws, dora_backward_workspace_bytes(rows, in, out, r, exact, drop));
-  auto s = carve_dora(ws, rows, out, r, true, exact, in, drop);
+  // at least one D block; more when the workspace holds them (sized for max_threads())
+  const std::size_t need1 = [&] {
+    workspace_planner p;
+    carve_dora(p, rows, out, r, true, exact, in, drop, 1);
+    return p.bytes();
+  }();
+  require_workspace(fn, ws, need1);
+  const std::size_t block_bytes = std::size_t(row_block * out) * sizeof(float);
+  const std::size_t spare = (ws.size() - ws.used() - need1) / block_bytes;
+  const int threads = int(std::min<std::size_t>(std::size_t(max_threads()), 1 + spare));
+  auto s = carve_dora(ws, rows, out, r, true, exact, in, drop, threads);
 
   Eigen::Map<Eigen::RowVectorXf> c(s.c, out), h(s.h, out);
-  h.setZero();
-  if (bias) {
-    const Eigen::Map<const Eigen::RowVectorXf> b(bias, out);
-    for (index_t i = 0; i < rows; ++i) h.array() += dy.row(i).array() * (y.row(i) - b).array();
-  } else {
-    for (index_t i = 0; i < rows; ++i) h.array() += dy.row(i).array() * y.row(i).array();
-  }
+  column_dots(dy, y, bias, s.h);
   for (index_t j = 0; j < out; ++j) {
     c[j] = m[j] / norms[j];
     dm[j] += h[j] / m[j];
   }
+  // dB += s·Dᵀ·u = s·diag(c)·(dyᵀ·u): one full GEMM into BG (free until the exact part)
+  Eigen::Map<RowMatrixXf> T(s.BG, out, r);
+  T.noalias() = dy.transpose() * u;
+  for (index_t j = 0; j < out; ++j) dB.row(j) += (scale * c[j]) * T.row(j);
+  // 128-row blocks of D = dy ⊙ c, split by blocks over threads (thread t uses D block t):
+  // dx_blk += D·W, du_blk = s·D·B. Inside the parallel region Eigen's GEMMs run serially.
   Eigen::Map<RowMatrixXf> du(s.du, rows, r);
-  for (index_t i0 = 0; i0 < rows; i0 += row_block) {
-    const index_t nb = rows - i0 < row_block ? rows - i0 : row_block;
-    Eigen::Map<RowMatrixXf> D(s.D, nb, out);
-    for (index_t t = 0; t < nb; ++t) D.row(t) = dy.row(i0 + t).cwiseProduct(c);
-    if (want_dx) dx.middleRows(i0, nb).noalias() += D * W;
-    du.middleRows(i0, nb).noalias() = (scale * D) * B;
-    dB.noalias() += (scale * D.transpose()) * u.middleRows(i0, nb);
-  }
+  const index_t nblocks = (rows + row_block - 1) / row_block;
+  parallel_for(
+      0, nblocks, 1,
+      [&](index_t b0, index_t b1, int t) {
+        float* Dd = s.D + std::size_t(t) * std::size_t(row_block * out);
+        for (index_t blk = b0; blk < b1; ++blk) {
+          const index_t i0 = blk * row_block;
+          const index_t nb = rows - i0 < row_block ? rows - i0 : row_block;
+          Eigen::Map<RowMatrixXf> D(Dd, nb, out);
+          for (index_t k = 0; k < nb; ++k) D.row(k) = dy.row(i0 + k).cwiseProduct(c);
+          if (want_dx) dx.middleRows(i0, nb).noalias() += D * W;
+          du.middleRows(i0, nb).noalias() = (scale * D) * B;
+        }
+      },
+      threads);
   input_backward<Arch>(x, A, du, drop, want_dx, dA, dx, s.mask, s.tmp);
   if (!exact) return;
 

@@ -13,6 +13,7 @@
 #include <cstring>
 
 #include "../core/random.hpp"
+#include "../core/threading.hpp"
 #include "../kernels/adapters.hpp"
 #include "../kernels/random.hpp"
 #include "common.hpp"
@@ -61,10 +62,13 @@ inline void validate_lora(const char* fn, index_t rows, index_t in, index_t out,
   (void)rows;
 }
 
+/// y.row(i) += bias for every row (nothing when bias is null); split by rows over threads.
 inline void add_bias(RowRef<float>& y, const float* bias) {
   if (!bias) return;
   const Eigen::Map<const Eigen::RowVectorXf> b(bias, y.cols());
-  for (index_t i = 0; i < y.rows(); ++i) y.row(i) += b;
+  parallel_for(0, y.rows(), 16, [&](index_t i0, index_t i1, int) {
+    for (index_t i = i0; i < i1; ++i) y.row(i) += b;
+  });
 }
 
 /// u = drop(x)·Aᵀ; xd is row_block×in scratch when dropout is on.
