@@ -189,22 +189,52 @@ inline void philox_group(const stream& s, std::uint64_t g,
 
 enum class distribution { uniform, normal, rademacher };
 
-/// Box–Muller on one word pair: z_even = r cos(2 pi u2), z_odd = r sin(2 pi u2),
-/// r = sqrt(-2 ln u1), u1 = ((a >> 8) + 1) 2^-24, u2 = (b >> 8) 2^-24 (core/random.hpp).
+/// Box–Muller on one (radius word, angle word) pair, 24-bit uniforms in their top bits
+/// (core/random.hpp): z_cos = +-r cos(phi), z_sin = +-r sin(phi), r = sqrt(-2 ln u1),
+/// u1 = ((rw >> 8) + 1) 2^-24, phi = (pi/2) (2 o + 1) 2^-23 with o = angle bits 29..8, signs from
+/// angle bits 31 (cos) and 30 (sin).
 template <class Arch>
-inline void box_muller(const simd::ubatch<Arch>& a, const simd::ubatch<Arch>& b,
-                       simd::fbatch<Arch>& z_even, simd::fbatch<Arch>& z_odd) noexcept {
+inline void box_muller(const simd::ubatch<Arch>& rw, const simd::ubatch<Arch>& aw,
+                       simd::fbatch<Arch>& z_cos, simd::fbatch<Arch>& z_sin) noexcept {
   using U = simd::ubatch<Arch>;
   using F = simd::fbatch<Arch>;
   // -ln(u1) = -ln(X 2^-24), X in [1, 2^24] exact as float; the 2^-24 folds into the exponent.
-  const F x = simd::small_uint_to_float<Arch>((a >> 8) + U(1u));
-  // 2 sqrt(-ln u1) = sqrt(2) r: the factor sqrt(2)/2 goes into the sin/cos coefficients
+  const F x = simd::small_uint_to_float<Arch>((rw >> 8) + U(1u));
+  // 2 sqrt(-ln u1) = sqrt(2) r
   const F r2 = simd::sqrt_fast<Arch, true>(simd::log_fast<Arch, true>(x, 24));
+  // phi = pi/4 + (pi/2) t, t = (2 o + 1) 2^-23 - 1/2 in (-1/2, 1/2), exactly: 2 o + 1 goes into the
+  // mantissa of 1.0f (o from bits 29..8 to 22..1, bit 0 set), then 1.5 is subtracted
+  const U m = ((aw >> 7) & U(0x007FFFFEu)) | U(0x3F800001u);
+  const F t = simd::as_float<Arch>(m) - F(1.5f);
+  // cos(pi/4 + a) = (cos a - sin a) / sqrt(2), sin(pi/4 + a) = (cos a + sin a) / sqrt(2): with
+  // r2 = sqrt(2) r the two sqrt(2) cancel to the exact factor 1/2 in the polynomials
   F sn, cs;
-  simd::sincos_turns<Arch, 24>(b, sn, cs, 0.70710678118654752f);
-  z_even = r2 * cs;
-  z_odd = r2 * sn;
+  simd::sincos_quarter<Arch>(t, sn, cs, 0.5f);
+  const F p = r2 * sn;
+  const U sign(0x80000000u);
+  z_cos = simd::as_float<Arch>(simd::as_uint<Arch>(simd::fms<Arch>(r2, cs, p)) ^ (aw & sign));
+  z_sin = simd::as_float<Arch>(simd::as_uint<Arch>(simd::fma<Arch>(r2, cs, p)) ^ ((aw << 1) & sign));
 }
+
+/// The 4 normals of one word triple (a, b, c) (core/random.hpp): z[0], z[1] from (radius a,
+/// angle b), z[2], z[3] from (radius c, angle d), d = the low bytes of a, b, c as a word's top 24
+/// bits.
+template <class Arch>
+inline void normal_quad(const simd::ubatch<Arch>& a, const simd::ubatch<Arch>& b,
+                        const simd::ubatch<Arch>& c, simd::fbatch<Arch> (&z)[4]) noexcept {
+  using U = simd::ubatch<Arch>;
+  const U bc = ((b << 16) & U(0xFFFF0000u)) | ((c << 8) & U(0x0000FFFFu)); // vpternlogd
+  const U d = (a << 24) | (bc & U(0x00FFFFFFu));
+  box_muller<Arch>(a, b, z[0], z[1]);
+  box_muller<Arch>(c, d, z[2], z[3]);
+}
+
+/// Values per group of a distribution's fill, and the Philox groups (64 words each) it reads:
+/// uniform 64 values from 1 group, normal 256 values from 3 groups (4 normals per 3 words).
+template <distribution D>
+inline constexpr std::size_t group_values = D == distribution::normal ? 256 : 64;
+template <distribution D>
+inline constexpr std::size_t group_philox = D == distribution::normal ? 3 : 1;
 
 /// Random words of the full groups [g0, g0 + ng) to bits[0 .. 64 ng), in value order
 /// (bits[64 (g - g0) + 16 w + l] = word w of block 16 g + l). `bits` is 64-byte aligned.
@@ -244,21 +274,22 @@ inline void philox_bits(philox_plan<Arch>& P, const stream& s, std::uint64_t g0,
   }
 }
 
-/// Piece j of the transform of a word buffer: out[i] = f(bits[i]) for one register pair, i.e.
-/// 2 W values (bits 64-byte aligned). Normal: the Box–Muller pair of value 16 w + l is
-/// 16 (w ^ 1) + l of the same group, so piece j is registers (w, w + 1) = (2 k, 2 k + 1) at lane
-/// offset r W of group j / (2 R); uniform: values [2 W j, 2 W (j + 1)).
+/// Piece j of the transform of a word buffer (64-byte aligned), 2 W words in. Normal: 4 W values
+/// out, from word rows (3 m, 3 m + 1, 3 m + 2) of normal group G at lane offset h W
+/// (j = R (4 G + m) + h) to value rows 4 m .. 4 m + 3 (core/random.hpp); uniform: values
+/// [2 W j, 2 W (j + 1)).
 template <class Arch, distribution D>
 inline void transform_piece(const std::uint32_t* bits, float* out, std::size_t j) noexcept {
   using U = simd::ubatch<Arch>;
   using F = simd::fbatch<Arch>;
   constexpr std::size_t W = simd::width<Arch>, R = regs_per_word<Arch>;
   if constexpr (D == distribution::normal) {
-    const std::size_t i = 64 * (j / (2 * R)) + 32 * ((j / R) % 2) + (j % R) * W;
-    F z0, z1;
-    box_muller<Arch>(U::load_aligned(bits + i), U::load_aligned(bits + i + 16), z0, z1);
-    z0.store_unaligned(out + i);
-    z1.store_unaligned(out + i + 16);
+    const std::size_t G = j / (4 * R), m = (j / R) % 4, h = j % R;
+    const std::uint32_t* in = bits + 192 * G + 48 * m + h * W;
+    F z[4];
+    normal_quad<Arch>(U::load_aligned(in), U::load_aligned(in + 16), U::load_aligned(in + 32), z);
+    float* o = out + 256 * G + 64 * m + h * W;
+    for (std::size_t q = 0; q < 4; ++q) z[q].store_unaligned(o + 16 * q);
   } else {
     static_assert(D == distribution::uniform, "Rademacher signs are bits, not words: fill_signs");
     LOWMEM_RANDOM_UNROLL
@@ -269,10 +300,11 @@ inline void transform_piece(const std::uint32_t* bits, float* out, std::size_t j
   }
 }
 
-/// out[i] = f(bits[i]) for the 64 ng values of ng full groups (bits 64-byte aligned).
+/// out[i] = f(bits) for the group_values<D> ng values of ng full groups (bits 64-byte aligned,
+/// 64 group_philox<D> ng words).
 template <class Arch, distribution D>
 inline void transform(const std::uint32_t* bits, std::size_t ng, float* out) noexcept {
-  constexpr std::size_t pieces_per_group = 32 / simd::width<Arch>;
+  constexpr std::size_t pieces_per_group = (D == distribution::normal ? 64 : 32) / simd::width<Arch>;
   for (std::size_t j = 0; j < pieces_per_group * ng; ++j) transform_piece<Arch, D>(bits, out, j);
 }
 
@@ -348,23 +380,24 @@ inline void fill_signs(const stream& s, std::uint64_t begin, float* out, std::si
   }
 }
 
-/// Fills out[0..n) with values [begin, begin + n) of s, one word per value (uniform, normal);
-/// serial.
+/// Fills out[0..n) with values [begin, begin + n) of s from words (uniform: one word per value;
+/// normal: 3 words per 4 values); serial.
 template <class Arch, distribution D>
 inline void fill_values(const stream& s, std::uint64_t begin, float* out, std::size_t n) noexcept {
   if (n == 0) return;
-  alignas(64) std::uint32_t bits[64];
-  alignas(64) float tmp[64];
+  constexpr std::size_t V = group_values<D>, P = group_philox<D>;
+  alignas(64) std::uint32_t bits[64 * P];
+  alignas(64) float tmp[V];
   std::uint64_t i = begin;
   const std::uint64_t end = begin + n;
-  philox_plan<Arch> P(s, std::uint32_t((16 * (i / 64)) >> 32));
+  philox_plan<Arch> P0(s, std::uint32_t((16 * P * (i / V)) >> 32));
   // head: partial first group
-  if (i % 64 != 0) {
-    const std::uint64_t g = i / 64;
-    philox_bits<Arch>(P, s, g, 1, bits);
+  if (i % V != 0) {
+    const std::uint64_t g = i / V;
+    philox_bits<Arch>(P0, s, P * g, P, bits);
     transform<Arch, D>(bits, 1, tmp);
-    const std::uint64_t stop = end < 64 * (g + 1) ? end : 64 * (g + 1);
-    std::memcpy(out, tmp + (i - 64 * g), (stop - i) * sizeof(float));
+    const std::uint64_t stop = end < V * (g + 1) ? end : V * (g + 1);
+    std::memcpy(out, tmp + (i - V * g), (stop - i) * sizeof(float));
     out += stop - i;
     i = stop;
   }
@@ -372,19 +405,19 @@ inline void fill_values(const stream& s, std::uint64_t begin, float* out, std::s
   // homogeneous loops keep many independent instructions in the out-of-order window; one fused
   // loop per group would expose the long Philox -> Box–Muller dependency chain. (Splicing the
   // transform between the Philox rounds was slower: register spills.)
-  constexpr std::size_t chunk = 8; // groups: 2 KiB of words
-  alignas(64) std::uint32_t words[64 * chunk];
-  while (i + 64 <= end) {
-    const std::uint64_t left = (end - i) / 64;
+  constexpr std::size_t chunk = D == distribution::normal ? 4 : 8; // groups: 3 or 2 KiB of words
+  alignas(64) std::uint32_t words[64 * P * chunk];
+  while (i + V <= end) {
+    const std::uint64_t left = (end - i) / V;
     const std::size_t ng = left < chunk ? std::size_t(left) : chunk;
-    philox_bits<Arch>(P, s, i / 64, ng, words);
+    philox_bits<Arch>(P0, s, P * (i / V), P * ng, words);
     transform<Arch, D>(words, ng, out);
-    out += 64 * ng;
-    i += 64 * ng;
+    out += V * ng;
+    i += V * ng;
   }
   // tail: partial last group
   if (i < end) {
-    philox_bits<Arch>(P, s, i / 64, 1, bits);
+    philox_bits<Arch>(P0, s, P * (i / V), P, bits);
     transform<Arch, D>(bits, 1, tmp);
     std::memcpy(out, tmp, (end - i) * sizeof(float));
   }
