@@ -2,10 +2,10 @@
 //
 // out[k] = f(value begin + k of stream s) for k in [0, n), f = uniform / normal / rademacher /
 // bits, with the value -> counter mapping of core/random.hpp. One group of 64 words is 16 Philox
-// blocks run side by side in SIMD lanes (64 uniform or normal values, 2048 Rademacher signs).
-// Ranges that start or end inside a group compute that group into a stack buffer and copy the
-// needed part, so any slice equals the same slice of a whole-range fill, bit for bit (test: whole
-// vs pieces vs threads). No heap allocation.
+// blocks run side by side in SIMD lanes (64 uniform values, 2048 Rademacher signs; a normal group
+// is 3 Philox groups, 192 words -> 256 normals). Ranges that start or end inside a group compute
+// that group into a stack buffer and copy the needed part, so any slice equals the same slice of
+// a whole-range fill, bit for bit (test: whole vs pieces vs threads). No heap allocation.
 //
 // Why it is fast (one AVX-512 core; see bench/bench_core.cpp):
 //  * One Philox block per 64-bit lane: a round is then vpmuludq (the full 64-bit product: low half
@@ -18,24 +18,28 @@
 //    broadcast once per fill, not per group.
 //  * Two to four independent units are interleaved per step (a Philox round is a 5-cycle
 //    dependency chain mul -> shift -> xor).
-//  * Words for 8 groups go to an L1 buffer, then a separate loop transforms them: Box–Muller's long
-//    dependency chain would otherwise stall behind Philox's in every group. (Splicing the two at
-//    round or step granularity was measured slower: register spills / no gain.)
-//  * Box–Muller uses simd::log_fast, simd::sqrt_fast and simd::sincos_turns (polynomials with
+//  * Words for 8 groups (normal: 12) go to an L1 buffer, then a separate loop transforms them:
+//    Box–Muller's long dependency chain would otherwise stall behind Philox's in every group.
+//    (Splicing the two at round or step granularity was measured slower: register spills.)
+//  * Normals take 24 bits per uniform, 3 words per 4 normals (core/random.hpp): Philox is about
+//    half the cost of a normal, and the fourth uniform (the words' low bytes) costs 5 integer ops.
+//  * Box–Muller uses simd::log_fast, simd::sqrt_fast and simd::sincos_quarter (polynomials with
 //    exact range reduction, ~2e-7 relative; Estrin evaluation) instead of xsimd's generic
-//    log/sincos, and rsqrt + one Newton step instead of vsqrtps.
+//    log/sincos, and rsqrt + one Newton step instead of vsqrtps. The angle's quadrant is two sign
+//    bits (a reflection, xor-ed into the results), the angle inside it pi/4 + a with |a| <= pi/4,
+//    and cos, sin(pi/4 + a) = (cos a -+ sin a) / sqrt(2), whose 1/sqrt(2) cancels Box–Muller's
+//    sqrt(2): no quadrant selects.
 //  * Rademacher signs take one bit each (32 per word, core/random.hpp), so Philox is ~1/32 of a
-//    word per sign; the fill is the expansion (broadcast, and, test, blend: 2 stores per word).
-// Measured on one Zen 4 core (AVX-512 double-pumped; 3.65 GHz): Philox ~1.05 cycles/value (the
-// mul -> shift -> xor triples issue at ~1.7 cycles per 512-bit triple; 36 triples per 64 values),
-// normal transform ~0.85 cycles/value (~24 FMA-pipe ops per 32 values), uniform ~0.15.
+//    word per sign; the fill is the expansion (broadcast, test, blend: 2 stores per word).
+// Measured on one Zen 4 core (AVX-512 double-pumped), L1-resident fills of 1024 values, min of
+// 2000 (TSC ticks at 2.1 GHz, same binary flags): uniform 0.47 ticks/value; normal 0.66 (the
+// previous 2-words-per-pair mapping with quadrant selects: 0.90).
 #pragma once
 
 #include <algorithm>
 #include <cstddef>
 #include <cstdint>
 #include <cstring>
-#include <type_traits>
 
 #include "../core/random.hpp"
 #include "../core/threading.hpp"
@@ -213,7 +217,8 @@ inline void box_muller(const simd::ubatch<Arch>& rw, const simd::ubatch<Arch>& a
   const F p = r2 * sn;
   const U sign(0x80000000u);
   z_cos = simd::as_float<Arch>(simd::as_uint<Arch>(simd::fms<Arch>(r2, cs, p)) ^ (aw & sign));
-  z_sin = simd::as_float<Arch>(simd::as_uint<Arch>(simd::fma<Arch>(r2, cs, p)) ^ ((aw << 1) & sign));
+  z_sin =
+      simd::as_float<Arch>(simd::as_uint<Arch>(simd::fma<Arch>(r2, cs, p)) ^ ((aw << 1) & sign));
 }
 
 /// The 4 normals of one word triple (a, b, c) (core/random.hpp): z[0], z[1] from (radius a,
@@ -304,43 +309,28 @@ inline void transform_piece(const std::uint32_t* bits, float* out, std::size_t j
 /// 64 group_philox<D> ng words).
 template <class Arch, distribution D>
 inline void transform(const std::uint32_t* bits, std::size_t ng, float* out) noexcept {
-  constexpr std::size_t pieces_per_group = (D == distribution::normal ? 64 : 32) / simd::width<Arch>;
+  constexpr std::size_t pieces_per_group =
+      (D == distribution::normal ? 64 : 32) / simd::width<Arch>;
   for (std::size_t j = 0; j < pieces_per_group * ng; ++j) transform_piece<Arch, D>(bits, out, j);
 }
 
 /// The 32 Rademacher signs of one random word: out[b] = (bit b of word) ? -1 : +1, b < 32
-/// (core/random.hpp). Register r of 32 / W takes bits r W .. r W + W - 1: the word is broadcast,
-/// masked with one bit per lane and compared (vpandd + vptestnm/vpcmp + blend on AVX-512).
+/// (core/random.hpp). Register r of 32 / W takes bits r W .. r W + W - 1: the word is broadcast
+/// and each lane tests its own bit (simd::select_by_mask: vptestmd + blend on AVX-512).
 template <class Arch> inline void expand_signs(std::uint32_t word, float* out) noexcept {
   using U = simd::ubatch<Arch>;
+  using F = simd::fbatch<Arch>;
   constexpr std::size_t W = simd::width<Arch>;
   alignas(64) static constexpr std::uint32_t lane_bit[32] = {
       1u << 0,  1u << 1,  1u << 2,  1u << 3,  1u << 4,  1u << 5,  1u << 6,  1u << 7,
       1u << 8,  1u << 9,  1u << 10, 1u << 11, 1u << 12, 1u << 13, 1u << 14, 1u << 15,
       1u << 16, 1u << 17, 1u << 18, 1u << 19, 1u << 20, 1u << 21, 1u << 22, 1u << 23,
       1u << 24, 1u << 25, 1u << 26, 1u << 27, 1u << 28, 1u << 29, 1u << 30, 1u << 31};
-#if XSIMD_WITH_AVX512F
-  // xsimd 8.1's integer == on avx512bw does not compile for 32-bit lanes: use vptestmd directly.
-  if constexpr (std::is_base_of<xsimd::avx512f, Arch>::value) {
-    const __m512i w = _mm512_set1_epi32(static_cast<int>(word));
-    for (std::size_t r = 0; r < 2; ++r) {
-      const __mmask16 set = _mm512_test_epi32_mask(
-          w, _mm512_load_si512(reinterpret_cast<const void*>(lane_bit + 16 * r)));
-      _mm512_storeu_ps(out + 16 * r,
-                       _mm512_mask_blend_ps(set, _mm512_set1_ps(1.0f), _mm512_set1_ps(-1.0f)));
-    }
-  } else
-#endif
-  {
-    const U w(word);
-    LOWMEM_RANDOM_UNROLL
-    for (std::size_t r = 0; r < 32 / W; ++r) {
-      // +1.0f is 0x3F800000, -1.0f is 0xBF800000
-      const U v = xsimd::select((w & U::load_aligned(lane_bit + r * W)) == U(0u), U(0x3F800000u),
-                                U(0xBF800000u));
-      simd::as_float<Arch>(v).store_unaligned(out + r * W);
-    }
-  }
+  const U w(word);
+  LOWMEM_RANDOM_UNROLL
+  for (std::size_t r = 0; r < 32 / W; ++r)
+    simd::select_by_mask<Arch>(w, U::load_aligned(lane_bit + r * W), F(-1.0f), F(1.0f))
+        .store_unaligned(out + r * W);
 }
 
 /// Rademacher signs: out[k] = s.rademacher(begin + k), k < n, 32 signs per Philox word (so a

@@ -285,6 +285,23 @@ inline fbatch<Arch> select_by_bit(const ubatch<Arch>& v, const fbatch<Arch>& a,
   }
 }
 
+/// Lanes where v & mask has any bit set take a, the others b (per-lane masks: one bit per lane
+/// expands a packed bit field). AVX-512: vptestmd + blend, because xsimd 8.1's 32-bit integer
+/// `==` does not compile on avx512bw; elsewhere and + compare + select (in the integer domain).
+template <class Arch>
+inline fbatch<Arch> select_by_mask(const ubatch<Arch>& v, const ubatch<Arch>& mask,
+                                   const fbatch<Arch>& a, const fbatch<Arch>& b) {
+#if XSIMD_WITH_AVX512F
+  if constexpr (std::is_base_of<xsimd::avx512f, Arch>::value) {
+    return fbatch<Arch>(_mm512_mask_blend_ps(_mm512_test_epi32_mask(v, mask), b, a));
+  } else
+#endif
+  {
+    return as_float<Arch>(
+        xsimd::select((v & mask) == ubatch<Arch>(0u), as_uint<Arch>(b), as_uint<Arch>(a)));
+  }
+}
+
 // ---- fast vector math (float; for kernels that need a few ulp, not xsimd's generic paths) -------
 
 namespace detail {
@@ -418,10 +435,9 @@ inline void sincos_quarter(const fbatch<Arch>& t, fbatch<Arch>& s, fbatch<Arch>&
                     t4,
                     fma<Arch>(F(-4.134162804e+01f * 0x1p-6f * scale), t2,
                               F(6.283185220e+00f * 0x1p-2f * scale)));
-  c = fma<Arch>(fma<Arch>(F(-8.359260962e+01f * 0x1p-12f * scale), t2,
-                          F(6.492125284e+01f * 0x1p-8f * scale)),
-                t4,
-                fma<Arch>(F(-1.973915223e+01f * 0x1p-4f * scale), t2, F(9.999999724e-01f * scale)));
+  c = fma<Arch>(
+      fma<Arch>(F(-8.359260962e+01f * 0x1p-12f * scale), t2, F(6.492125284e+01f * 0x1p-8f * scale)),
+      t4, fma<Arch>(F(-1.973915223e+01f * 0x1p-4f * scale), t2, F(9.999999724e-01f * scale)));
 }
 
 // ---- 16-bit payloads (bf16) ------------------------------------------------------------------
