@@ -44,8 +44,12 @@ LOWMEM_ARCH_TEST_CASE("vectorized fills equal the scalar stream at tail sizes an
   using Arch = TestType;
   LOWMEM_SKIP_IF_UNSUPPORTED();
   const stream s{42, 7};
-  for (std::size_t n : test::tail_sizes<Arch>()) {
-    for (std::uint64_t begin : {0ull, 1ull, 63ull, 64ull, 100ull, (1ull << 33) + 5}) {
+  // 1001 and 1300 cover partial + full + partial normal groups (256 values) and a full chunk
+  std::vector<std::size_t> sizes = test::tail_sizes<Arch>();
+  sizes.push_back(1300);
+  for (std::size_t n : sizes) {
+    for (std::uint64_t begin :
+         {0ull, 1ull, 63ull, 64ull, 100ull, 255ull, 256ull, 300ull, (1ull << 33) + 5}) {
       std::vector<float> out(n + 2, 123.f);
       random::fill_uniform<Arch>(s, begin, out.data() + 1, n);
       for (std::size_t k = 0; k < n; ++k) REQUIRE(out[k + 1] == s.uniform(begin + k));
@@ -62,6 +66,27 @@ LOWMEM_ARCH_TEST_CASE("vectorized fills equal the scalar stream at tail sizes an
       CHECK(out[n + 1] == 123.f);
     }
   }
+}
+
+TEST_CASE("normal i is Box–Muller on 24-bit uniforms, 4 normals from 3 words, as documented",
+          "[random]") {
+  const stream s{0x0123456789abcdefull, 0xfedcba9876543210ull};
+  const double pi = 3.14159265358979323846;
+  // every position of a normal group (k = 0..255), in group 0, a far group, and across the
+  // 2^32-block boundary (block 16 (3 N + t) + l: hi32 changes at N ~ 2^28 / 3)
+  for (std::uint64_t N : {0ull, 12345ull, (1ull << 28) / 3})
+    for (std::uint64_t k = 0; k < 256; ++k) {
+      const std::uint64_t i = 256 * N + k, m = k / 64, q = (k / 16) % 4, l = k % 16;
+      const std::uint64_t j = 192 * N + 48 * m + l;
+      const std::uint32_t a = s.bits(j), b = s.bits(j + 16), c = s.bits(j + 32);
+      const std::uint32_t d = (a & 0xFFu) << 24 | (b & 0xFFu) << 16 | (c & 0xFFu) << 8;
+      const std::uint32_t radius = q < 2 ? a : c, angle = q < 2 ? b : d;
+      const double r = std::sqrt(-2 * std::log(((radius >> 8) + 1.0) / 16777216.0));
+      const double phi = pi / 2 * (((angle >> 8) & 0x3FFFFFu) + 0.5) / 4194304.0;
+      const double sign = ((angle >> (q % 2 ? 30 : 31)) & 1u) ? -1 : 1;
+      const double ref = sign * r * (q % 2 ? std::sin(phi) : std::cos(phi));
+      REQUIRE(std::fabs(s.normal(i) - ref) <= 1e-6 * std::max(1.0, std::fabs(ref)));
+    }
 }
 
 TEST_CASE("Rademacher sign i is bit i mod 32 of word i / 32", "[random]") {
@@ -204,6 +229,20 @@ LOWMEM_ARCH_TEST_CASE("fast vector log, sqrt and sincos over the Box–Muller in
     }
   }
   CHECK(sc_err < 2 * 2e-7);
+  // sin, cos of pi/2 t for |t| < 1/2 (the Box–Muller angle inside a quadrant, centred)
+  double sq_err = 0;
+  for (int k = -(1 << 16); k <= (1 << 16); k += W) {
+    for (std::size_t l = 0; l < W; ++l) x[l] = float(k + int(l)) * 0x1p-17f; // exact
+    F sn, cs;
+    simd::sincos_quarter<Arch>(F::load_aligned(x), sn, cs);
+    sn.store_aligned(y);
+    cs.store_aligned(c);
+    for (std::size_t l = 0; l < W; ++l) {
+      const double a = 1.5707963267948966 * double(x[l]);
+      sq_err = std::max({sq_err, std::fabs(y[l] - std::sin(a)), std::fabs(c[l] - std::cos(a))});
+    }
+  }
+  CHECK(sq_err < 1.5e-7); // measured 1.13e-7: about one float ulp near 1 (1.2e-7)
 }
 
 TEST_CASE("a range filled whole, in pieces, and on 2 threads is bitwise identical", "[random]") {
@@ -300,11 +339,21 @@ TEST_CASE("statistical sanity of uniform, normal and Rademacher fills", "[random
   double c = 0;
   for (std::size_t i = 0; i + 1 < n; ++i) c += v[i] * v[i + 1];
   CHECK(std::fabs(c / n) < 5 / std::sqrt(double(n)));
-  // and the Box–Muller partners (w, w+16) of the same block are uncorrelated
-  c = 0;
-  std::size_t pairs = 0;
-  for (std::size_t i = 0; i + 16 < n; i += 64, ++pairs) c += v[i] * v[i + 16];
-  CHECK(std::fabs(c / pairs) < 5 / std::sqrt(double(pairs)));
+  // the Box–Muller partners (rows 4 m, 4 m + 1 and 4 m + 2, 4 m + 3 of a word triple) and the
+  // two pairs of a triple (pair 2's angle takes the low bytes of pair 1's words) are uncorrelated,
+  // also in absolute value (a shared radius would correlate |z|)
+  for (std::size_t lag : {std::size_t(16), std::size_t(32), std::size_t(48)})
+    for (std::size_t first : {std::size_t(0), std::size_t(16)}) {
+      if (first + lag >= 64) continue;
+      double ca = 0, cabs = 0;
+      std::size_t pairs = 0;
+      for (std::size_t i = first; i + lag < n; i += 64, ++pairs) {
+        ca += v[i] * v[i + lag];
+        cabs += (std::fabs(v[i]) - 0.7978845608) * (std::fabs(v[i + lag]) - 0.7978845608);
+      }
+      CHECK(std::fabs(ca / pairs) < 5 / std::sqrt(double(pairs)));
+      CHECK(std::fabs(cabs / pairs) < 5 * 0.3634 / std::sqrt(double(pairs))); // var |z| = 1 - 2/pi
+    }
 
   random::fill_rademacher(s, 0, v.data(), n);
   double sum = 0;
@@ -330,6 +379,29 @@ TEST_CASE("statistical sanity of uniform, normal and Rademacher fills", "[random
   chi2 = 0;
   for (double b : bins) chi2 += (b - per_bin) * (b - per_bin) / per_bin;
   CHECK(chi2 < 255 + 5 * 22.6);
+}
+
+TEST_CASE("normal tails to 5 sigma", "[random][stats]") {
+  // 2^24 normals: counts beyond 3, 4, 4.5 and 5 sigma against 2 P(Z > t) n, within 5 Poisson sd
+  // (+1); the largest |z| the 24-bit radius allows is sqrt(48 ln 2) = 5.77
+  const std::size_t n = std::size_t(1) << 24;
+  std::vector<float> v(n);
+  random::fill_normal(stream{7, 3}, 0, v.data(), n, /*parallel=*/true);
+  const double ts[] = {3.0, 4.0, 4.5, 5.0};
+  std::size_t counts[4] = {0, 0, 0, 0};
+  float zmax = 0;
+  for (float z : v) {
+    const float a = std::fabs(z);
+    zmax = std::max(zmax, a);
+    for (int k = 0; k < 4; ++k) counts[k] += a > ts[k];
+  }
+  for (int k = 0; k < 4; ++k) {
+    const double expect = double(n) * std::erfc(ts[k] / std::sqrt(2.0));
+    INFO("t = " << ts[k] << ": " << counts[k] << " beyond, expected " << expect);
+    CHECK(std::fabs(double(counts[k]) - expect) < 5 * std::sqrt(expect) + 1);
+  }
+  CHECK(zmax > 5.0f);
+  CHECK(zmax <= 5.7686f);
 }
 
 TEST_CASE("fills allocate nothing", "[random][memory]") {

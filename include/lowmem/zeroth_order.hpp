@@ -95,7 +95,8 @@
 
 namespace lowmem::zo {
 
-/// Elements per parallel work item (a multiple of 64, so chunks start on RNG group boundaries).
+/// Elements per parallel work item (a multiple of 256, so chunks start on normal-group
+/// boundaries of the RNG).
 inline constexpr std::size_t chunk_elements = std::size_t(1) << 14;
 /// Elements per z block (stack buffer; 4 KiB, L1-resident).
 inline constexpr std::size_t block_elements = 1024;

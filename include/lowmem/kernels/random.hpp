@@ -2,10 +2,10 @@
 //
 // out[k] = f(value begin + k of stream s) for k in [0, n), f = uniform / normal / rademacher /
 // bits, with the value -> counter mapping of core/random.hpp. One group of 64 words is 16 Philox
-// blocks run side by side in SIMD lanes (64 uniform or normal values, 2048 Rademacher signs).
-// Ranges that start or end inside a group compute that group into a stack buffer and copy the
-// needed part, so any slice equals the same slice of a whole-range fill, bit for bit (test: whole
-// vs pieces vs threads). No heap allocation.
+// blocks run side by side in SIMD lanes (64 uniform values, 2048 Rademacher signs; a normal group
+// is 3 Philox groups, 192 words -> 256 normals). Ranges that start or end inside a group compute
+// that group into a stack buffer and copy the needed part, so any slice equals the same slice of
+// a whole-range fill, bit for bit (test: whole vs pieces vs threads). No heap allocation.
 //
 // Why it is fast (one AVX-512 core; see bench/bench_core.cpp):
 //  * One Philox block per 64-bit lane: a round is then vpmuludq (the full 64-bit product: low half
@@ -18,24 +18,29 @@
 //    broadcast once per fill, not per group.
 //  * Two to four independent units are interleaved per step (a Philox round is a 5-cycle
 //    dependency chain mul -> shift -> xor).
-//  * Words for 8 groups go to an L1 buffer, then a separate loop transforms them: Box–Muller's long
-//    dependency chain would otherwise stall behind Philox's in every group. (Splicing the two at
-//    round or step granularity was measured slower: register spills / no gain.)
-//  * Box–Muller uses simd::log_fast, simd::sqrt_fast and simd::sincos_turns (polynomials with
+//  * Words for 8 groups (normal: 12) go to an L1 buffer, then a separate loop transforms them:
+//    Box–Muller's long dependency chain would otherwise stall behind Philox's in every group.
+//    (Splicing the two at round or step granularity was measured slower: register spills.)
+//  * Normals take 24 bits per uniform, 3 words per 4 normals (core/random.hpp): Philox is about
+//    half the cost of a normal, and the fourth uniform (the words' low bytes) costs 5 integer ops.
+//  * Box–Muller uses simd::log_fast, simd::sqrt_fast and simd::sincos_quarter (polynomials with
 //    exact range reduction, ~2e-7 relative; Estrin evaluation) instead of xsimd's generic
-//    log/sincos, and rsqrt + one Newton step instead of vsqrtps.
+//    log/sincos, and rsqrt + one Newton step instead of vsqrtps. The angle's quadrant is two sign
+//    bits (a reflection, xor-ed into the results), the angle inside it pi/4 + a with |a| <= pi/4,
+//    and cos, sin(pi/4 + a) = (cos a -+ sin a) / sqrt(2), whose 1/sqrt(2) cancels Box–Muller's
+//    sqrt(2): no quadrant selects.
 //  * Rademacher signs take one bit each (32 per word, core/random.hpp), so Philox is ~1/32 of a
-//    word per sign; the fill is the expansion (broadcast, and, test, blend: 2 stores per word).
-// Measured on one Zen 4 core (AVX-512 double-pumped; 3.65 GHz): Philox ~1.05 cycles/value (the
-// mul -> shift -> xor triples issue at ~1.7 cycles per 512-bit triple; 36 triples per 64 values),
-// normal transform ~0.85 cycles/value (~24 FMA-pipe ops per 32 values), uniform ~0.15.
+//    word per sign; the fill is the expansion (broadcast, test, blend: 2 stores per word).
+// Measured on one Zen 4 core (AVX-512), L1-resident fills of 1024 values, min of 2000 runs, TSC
+// ticks (2.096 GHz), both builds -O3 -march=native, run back to back on a loaded machine: uniform
+// 0.45 ticks/value; normal 0.63 (3.3 G/s) vs 0.72 (2.9 G/s) for the previous mapping (2 words
+// per pair, quadrant selects). Philox is ~0.42 ticks/word, so ~0.32 of a normal's 0.63.
 #pragma once
 
 #include <algorithm>
 #include <cstddef>
 #include <cstdint>
 #include <cstring>
-#include <type_traits>
 
 #include "../core/random.hpp"
 #include "../core/threading.hpp"
@@ -189,22 +194,53 @@ inline void philox_group(const stream& s, std::uint64_t g,
 
 enum class distribution { uniform, normal, rademacher };
 
-/// Box–Muller on one word pair: z_even = r cos(2 pi u2), z_odd = r sin(2 pi u2),
-/// r = sqrt(-2 ln u1), u1 = ((a >> 8) + 1) 2^-24, u2 = (b >> 8) 2^-24 (core/random.hpp).
+/// Box–Muller on one (radius word, angle word) pair, 24-bit uniforms in their top bits
+/// (core/random.hpp): z_cos = +-r cos(phi), z_sin = +-r sin(phi), r = sqrt(-2 ln u1),
+/// u1 = ((rw >> 8) + 1) 2^-24, phi = (pi/2) (2 o + 1) 2^-23 with o = angle bits 29..8, signs from
+/// angle bits 31 (cos) and 30 (sin).
 template <class Arch>
-inline void box_muller(const simd::ubatch<Arch>& a, const simd::ubatch<Arch>& b,
-                       simd::fbatch<Arch>& z_even, simd::fbatch<Arch>& z_odd) noexcept {
+inline void box_muller(const simd::ubatch<Arch>& rw, const simd::ubatch<Arch>& aw,
+                       simd::fbatch<Arch>& z_cos, simd::fbatch<Arch>& z_sin) noexcept {
   using U = simd::ubatch<Arch>;
   using F = simd::fbatch<Arch>;
   // -ln(u1) = -ln(X 2^-24), X in [1, 2^24] exact as float; the 2^-24 folds into the exponent.
-  const F x = simd::small_uint_to_float<Arch>((a >> 8) + U(1u));
-  // 2 sqrt(-ln u1) = sqrt(2) r: the factor sqrt(2)/2 goes into the sin/cos coefficients
+  const F x = simd::small_uint_to_float<Arch>((rw >> 8) + U(1u));
+  // 2 sqrt(-ln u1) = sqrt(2) r
   const F r2 = simd::sqrt_fast<Arch, true>(simd::log_fast<Arch, true>(x, 24));
+  // phi = pi/4 + (pi/2) t, t = (2 o + 1) 2^-23 - 1/2 in (-1/2, 1/2), exactly: 2 o + 1 goes into the
+  // mantissa of 1.0f (o from bits 29..8 to 22..1, bit 0 set), then 1.5 is subtracted
+  const U m = ((aw >> 7) & U(0x007FFFFEu)) | U(0x3F800001u);
+  const F t = simd::as_float<Arch>(m) - F(1.5f);
+  // cos(pi/4 + a) = (cos a - sin a) / sqrt(2), sin(pi/4 + a) = (cos a + sin a) / sqrt(2): with
+  // r2 = sqrt(2) r the two sqrt(2) cancel to the exact factor 1/2 in the polynomials
   F sn, cs;
-  simd::sincos_turns<Arch, 24>(b, sn, cs, 0.70710678118654752f);
-  z_even = r2 * cs;
-  z_odd = r2 * sn;
+  simd::sincos_quarter<Arch>(t, sn, cs, 0.5f);
+  const F p = r2 * sn;
+  const U sign(0x80000000u);
+  z_cos = simd::as_float<Arch>(simd::as_uint<Arch>(simd::fms<Arch>(r2, cs, p)) ^ (aw & sign));
+  z_sin =
+      simd::as_float<Arch>(simd::as_uint<Arch>(simd::fma<Arch>(r2, cs, p)) ^ ((aw << 1) & sign));
 }
+
+/// The 4 normals of one word triple (a, b, c) (core/random.hpp): z[0], z[1] from (radius a,
+/// angle b), z[2], z[3] from (radius c, angle d), d = the low bytes of a, b, c as a word's top 24
+/// bits.
+template <class Arch>
+inline void normal_quad(const simd::ubatch<Arch>& a, const simd::ubatch<Arch>& b,
+                        const simd::ubatch<Arch>& c, simd::fbatch<Arch> (&z)[4]) noexcept {
+  using U = simd::ubatch<Arch>;
+  const U bc = ((b << 16) & U(0xFFFF0000u)) | ((c << 8) & U(0x0000FFFFu)); // vpternlogd
+  const U d = (a << 24) | (bc & U(0x00FFFFFFu));
+  box_muller<Arch>(a, b, z[0], z[1]);
+  box_muller<Arch>(c, d, z[2], z[3]);
+}
+
+/// Values per group of a distribution's fill, and the Philox groups (64 words each) it reads:
+/// uniform 64 values from 1 group, normal 256 values from 3 groups (4 normals per 3 words).
+template <distribution D>
+inline constexpr std::size_t group_values = D == distribution::normal ? 256 : 64;
+template <distribution D>
+inline constexpr std::size_t group_philox = D == distribution::normal ? 3 : 1;
 
 /// Random words of the full groups [g0, g0 + ng) to bits[0 .. 64 ng), in value order
 /// (bits[64 (g - g0) + 16 w + l] = word w of block 16 g + l). `bits` is 64-byte aligned.
@@ -244,21 +280,22 @@ inline void philox_bits(philox_plan<Arch>& P, const stream& s, std::uint64_t g0,
   }
 }
 
-/// Piece j of the transform of a word buffer: out[i] = f(bits[i]) for one register pair, i.e.
-/// 2 W values (bits 64-byte aligned). Normal: the Box–Muller pair of value 16 w + l is
-/// 16 (w ^ 1) + l of the same group, so piece j is registers (w, w + 1) = (2 k, 2 k + 1) at lane
-/// offset r W of group j / (2 R); uniform: values [2 W j, 2 W (j + 1)).
+/// Piece j of the transform of a word buffer (64-byte aligned), 2 W words in. Normal: 4 W values
+/// out, from word rows (3 m, 3 m + 1, 3 m + 2) of normal group G at lane offset h W
+/// (j = R (4 G + m) + h) to value rows 4 m .. 4 m + 3 (core/random.hpp); uniform: values
+/// [2 W j, 2 W (j + 1)).
 template <class Arch, distribution D>
 inline void transform_piece(const std::uint32_t* bits, float* out, std::size_t j) noexcept {
   using U = simd::ubatch<Arch>;
   using F = simd::fbatch<Arch>;
   constexpr std::size_t W = simd::width<Arch>, R = regs_per_word<Arch>;
   if constexpr (D == distribution::normal) {
-    const std::size_t i = 64 * (j / (2 * R)) + 32 * ((j / R) % 2) + (j % R) * W;
-    F z0, z1;
-    box_muller<Arch>(U::load_aligned(bits + i), U::load_aligned(bits + i + 16), z0, z1);
-    z0.store_unaligned(out + i);
-    z1.store_unaligned(out + i + 16);
+    const std::size_t G = j / (4 * R), m = (j / R) % 4, h = j % R;
+    const std::uint32_t* in = bits + 192 * G + 48 * m + h * W;
+    F z[4];
+    normal_quad<Arch>(U::load_aligned(in), U::load_aligned(in + 16), U::load_aligned(in + 32), z);
+    float* o = out + 256 * G + 64 * m + h * W;
+    for (std::size_t q = 0; q < 4; ++q) z[q].store_unaligned(o + 16 * q);
   } else {
     static_assert(D == distribution::uniform, "Rademacher signs are bits, not words: fill_signs");
     LOWMEM_RANDOM_UNROLL
@@ -269,46 +306,32 @@ inline void transform_piece(const std::uint32_t* bits, float* out, std::size_t j
   }
 }
 
-/// out[i] = f(bits[i]) for the 64 ng values of ng full groups (bits 64-byte aligned).
+/// out[i] = f(bits) for the group_values<D> ng values of ng full groups (bits 64-byte aligned,
+/// 64 group_philox<D> ng words).
 template <class Arch, distribution D>
 inline void transform(const std::uint32_t* bits, std::size_t ng, float* out) noexcept {
-  constexpr std::size_t pieces_per_group = 32 / simd::width<Arch>;
+  constexpr std::size_t pieces_per_group =
+      (D == distribution::normal ? 64 : 32) / simd::width<Arch>;
   for (std::size_t j = 0; j < pieces_per_group * ng; ++j) transform_piece<Arch, D>(bits, out, j);
 }
 
 /// The 32 Rademacher signs of one random word: out[b] = (bit b of word) ? -1 : +1, b < 32
-/// (core/random.hpp). Register r of 32 / W takes bits r W .. r W + W - 1: the word is broadcast,
-/// masked with one bit per lane and compared (vpandd + vptestnm/vpcmp + blend on AVX-512).
+/// (core/random.hpp). Register r of 32 / W takes bits r W .. r W + W - 1: the word is broadcast
+/// and each lane tests its own bit (simd::select_by_mask: vptestmd + blend on AVX-512).
 template <class Arch> inline void expand_signs(std::uint32_t word, float* out) noexcept {
   using U = simd::ubatch<Arch>;
+  using F = simd::fbatch<Arch>;
   constexpr std::size_t W = simd::width<Arch>;
   alignas(64) static constexpr std::uint32_t lane_bit[32] = {
       1u << 0,  1u << 1,  1u << 2,  1u << 3,  1u << 4,  1u << 5,  1u << 6,  1u << 7,
       1u << 8,  1u << 9,  1u << 10, 1u << 11, 1u << 12, 1u << 13, 1u << 14, 1u << 15,
       1u << 16, 1u << 17, 1u << 18, 1u << 19, 1u << 20, 1u << 21, 1u << 22, 1u << 23,
       1u << 24, 1u << 25, 1u << 26, 1u << 27, 1u << 28, 1u << 29, 1u << 30, 1u << 31};
-#if XSIMD_WITH_AVX512F
-  // xsimd 8.1's integer == on avx512bw does not compile for 32-bit lanes: use vptestmd directly.
-  if constexpr (std::is_base_of<xsimd::avx512f, Arch>::value) {
-    const __m512i w = _mm512_set1_epi32(static_cast<int>(word));
-    for (std::size_t r = 0; r < 2; ++r) {
-      const __mmask16 set = _mm512_test_epi32_mask(
-          w, _mm512_load_si512(reinterpret_cast<const void*>(lane_bit + 16 * r)));
-      _mm512_storeu_ps(out + 16 * r,
-                       _mm512_mask_blend_ps(set, _mm512_set1_ps(1.0f), _mm512_set1_ps(-1.0f)));
-    }
-  } else
-#endif
-  {
-    const U w(word);
-    LOWMEM_RANDOM_UNROLL
-    for (std::size_t r = 0; r < 32 / W; ++r) {
-      // +1.0f is 0x3F800000, -1.0f is 0xBF800000
-      const U v = xsimd::select((w & U::load_aligned(lane_bit + r * W)) == U(0u), U(0x3F800000u),
-                                U(0xBF800000u));
-      simd::as_float<Arch>(v).store_unaligned(out + r * W);
-    }
-  }
+  const U w(word);
+  LOWMEM_RANDOM_UNROLL
+  for (std::size_t r = 0; r < 32 / W; ++r)
+    simd::select_by_mask<Arch>(w, U::load_aligned(lane_bit + r * W), F(-1.0f), F(1.0f))
+        .store_unaligned(out + r * W);
 }
 
 /// Rademacher signs: out[k] = s.rademacher(begin + k), k < n, 32 signs per Philox word (so a
@@ -348,23 +371,24 @@ inline void fill_signs(const stream& s, std::uint64_t begin, float* out, std::si
   }
 }
 
-/// Fills out[0..n) with values [begin, begin + n) of s, one word per value (uniform, normal);
-/// serial.
+/// Fills out[0..n) with values [begin, begin + n) of s from words (uniform: one word per value;
+/// normal: 3 words per 4 values); serial.
 template <class Arch, distribution D>
 inline void fill_values(const stream& s, std::uint64_t begin, float* out, std::size_t n) noexcept {
   if (n == 0) return;
-  alignas(64) std::uint32_t bits[64];
-  alignas(64) float tmp[64];
+  constexpr std::size_t V = group_values<D>, P = group_philox<D>;
+  alignas(64) std::uint32_t bits[64 * P];
+  alignas(64) float tmp[V];
   std::uint64_t i = begin;
   const std::uint64_t end = begin + n;
-  philox_plan<Arch> P(s, std::uint32_t((16 * (i / 64)) >> 32));
+  philox_plan<Arch> P0(s, std::uint32_t((16 * P * (i / V)) >> 32));
   // head: partial first group
-  if (i % 64 != 0) {
-    const std::uint64_t g = i / 64;
-    philox_bits<Arch>(P, s, g, 1, bits);
+  if (i % V != 0) {
+    const std::uint64_t g = i / V;
+    philox_bits<Arch>(P0, s, P * g, P, bits);
     transform<Arch, D>(bits, 1, tmp);
-    const std::uint64_t stop = end < 64 * (g + 1) ? end : 64 * (g + 1);
-    std::memcpy(out, tmp + (i - 64 * g), (stop - i) * sizeof(float));
+    const std::uint64_t stop = end < V * (g + 1) ? end : V * (g + 1);
+    std::memcpy(out, tmp + (i - V * g), (stop - i) * sizeof(float));
     out += stop - i;
     i = stop;
   }
@@ -372,19 +396,19 @@ inline void fill_values(const stream& s, std::uint64_t begin, float* out, std::s
   // homogeneous loops keep many independent instructions in the out-of-order window; one fused
   // loop per group would expose the long Philox -> Box–Muller dependency chain. (Splicing the
   // transform between the Philox rounds was slower: register spills.)
-  constexpr std::size_t chunk = 8; // groups: 2 KiB of words
-  alignas(64) std::uint32_t words[64 * chunk];
-  while (i + 64 <= end) {
-    const std::uint64_t left = (end - i) / 64;
+  constexpr std::size_t chunk = D == distribution::normal ? 4 : 8; // groups: 3 or 2 KiB of words
+  alignas(64) std::uint32_t words[64 * P * chunk];
+  while (i + V <= end) {
+    const std::uint64_t left = (end - i) / V;
     const std::size_t ng = left < chunk ? std::size_t(left) : chunk;
-    philox_bits<Arch>(P, s, i / 64, ng, words);
+    philox_bits<Arch>(P0, s, P * (i / V), P * ng, words);
     transform<Arch, D>(words, ng, out);
-    out += 64 * ng;
-    i += 64 * ng;
+    out += V * ng;
+    i += V * ng;
   }
   // tail: partial last group
   if (i < end) {
-    philox_bits<Arch>(P, s, i / 64, 1, bits);
+    philox_bits<Arch>(P0, s, P * (i / V), P, bits);
     transform<Arch, D>(bits, 1, tmp);
     std::memcpy(out, tmp, (end - i) * sizeof(float));
   }

@@ -67,6 +67,19 @@ inline fbatch<Arch> fnms(const fbatch<Arch>& a, const fbatch<Arch>& b, const fba
   }
 }
 
+/// a*b - c with one rounding where the arch has FMA.
+template <class Arch>
+inline fbatch<Arch> fms(const fbatch<Arch>& a, const fbatch<Arch>& b, const fbatch<Arch>& c) {
+#if XSIMD_WITH_AVX512F
+  if constexpr (std::is_base_of<xsimd::avx512f, Arch>::value) {
+    return fbatch<Arch>(_mm512_fmsub_ps(a, b, c));
+  } else
+#endif
+  {
+    return xsimd::fms(a, b, c);
+  }
+}
+
 /// Horizontal sum of the lanes (xsimd 8.1 `hadd`).
 template <class T, class Arch> inline T reduce_add(const xsimd::batch<T, Arch>& v) {
   return xsimd::hadd(v);
@@ -272,6 +285,23 @@ inline fbatch<Arch> select_by_bit(const ubatch<Arch>& v, const fbatch<Arch>& a,
   }
 }
 
+/// Lanes where v & mask has any bit set take a, the others b (per-lane masks: one bit per lane
+/// expands a packed bit field). AVX-512: vptestmd + blend, because xsimd 8.1's 32-bit integer
+/// `==` does not compile on avx512bw; elsewhere and + compare + select (in the integer domain).
+template <class Arch>
+inline fbatch<Arch> select_by_mask(const ubatch<Arch>& v, const ubatch<Arch>& mask,
+                                   const fbatch<Arch>& a, const fbatch<Arch>& b) {
+#if XSIMD_WITH_AVX512F
+  if constexpr (std::is_base_of<xsimd::avx512f, Arch>::value) {
+    return fbatch<Arch>(_mm512_mask_blend_ps(_mm512_test_epi32_mask(v, mask), b, a));
+  } else
+#endif
+  {
+    return as_float<Arch>(
+        xsimd::select((v & mask) == ubatch<Arch>(0u), as_uint<Arch>(b), as_uint<Arch>(a)));
+  }
+}
+
 // ---- fast vector math (float; for kernels that need a few ulp, not xsimd's generic paths) -------
 
 namespace detail {
@@ -390,6 +420,24 @@ inline void sincos_turns(const ubatch<Arch>& turns, fbatch<Arch>& s, fbatch<Arch
   // sin(q pi/2 + a) is negated for q in {2, 3}, cos for q in {1, 2}: bit 1 of q and of q + 1
   s = as_float<Arch>(as_uint<Arch>(s1) ^ (v & U(0x80000000u)));
   c = as_float<Arch>(as_uint<Arch>(c1) ^ ((v + U(1u << 30)) & U(0x80000000u)));
+}
+
+/// scale * sin(pi/2 t) and scale * cos(pi/2 t) for |t| <= 1/2 (a quarter turn centred on 0):
+/// the minimax polynomials of sincos_turns (|2 pi t'| <= pi/4, t' = t/4 turns) with the argument
+/// scaling 4^-k folded exactly into the coefficient of t^k. Absolute error ~3e-8 * scale.
+template <class Arch>
+inline void sincos_quarter(const fbatch<Arch>& t, fbatch<Arch>& s, fbatch<Arch>& c,
+                           float scale = 1.0f) {
+  using F = fbatch<Arch>;
+  const F t2 = t * t, t4 = t2 * t2; // Estrin
+  s = t * fma<Arch>(fma<Arch>(F(-7.524006316e+01f * 0x1p-14f * scale), t2,
+                              F(8.158812461e+01f * 0x1p-10f * scale)),
+                    t4,
+                    fma<Arch>(F(-4.134162804e+01f * 0x1p-6f * scale), t2,
+                              F(6.283185220e+00f * 0x1p-2f * scale)));
+  c = fma<Arch>(
+      fma<Arch>(F(-8.359260962e+01f * 0x1p-12f * scale), t2, F(6.492125284e+01f * 0x1p-8f * scale)),
+      t4, fma<Arch>(F(-1.973915223e+01f * 0x1p-4f * scale), t2, F(9.999999724e-01f * scale)));
 }
 
 // ---- 16-bit payloads (bf16) ------------------------------------------------------------------
