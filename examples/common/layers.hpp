@@ -131,22 +131,27 @@ constexpr float gelu_k = 0.7978845608028654f; // sqrt(2/π)
 }
 
 namespace detail {
-/// Runs body(x + i, y + i, dy + i, count=W) over [b, e) in full SIMD batches of W = simd width and
-/// the tail through a zero-padded stack batch, so every element takes the same vector math.
+/// out[i] = body(x[i], dy[i], out[i]) over [b, e) in SIMD batches (dy may be null: zeros), the
+/// tail through lowmem::simd's partial loads/stores, so every element takes the same vector math.
 template <class Body>
 inline void gelu_blocks(const float* x, const float* dy, float* out, index_t b, index_t e,
                         Body&& body) {
-  constexpr index_t W = index_t(lowmem::simd::width<lowmem::simd::default_arch>);
+  using A = lowmem::simd::default_arch;
+  using B = lowmem::simd::fbatch<A>;
+  constexpr index_t W = index_t(lowmem::simd::width<A>);
+  const B zero(0.0f);
   index_t i = b;
-  for (; i + W <= e; i += W) body(x + i, dy ? dy + i : nullptr, out + i);
+  for (; i + W <= e; i += W)
+    body(B::load_unaligned(x + i), dy ? B::load_unaligned(dy + i) : zero,
+         B::load_unaligned(out + i))
+        .store_unaligned(out + i);
   if (i < e) {
-    alignas(64) float xt[W] = {}, dt[W] = {}, ot[W] = {};
-    const index_t r = e - i;
-    std::copy(x + i, x + e, xt);
-    if (dy) std::copy(dy + i, dy + e, dt);
-    std::copy(out + i, out + e, ot);
-    body(xt, dy ? dt : nullptr, ot);
-    std::copy(ot, ot + r, out + i);
+    const std::size_t n = std::size_t(e - i);
+    lowmem::simd::store_partial<A>(out + i,
+                                   body(lowmem::simd::load_partial<A>(x + i, n),
+                                        dy ? lowmem::simd::load_partial<A>(dy + i, n) : zero,
+                                        lowmem::simd::load_partial<A>(out + i, n)),
+                                   n);
   }
 }
 } // namespace detail
@@ -158,10 +163,9 @@ inline void gelu_blocks(const float* x, const float* dy, float* out, index_t b, 
 inline void gelu_forward(const float* x, float* y, index_t n) {
   using B = lowmem::simd::fbatch<lowmem::simd::default_arch>;
   lowmem::parallel_for(0, n, 16384, [&](index_t b, index_t e, int) {
-    detail::gelu_blocks(x, nullptr, y, b, e, [](const float* xp, const float*, float* yp) {
-      const B v = B::load_unaligned(xp);
+    detail::gelu_blocks(x, nullptr, y, b, e, [](const B& v, const B&, const B&) {
       const B m2u = B(-2.0f * detail::gelu_k) * (v + B(0.044715f) * v * v * v);
-      (v / (B(1.0f) + lowmem::simd::exp(m2u))).store_unaligned(yp);
+      return B(v / (B(1.0f) + lowmem::simd::exp(m2u)));
     });
   });
 }
@@ -172,14 +176,12 @@ inline void gelu_forward(const float* x, float* y, index_t n) {
 inline void gelu_backward(const float* x, const float* dy, float* dx, index_t n) {
   using B = lowmem::simd::fbatch<lowmem::simd::default_arch>;
   lowmem::parallel_for(0, n, 16384, [&](index_t b, index_t e, int) {
-    detail::gelu_blocks(x, dy, dx, b, e, [](const float* xp, const float* dyp, float* dxp) {
-      const B v = B::load_unaligned(xp);
+    detail::gelu_blocks(x, dy, dx, b, e, [](const B& v, const B& g, const B& acc) {
       const B v2 = v * v;
       const B m2u = B(-2.0f * detail::gelu_k) * (v + B(0.044715f) * v2 * v);
       const B sg = B(1.0f) / (B(1.0f) + lowmem::simd::exp(m2u));
       const B du = B(detail::gelu_k) * (B(1.0f) + B(3.0f * 0.044715f) * v2);
-      const B d = sg + B(2.0f) * v * sg * (B(1.0f) - sg) * du;
-      (B::load_unaligned(dxp) + B::load_unaligned(dyp) * d).store_unaligned(dxp);
+      return B(acc + g * (sg + B(2.0f) * v * sg * (B(1.0f) - sg) * du));
     });
   });
 }
