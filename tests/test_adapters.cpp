@@ -11,8 +11,11 @@
 #include "reference/adapters_reference.hpp"
 #include "support/arch.hpp"
 #include "support/gradcheck.hpp"
+#include "support/rel_error.hpp"
 
 using namespace lowmem;
+using test::minus;
+using test::rel;
 using Map = Eigen::Map<RowMatrixXf>;
 
 namespace {
@@ -32,17 +35,6 @@ struct lora_data {
         B(ref::uniform_data(out * r, seed + 3, -0.5f, 0.5f)),
         bias(ref::uniform_data(out, seed + 4)), dy(ref::uniform_data(rows * out, seed + 5)) {}
 };
-
-template <class V> double rel(const V& a, const ref::Md& b) {
-  const auto f = ref::flat(b);
-  return ref::max_rel_error(a.data(), f.data(), f.size());
-}
-/// a - a0 (the accumulated part of a += gradient)
-std::vector<float> minus(const std::vector<float>& a, const std::vector<float>& a0) {
-  std::vector<float> d(a.size());
-  for (std::size_t i = 0; i < a.size(); ++i) d[i] = a[i] - a0[i];
-  return d;
-}
 
 } // namespace
 

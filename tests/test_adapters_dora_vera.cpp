@@ -10,8 +10,12 @@
 #include "reference/adapters_reference.hpp"
 #include "support/arch.hpp"
 #include "support/gradcheck.hpp"
+#include "support/rel_error.hpp"
 
 using namespace lowmem;
+using test::minus;
+using test::rel;
+using test::relv;
 using Map = Eigen::Map<RowMatrixXf>;
 using VMap = Eigen::Map<Eigen::VectorXf>;
 
@@ -21,18 +25,6 @@ struct shape {
 };
 const shape shapes[] = {{7, 13, 11, 3}, {1, 17, 5, 1}, {33, 40, 24, 8}, {130, 19, 21, 4}};
 
-template <class V> double rel(const V& a, const ref::Md& b) {
-  const auto f = ref::flat(b);
-  return ref::max_rel_error(a.data(), f.data(), f.size());
-}
-template <class V> double relv(const V& a, const ref::Vd& b) {
-  return ref::max_rel_error(a.data(), b.data(), std::size_t(b.size()));
-}
-std::vector<float> minus(const std::vector<float>& a, const std::vector<float>& a0) {
-  std::vector<float> d(a.size());
-  for (std::size_t i = 0; i < a.size(); ++i) d[i] = a[i] - a0[i];
-  return d;
-}
 ref::Vd vec(const std::vector<float>& v) {
   ref::Vd r(v.size());
   for (std::size_t i = 0; i < v.size(); ++i) r[Eigen::Index(i)] = v[i];

@@ -11,16 +11,14 @@
 #include "reference/adapters_reference.hpp"
 #include "support/arch.hpp"
 #include "support/gradcheck.hpp"
+#include "support/rel_error.hpp"
 
 using namespace lowmem;
+using test::minus;
+using test::rel;
 using Map = Eigen::Map<RowMatrixXf>;
 
 namespace {
-
-template <class V> double rel(const V& a, const ref::Md& b) {
-  const auto f = ref::flat(b);
-  return ref::max_rel_error(a.data(), f.data(), f.size());
-}
 
 /// A list of adapters with their own storage, ranks, scales and dropout.
 struct multi_data {
@@ -78,12 +76,6 @@ multi_ref multi_reference(const multi_data& d, const ref::Md& dy) {
     o.dB.push_back(g.dB);
   }
   return o;
-}
-
-std::vector<float> minus(const std::vector<float>& a, const std::vector<float>& a0) {
-  std::vector<float> d(a.size());
-  for (std::size_t i = 0; i < a.size(); ++i) d[i] = a[i] - a0[i];
-  return d;
 }
 
 template <class Arch> void run_multi(multi_data& d, std::vector<float>& y, std::vector<float>& dx) {

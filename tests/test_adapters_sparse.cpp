@@ -11,18 +11,14 @@
 #include "reference/adapters_reference.hpp"
 #include "support/arch.hpp"
 #include "support/gradcheck.hpp"
+#include "support/rel_error.hpp"
 
 using namespace lowmem;
+using test::rel;
+using test::relv;
 using Map = Eigen::Map<RowMatrixXf>;
 
 namespace {
-template <class V> double rel(const V& a, const ref::Md& b) {
-  const auto f = ref::flat(b);
-  return ref::max_rel_error(a.data(), f.data(), f.size());
-}
-template <class V> double relv(const V& a, const std::vector<double>& b) {
-  return ref::max_rel_error(a.data(), b.data(), b.size());
-}
 
 struct support_data {
   std::vector<std::int64_t> row_ptr;
