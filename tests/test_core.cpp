@@ -1,6 +1,9 @@
 // Foundation tests: errors and validation, views, workspace, threading, bf16, memory accounting.
 #include <catch2/catch.hpp>
+#include <common/fashion_mnist.hpp>
 #include <lowmem/core.hpp>
+#include <lowmem/core/tensor.hpp>
+#include <unsupported/Eigen/CXX11/Tensor>
 
 #include <cmath>
 #include <cstring>
@@ -10,6 +13,7 @@
 
 #include "reference/common.hpp"
 #include "support/arch.hpp"
+#include "support/gradcheck.hpp"
 
 using namespace lowmem;
 
@@ -254,8 +258,6 @@ TEST_CASE("memory ledger tracks declared bytes by category", "[core][memory]") {
   CHECK(l.total() == 1200); // a throwing call changed nothing
 }
 
-#include <common/fashion_mnist.hpp>
-
 TEST_CASE("Fashion-MNIST loader reads the Debian package and rejects bad paths", "[data]") {
   const auto test = lowmem::data::load_fashion_mnist("t10k", 500);
   REQUIRE(test.count == 500);
@@ -269,8 +271,6 @@ TEST_CASE("Fashion-MNIST loader reads the Debian package and rejects bad paths",
   CHECK_THROWS_WITH(lowmem::data::load_fashion_mnist("t10k", 1, "/nonexistent"),
                     Catch::Contains("cannot open '/nonexistent/t10k-images-idx3-ubyte.gz'"));
 }
-
-#include "support/gradcheck.hpp"
 
 TEST_CASE("gradcheck accepts a correct gradient and rejects a wrong one", "[core][gradcheck]") {
   // L(x) = Σ x_i³ + x_0·x_1, dL/dx_i = 3x_i² (+ x_1 for i = 0, + x_0 for i = 1)
@@ -292,9 +292,6 @@ TEST_CASE("gradcheck accepts a correct gradient and rejects a wrong one", "[core
   CHECK(r.worst_ratio > 1.0);
   CHECK(r.worst_index == 2);
 }
-
-#include <lowmem/core/tensor.hpp>
-#include <unsupported/Eigen/CXX11/Tensor>
 
 TEST_CASE("tensor views: dense, token-major, Eigen TensorMap, validation", "[core][tensor]") {
   std::vector<float> buf(2 * 3 * 4 * 5);
