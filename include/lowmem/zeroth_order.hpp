@@ -142,13 +142,9 @@ inline void perturb(float* theta, std::size_t n, std::uint64_t seed, std::uint64
                     noise dist = noise::gaussian, std::uint64_t offset = 0) {
   require_data("zo::perturb", "theta", theta, n);
   detail::check(std::isfinite(c), "zo::perturb", "c", "finite", c);
-  alignas(64) float z[block_elements];
-  const random::stream s{seed, span_id};
-  for (std::size_t b = 0; b < n; b += block_elements) {
-    const std::size_t m = std::min(block_elements, n - b);
-    kernels::fill_z<Arch>(dist, s, offset + b, z, m);
-    kernels::move<Arch>(theta + b, z, m, c, 0.f, INFINITY); // t = θ, θ ← fma(c, z, θ)
-  }
+  // t = θ, θ ← fma(c, z, θ), z generated in registers (kernels::move_z)
+  kernels::move_z<Arch>(dist, random::stream{seed, span_id}, offset, theta, n, c, 0.f, INFINITY,
+                        false, n);
 }
 
 /// A threshold τ such that about `keep_fraction` of the elements of θ have |θ| < τ (the Sparse
@@ -502,9 +498,12 @@ private:
     ++step_;
   }
 
-  // Runs fn(span, begin, n, theta, bf16_grid) over blocks of at most block_elements of every
-  // active span; theta is the block's fp32 values (a widened copy for bf16 spans).
-  template <class Fn> void for_blocks(Fn&& fn) {
+  // Runs fn(span, begin, n, theta, bf16_grid, prefetch_n) over the parts of every active span:
+  // theta is the part's fp32 values (a widened copy of at most block_elements for bf16 spans),
+  // prefetch_n how many elements from theta may be prefetched (the rest of the span). fp32 parts
+  // are whole chunks when `whole_chunks` (the fused kernels generate z themselves), else blocks
+  // of at most block_elements (the callers' z buffers).
+  template <class Fn> void for_blocks(Fn&& fn, bool whole_chunks = false) {
     const parameters& p = params_;
     // grain 4 chunks: a model under 64 Ki parameters per thread is not worth a parallel region
     parallel_for(
@@ -516,14 +515,18 @@ private:
             const auto& s = p[k];
             const std::size_t begin = (std::size_t(c) - s.first_chunk) * chunk_elements;
             const std::size_t end = std::min(s.size, begin + chunk_elements);
+            if (s.data16 == nullptr && whole_chunks) {
+              fn(s, begin, end - begin, s.data + begin, false, s.size - begin);
+              continue;
+            }
             for (std::size_t b = begin; b < end; b += block_elements) {
               const std::size_t n = std::min(block_elements, end - b);
               if (s.data16 == nullptr) {
-                fn(s, b, n, s.data + b, false);
+                fn(s, b, n, s.data + b, false, s.size - b);
               } else { // bf16: widen, compute in fp32, round back (RNE)
                 alignas(64) float th[block_elements];
                 to_float(s.data16 + b, th, n);
-                fn(s, b, n, th, true);
+                fn(s, b, n, th, true, n);
                 to_bf16(th, s.data16 + b, n);
               }
             }
@@ -536,18 +539,21 @@ private:
   void sweep_to(float target) {
     const std::uint64_t seed = seed_of(j_);
     const float o = o_;
-    for_blocks([&](const parameters::span& s, std::size_t b, std::size_t n, float* th, bool g16) {
-      alignas(64) float z[block_elements];
-      kernels::fill_z<Arch>(opt_.dist, random::stream{seed, s.id}, b, z, n);
-      kernels::move<Arch>(th, z, n, target, o, s.threshold, g16);
-    });
+    for_blocks(
+        [&](const parameters::span& s, std::size_t b, std::size_t n, float* th, bool g16,
+            std::size_t pf) {
+          kernels::move_z<Arch>(opt_.dist, random::stream{seed, s.id}, b, th, n, target, o,
+                                s.threshold, g16, pf);
+        },
+        true);
     o_ = target;
   }
   // θ ← θ − o·z_j + c·z_{j+1}; o = c.
   void sweep_switch(float c) {
     const std::uint64_t s_old = seed_of(j_), s_new = seed_of(j_ + 1);
     const float o = o_;
-    for_blocks([&](const parameters::span& s, std::size_t b, std::size_t n, float* th, bool g16) {
+    for_blocks([&](const parameters::span& s, std::size_t b, std::size_t n, float* th, bool g16,
+                   std::size_t) {
       alignas(64) float z0[block_elements], z1[block_elements];
       kernels::fill_z<Arch>(opt_.dist, random::stream{s_old, s.id}, b, z0, n);
       kernels::fill_z<Arch>(opt_.dist, random::stream{s_new, s.id}, b, z1, n);
@@ -555,7 +561,7 @@ private:
     });
     o_ = c;
   }
-  // Restore + update, fused (kernels::update).
+  // Restore + update, fused (kernels::update; q = 1: kernels::update_z, z in registers).
   void sweep_update() {
     kernels::update_scalars sc;
     const int q = opt_.q;
@@ -573,20 +579,48 @@ private:
     sc.adam_eps = opt_.adam_eps;
     sc.lower = opt_.lower_bound;
     const std::uint64_t s_last = seed_of(j_);
-    for_blocks([&](const parameters::span& s, std::size_t b, std::size_t n, float* th, bool g16) {
+    if (q == 1) {
+      for_blocks(
+          [&](const parameters::span& s, std::size_t b, std::size_t n, float* th, bool g16,
+              std::size_t pf) {
+            kernels::update_scalars ss = sc;
+            ss.tau = s.threshold;
+            float* m1 = m_.empty() ? nullptr : m_.data() + s.offset + b;
+            float* m2 = v_.empty() ? nullptr : v_.data() + s.offset + b;
+            const random::stream st{s_last, s.id};
+            switch (opt_.rule) {
+            case method::sign:
+              kernels::update_z<Arch, kernels::rule::sign>(opt_.dist, st, b, th, nullptr, m1, m2, n,
+                                                           ss, g16, pf);
+              break;
+            case method::momentum:
+              kernels::update_z<Arch, kernels::rule::momentum>(opt_.dist, st, b, th, nullptr, m1,
+                                                               m2, n, ss, g16, pf);
+              break;
+            case method::adam:
+              kernels::update_z<Arch, kernels::rule::adam>(opt_.dist, st, b, th, nullptr, m1, m2, n,
+                                                           ss, g16, pf);
+              break;
+            default:
+              kernels::update_z<Arch, kernels::rule::sgd>(opt_.dist, st, b, th, nullptr, m1, m2, n,
+                                                          ss, g16, pf);
+              break;
+            }
+          },
+          true);
+      return;
+    }
+    for_blocks([&](const parameters::span& s, std::size_t b, std::size_t n, float* th, bool g16,
+                   std::size_t) {
       alignas(64) float z[block_elements], zj[block_elements], g[block_elements];
       kernels::fill_z<Arch>(opt_.dist, random::stream{s_last, s.id}, b, z, n);
-      const float* gp = nullptr;
-      if (q > 1) {
-        for (int j = 0; j < q; ++j) {
-          const float* zsrc = z;
-          if (j != j_) {
-            kernels::fill_z<Arch>(opt_.dist, random::stream{seed_of(j), s.id}, b, zj, n);
-            zsrc = zj;
-          }
-          kernels::accumulate<Arch>(g, zsrc, n, float(ghat_[std::size_t(j)] / q), j == 0);
+      for (int j = 0; j < q; ++j) {
+        const float* zsrc = z;
+        if (j != j_) {
+          kernels::fill_z<Arch>(opt_.dist, random::stream{seed_of(j), s.id}, b, zj, n);
+          zsrc = zj;
         }
-        gp = g;
+        kernels::accumulate<Arch>(g, zsrc, n, float(ghat_[std::size_t(j)] / q), j == 0);
       }
       kernels::update_scalars ss = sc;
       ss.tau = s.threshold;
@@ -594,16 +628,16 @@ private:
       float* m2 = v_.empty() ? nullptr : v_.data() + s.offset + b;
       switch (opt_.rule) {
       case method::sign:
-        kernels::update<Arch, kernels::rule::sign>(th, z, gp, m1, m2, n, ss, g16);
+        kernels::update<Arch, kernels::rule::sign>(th, z, g, m1, m2, n, ss, g16);
         break;
       case method::momentum:
-        kernels::update<Arch, kernels::rule::momentum>(th, z, gp, m1, m2, n, ss, g16);
+        kernels::update<Arch, kernels::rule::momentum>(th, z, g, m1, m2, n, ss, g16);
         break;
       case method::adam:
-        kernels::update<Arch, kernels::rule::adam>(th, z, gp, m1, m2, n, ss, g16);
+        kernels::update<Arch, kernels::rule::adam>(th, z, g, m1, m2, n, ss, g16);
         break;
       default:
-        kernels::update<Arch, kernels::rule::sgd>(th, z, gp, m1, m2, n, ss, g16);
+        kernels::update<Arch, kernels::rule::sgd>(th, z, g, m1, m2, n, ss, g16);
         break;
       }
     });
