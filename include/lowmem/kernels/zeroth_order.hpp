@@ -13,6 +13,7 @@
 // past n). No heap allocation.
 #pragma once
 
+#include <algorithm>
 #include <cmath>
 #include <cstddef>
 #include <cstdint>
@@ -117,15 +118,15 @@ inline void apply_buffered(const float* z, std::size_t n, const Op& op) {
 /// op(i, z_i, m) over [0, n) with z_i = value begin + i of stream s, generated here. Gaussian: the
 /// full normal groups (256 values) go through random::kernels::for_normals, z in registers; a
 /// partial group at either end through a 1 KiB stack buffer (same values: the fill API is built
-/// on for_normals too). While a group's normals are computed, θ (`prefetch`, valid for
-/// `prefetch_n` elements, may be null) is prefetched one z block (4 KiB) ahead: the words pass
+/// on for_normals too). While a group's normals are computed, θ (`prefetch`, non-null, valid for
+/// prefetch_n >= n elements) is prefetched one z block (4 KiB) ahead: the words pass
 /// touches no memory, and without this the hardware prefetcher stops at each block. Rademacher:
 /// blocks of 1024 signs in a stack buffer (the fill is a few integer ops per 32 values).
 template <class Arch, class Op>
 inline void apply_generated(noise d, const random::stream& s, std::uint64_t begin, std::size_t n,
-                            const Op& op, const float* prefetch = nullptr,
-                            std::size_t prefetch_n = 0) {
-  constexpr std::size_t V = 256, W = simd::width<Arch>, B = 1024;
+                            const Op& op, const float* prefetch, std::size_t prefetch_n) {
+  using F = simd::fbatch<Arch>;
+  constexpr std::size_t V = 256, W = simd::width<Arch>, B = 1024, PF = 1024;
   if (n == 0) return;
   if (d == noise::rademacher) {
     alignas(64) float z[B];
@@ -155,13 +156,16 @@ inline void apply_generated(noise d, const random::stream& s, std::uint64_t begi
   if (ng > 0) {
     const std::uint64_t G = (begin + i) / V;
     random::kernels::philox_plan<Arch> P(s, std::uint32_t((48 * G) >> 32));
-    const std::size_t i0 = i;
-    random::kernels::for_normals<Arch>(P, s, G, ng,
-                                       [&](std::size_t k, const simd::fbatch<Arch>& z) {
-                                         if (prefetch && (k % 16) == 0 && i0 + k + B < prefetch_n)
-                                           __builtin_prefetch(prefetch + i0 + k + B, 1, 3);
-                                         op(i0 + k, z, W);
-                                       });
+    // Everything the loop body reads is copied into the lambda by value: members read through a
+    // reference (or a float vector in memory, which a θ store may alias) are reloaded for every
+    // register, and the copies stay in registers. The prefetch index is clamped (no branch).
+    const Op o = op;
+    const std::size_t i0 = i, last = prefetch_n - 1;
+    random::kernels::for_normals<Arch>(
+        P, s, G, ng, [o, i0, last, prefetch](std::size_t k, const F& z) {
+          if constexpr (PF > 0) __builtin_prefetch(prefetch + std::min(i0 + k + PF, last), 1, 3);
+          o(i0 + k, z, W);
+        });
     i += V * ng;
   }
   if (i < n) partial(i, n - i);
@@ -183,8 +187,10 @@ inline void move_z(noise d, const random::stream& s, std::uint64_t begin, float*
                    std::size_t prefetch_n = 0) {
   dispatch_op<move_op_t<Arch>::template op>(
       !std::isinf(tau), bf16_grid,
-      [&](const auto& op) { apply_generated<Arch>(d, s, begin, n, op, theta, prefetch_n); }, theta,
-      o_new, o, tau);
+      [&](const auto& op) {
+        apply_generated<Arch>(d, s, begin, n, op, theta, std::max(n, prefetch_n));
+      },
+      theta, o_new, o, tau);
 }
 
 /// Switch from perturbation z_old (θ ≈ θ₀ + o·z_old) to z_new:
@@ -251,7 +257,7 @@ template <class Arch, rule R, bool Masked, bool Bf16> struct update_op {
   float* theta;
   const float* grad;
   float *m1, *m2;
-  const update_scalars& s;
+  update_scalars s;
   F vno, vg, va, vnlr, vtau, vlow;
   bool bounded;
   update_op(float* th, const float* g, float* mm1, float* mm2, const update_scalars& sc)
@@ -312,8 +318,10 @@ inline void update_z(noise d, const random::stream& st, std::uint64_t begin, flo
                      const update_scalars& s, bool bf16_grid = false, std::size_t prefetch_n = 0) {
   dispatch_op<update_op_t<Arch, R>::template op>(
       !std::isinf(s.tau), bf16_grid,
-      [&](const auto& op) { apply_generated<Arch>(d, st, begin, n, op, theta, prefetch_n); }, theta,
-      grad, m1, m2, s);
+      [&](const auto& op) {
+        apply_generated<Arch>(d, st, begin, n, op, theta, std::max(n, prefetch_n));
+      },
+      theta, grad, m1, m2, s);
 }
 
 } // namespace kernels
