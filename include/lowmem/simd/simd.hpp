@@ -206,9 +206,9 @@ template <class Arch> inline ubatch<Arch> high_to_low_u64(const ubatch<Arch>& a)
 
 /// Per 64-bit lane: the high dword copied to the low dword; the high dword keeps its value (for
 /// callers that treat it as scratch, like the Philox kernel). vpshufd 0xF5 instead of vpsrlq:
-/// the same result in the low dwords, but on Intel cores 512-bit shifts and vpmuludq both issue
-/// only on port 0, while vpshufd issues on port 5, so a Philox round's 2 multiplies + 2 moves no
-/// longer queue on one port (measured: uniform fill 1.03 -> see kernels/random.hpp).
+/// the same low dwords, but on Intel cores 512-bit shifts and vpmuludq both issue only on port 0
+/// while vpshufd issues on port 5, so a Philox round's 2 multiplies + 2 moves do not queue on one
+/// port (see kernels/random.hpp).
 template <class Arch> inline ubatch<Arch> high_to_low_u64_dirty(const ubatch<Arch>& a) {
 #if XSIMD_WITH_AVX512F
   if constexpr (std::is_base_of<xsimd::avx512f, Arch>::value) {
