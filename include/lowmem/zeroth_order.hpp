@@ -77,7 +77,8 @@
 // as long as streaming θ: the fused sweeps generate z in registers and prefetch θ one block ahead
 // so the two overlap (before, each 1024-element block generated z, then streamed θ, in turn).
 // Measured (2 Dec 2026, Sapphire Rapids-class 2-vCPU VM, load 4.5-7, per-thread CPU time):
-// Gaussian step 289 ms (main before the fusion: 434 ms) vs triad 10.1 GiB/s, i.e. 76% of triad.
+// Gaussian step 289 ms (main before the fusion: 434 ms) vs triad 10.1 GiB/s, i.e. 76% of triad;
+// 58-65% in runs at load 8-9 (344-411 ms vs main's 485-509 ms). To be re-measured quietly.
 #pragma once
 
 #include <algorithm>
