@@ -5,12 +5,12 @@
 // restoring and updating the registered parameter spans.
 //
 //   build/examples/mezo_finetune [steps=3000]
-#include <common/fashion_mnist.hpp>
+#include <common/zo_fmnist.hpp>
 #include <lowmem/core/memory.hpp>
 #include <lowmem/core/memory_hooks.hpp>
-#include <lowmem/simd/simd.hpp>
 #include <lowmem/zeroth_order.hpp>
 
+#include <algorithm>
 #include <chrono>
 #include <cmath>
 #include <cstdio>
@@ -19,43 +19,10 @@
 
 namespace {
 
-constexpr std::size_t side = 14, in = side * side, hidden = 64, classes = 10;
-
-struct dataset {
-  std::vector<float> x;
-  std::vector<std::uint8_t> y;
-  std::size_t n = 0;
-};
-
-dataset pooled(const lowmem::data::image_set& s) {
-  dataset d;
-  d.n = s.count;
-  d.y = s.labels;
-  d.x.resize(d.n * in);
-  for (std::size_t i = 0; i < d.n; ++i)
-    for (std::size_t r = 0; r < side; ++r)
-      for (std::size_t c = 0; c < side; ++c) {
-        const float* im = s.images.data() + i * 784;
-        d.x[i * in + r * side + c] =
-            0.25f * (im[(2 * r) * 28 + 2 * c] + im[(2 * r) * 28 + 2 * c + 1] +
-                     im[(2 * r + 1) * 28 + 2 * c] + im[(2 * r + 1) * 28 + 2 * c + 1]) -
-            0.3f;
-      }
-  return d;
-}
-
-float dot(const float* a, const float* b, std::size_t n) {
-  using Arch = lowmem::simd::default_arch;
-  using F = lowmem::simd::fbatch<Arch>;
-  constexpr std::size_t W = lowmem::simd::width<Arch>;
-  F acc(0.f);
-  std::size_t i = 0;
-  for (; i + W <= n; i += W)
-    acc = lowmem::simd::fma<Arch>(F::load_unaligned(a + i), F::load_unaligned(b + i), acc);
-  float s = lowmem::simd::reduce_add(acc);
-  for (; i < n; ++i) s += a[i] * b[i];
-  return s;
-}
+using lowmem::examples::zo_fmnist::dataset;
+using lowmem::examples::zo_fmnist::dot;
+constexpr std::size_t in = lowmem::examples::zo_fmnist::features, hidden = 64,
+                      classes = lowmem::examples::zo_fmnist::classes;
 
 struct mlp {
   std::vector<float> w1, b1, w2, b2;
@@ -72,26 +39,17 @@ struct mlp {
   // its activations like a plain inference would (one hidden buffer for the batch).
   double loss(const dataset& d, std::size_t begin, std::size_t count, double* acc = nullptr) const {
     std::vector<float> h(count * hidden);
-    double total = 0;
-    std::size_t correct = 0;
-    for (std::size_t r = 0; r < count; ++r) {
-      const std::size_t i = (begin + r) % d.n;
-      float* hr = h.data() + r * hidden;
-      for (std::size_t u = 0; u < hidden; ++u)
-        hr[u] = std::max(0.f, dot(w1.data() + u * in, d.x.data() + i * in, in) + b1[u]);
-      float logits[classes], mx = -INFINITY;
-      std::size_t arg = 0;
-      for (std::size_t c = 0; c < classes; ++c) {
-        logits[c] = dot(w2.data() + c * hidden, hr, hidden) + b2[c];
-        if (logits[c] > mx) mx = logits[c], arg = c;
-      }
-      double se = 0;
-      for (float l : logits) se += std::exp(double(l - mx));
-      total += std::log(se) + mx - logits[d.y[i]];
-      correct += arg == d.y[i];
-    }
-    if (acc) *acc = double(correct) / double(count);
-    return total / double(count);
+    std::size_t r = 0;
+    return lowmem::examples::zo_fmnist::mean_xent(
+        d, begin, count,
+        [&](const float* x, float* logits) {
+          float* hr = h.data() + (r++) * hidden;
+          for (std::size_t u = 0; u < hidden; ++u)
+            hr[u] = std::max(0.f, dot(w1.data() + u * in, x, in) + b1[u]);
+          for (std::size_t c = 0; c < classes; ++c)
+            logits[c] = dot(w2.data() + c * hidden, hr, hidden) + b2[c];
+        },
+        acc);
   }
 };
 
@@ -99,8 +57,9 @@ struct mlp {
 
 int main(int argc, char** argv) {
   const int steps = argc > 1 ? std::atoi(argv[1]) : 3000;
-  const dataset train = pooled(lowmem::data::load_fashion_mnist("train", 10000));
-  const dataset test = pooled(lowmem::data::load_fashion_mnist("t10k", 2000));
+  using lowmem::examples::zo_fmnist::pooled;
+  const dataset train = pooled(lowmem::data::load_fashion_mnist("train", 10000), 0.3f);
+  const dataset test = pooled(lowmem::data::load_fashion_mnist("t10k", 2000), 0.3f);
   mlp model;
 
   lowmem::zo::parameters params; // spans registered once, each with a stable id

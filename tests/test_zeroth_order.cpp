@@ -579,6 +579,45 @@ TEST_CASE("perturb on a span equals the optimizer's first sweep", "[zo]") {
   CHECK(same(a, b));
 }
 
+LOWMEM_ARCH_TEST_CASE("sweeps with z generated in registers equal the z-buffer kernels, bitwise",
+                      "[zo][simd]") {
+  // kernels::move_z / update_z (z from for_normals, never stored) against kernels::move / update
+  // on z from the public fill, at offsets inside and across normal groups (256 values) and sizes
+  // that leave partial groups at either end, masked (sparse) and bf16-grid variants included.
+  using Arch = TestType;
+  LOWMEM_SKIP_IF_UNSUPPORTED();
+  const random::stream s{0x5eedull, 11};
+  std::vector<std::size_t> sizes_z = test::tail_sizes<Arch>(1025);
+  sizes_z.push_back(5000);
+  for (auto dist : {zo::noise::gaussian, zo::noise::rademacher})
+    for (std::size_t n : sizes_z)
+      for (std::uint64_t begin : {0ull, 1ull, 255ull, 256ull, 300ull, (1ull << 33) + 5})
+        for (float tau : {INFINITY, 0.5f})
+          for (bool g16 : {false, true}) {
+            INFO("dist " << int(dist) << " n " << n << " begin " << begin << " tau " << tau
+                         << " bf16 " << g16);
+            const std::vector<float> theta0 = ref::uniform_data(n + 1, n + begin);
+            std::vector<float> z(n + 1);
+            zo::kernels::fill_z<Arch>(dist, s, begin, z.data(), n);
+            std::vector<float> a = theta0, b = theta0;
+            zo::kernels::move_z<Arch>(dist, s, begin, a.data(), n, 0.25f, 0.125f, tau, g16);
+            zo::kernels::move<Arch>(b.data(), z.data(), n, 0.25f, 0.125f, tau, g16);
+            REQUIRE(ref::bitwise_equal(a.data(), b.data(), n + 1));
+            zo::kernels::update_scalars sc;
+            sc.o = 0.125f;
+            sc.g = -0.75f;
+            sc.decay = 0.999f;
+            sc.lr = 0.01f;
+            sc.tau = tau;
+            zo::kernels::update_z<Arch, zo::kernels::rule::sgd>(dist, s, begin, a.data(), nullptr,
+                                                                nullptr, nullptr, n, sc, g16);
+            zo::kernels::update<Arch, zo::kernels::rule::sgd>(b.data(), z.data(), nullptr, nullptr,
+                                                              nullptr, n, sc, g16);
+            REQUIRE(ref::bitwise_equal(a.data(), b.data(), n + 1));
+            CHECK(a[n] == theta0[n]); // nothing written past n
+          }
+}
+
 TEST_CASE("magnitude_threshold picks about the requested fraction", "[zo][sparse]") {
   const auto v = ref::uniform_data(100000, 4);
   const float t = zo::magnitude_threshold(v.data(), v.size(), 0.3);

@@ -4,61 +4,17 @@
 // are used. MeZO must lower the training loss and reach a stated test accuracy in a stated number
 // of steps; ZO-Adam, ZO-Sign, ZO-Cons, Sparse MeZO and q-SPSA must each lower the loss.
 #include <catch2/catch.hpp>
-#include <common/fashion_mnist.hpp>
-#include <lowmem/simd/simd.hpp>
+#include <common/zo_fmnist.hpp>
 #include <lowmem/zeroth_order.hpp>
 
-#include <cmath>
+#include <algorithm>
 #include <cstdio>
 #include <vector>
 
 using namespace lowmem;
+using namespace lowmem::examples::zo_fmnist;
 
 namespace {
-
-constexpr std::size_t side = 14, features = side * side, classes = 10;
-
-struct dataset {
-  std::vector<float> x; // n × features
-  std::vector<std::uint8_t> y;
-  std::size_t n = 0;
-};
-
-dataset pooled(const data::image_set& s, const std::vector<float>* mean = nullptr) {
-  dataset d;
-  d.n = s.count;
-  d.y = s.labels;
-  d.x.resize(d.n * features);
-  for (std::size_t i = 0; i < d.n; ++i)
-    for (std::size_t r = 0; r < side; ++r)
-      for (std::size_t c = 0; c < side; ++c) {
-        const float* im = s.images.data() + i * 784;
-        const float v = im[(2 * r) * 28 + 2 * c] + im[(2 * r) * 28 + 2 * c + 1] +
-                        im[(2 * r + 1) * 28 + 2 * c] + im[(2 * r + 1) * 28 + 2 * c + 1];
-        d.x[i * features + r * side + c] = 0.25f * v - (mean ? (*mean)[r * side + c] : 0.f);
-      }
-  return d;
-}
-
-std::vector<float> feature_mean(const dataset& d) {
-  std::vector<float> m(features, 0.f);
-  for (std::size_t i = 0; i < d.n; ++i)
-    for (std::size_t f = 0; f < features; ++f) m[f] += d.x[i * features + f];
-  for (auto& v : m) v /= float(d.n);
-  return m;
-}
-
-float dot(const float* a, const float* b, std::size_t n) {
-  using F = simd::fbatch<simd::default_arch>;
-  constexpr std::size_t W = simd::width<simd::default_arch>;
-  F acc(0.f);
-  std::size_t i = 0;
-  for (; i + W <= n; i += W)
-    acc = simd::fma(F::load_unaligned(a + i), F::load_unaligned(b + i), acc);
-  float s = simd::reduce_add(acc);
-  for (; i < n; ++i) s += a[i] * b[i];
-  return s;
-}
 
 struct model {
   std::vector<float> w = std::vector<float>(classes * features, 0.f),
@@ -66,24 +22,13 @@ struct model {
 
   // mean cross-entropy over rows [begin, begin + count) of d (wrapping), and accuracy
   double loss(const dataset& d, std::size_t begin, std::size_t count, double* acc = nullptr) const {
-    double total = 0;
-    std::size_t correct = 0;
-    for (std::size_t r = 0; r < count; ++r) {
-      const std::size_t i = (begin + r) % d.n;
-      float logits[classes];
-      float mx = -INFINITY;
-      std::size_t arg = 0;
-      for (std::size_t c = 0; c < classes; ++c) {
-        logits[c] = dot(w.data() + c * features, d.x.data() + i * features, features) + b[c];
-        if (logits[c] > mx) mx = logits[c], arg = c;
-      }
-      double se = 0;
-      for (float l : logits) se += std::exp(double(l - mx));
-      total += std::log(se) + mx - logits[d.y[i]];
-      correct += arg == d.y[i];
-    }
-    if (acc) *acc = double(correct) / double(count);
-    return total / double(count);
+    return mean_xent(
+        d, begin, count,
+        [&](const float* x, float* logits) {
+          for (std::size_t c = 0; c < classes; ++c)
+            logits[c] = dot(w.data() + c * features, x, features) + b[c];
+        },
+        acc);
   }
 };
 
@@ -94,8 +39,8 @@ struct fixture {
     auto te = data::load_fashion_mnist("t10k", 1000);
     const auto raw = pooled(tr);
     const auto mean = feature_mean(raw);
-    train = pooled(tr, &mean);
-    test = pooled(te, &mean);
+    train = pooled(tr, 0.f, &mean);
+    test = pooled(te, 0.f, &mean);
   }
 };
 const fixture& data_once() {

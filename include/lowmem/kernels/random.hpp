@@ -9,9 +9,11 @@
 //
 // Why it is fast (one AVX-512 core; see bench/bench_core.cpp):
 //  * One Philox block per 64-bit lane: a round is then vpmuludq (the full 64-bit product: low half
-//    in place, high half one vpsrlq away) + vpsrlq + one 3-way xor (vpternlogd) per multiply, with
-//    no lane shuffles and no vpmulld. The high dword of each lane is scratch; only the low dwords
-//    are packed (shufps) in the last round.
+//    in place, high half one vpshufd away) + vpshufd + one 3-way xor (vpternlogd) per multiply,
+//    with no vpmulld. The high dword of each lane is scratch; only the low dwords are packed
+//    (shufps) in the last round. vpshufd rather than vpsrlq: on Intel cores 512-bit vpmuludq and
+//    vpsrlq both issue only on port 0, vpshufd on port 5 (uniform fill ~5% faster on a Sapphire
+//    Rapids-class core, A/B of min-of-20000 timings).
 //  * Counter words 1-3 are the same for all 16 blocks of a group (hi32(block), the stream id), so
 //    round 0's second multiply and round 1's first are scalar, precomputed once per fill
 //    (philox_plan): 18 instead of 20 vector multiplies per 8 blocks. The round keys are
@@ -21,6 +23,9 @@
 //  * Words for 8 groups (normal: 12) go to an L1 buffer, then a separate loop transforms them:
 //    Box–Muller's long dependency chain would otherwise stall behind Philox's in every group.
 //    (Splicing the two at round or step granularity was measured slower: register spills.)
+//    Normals go through for_normals, which hands each register of normals to a consumer: the
+//    fill stores it, the zeroth-order sweeps apply it to θ directly (no z buffer; one code path,
+//    so both produce the same bits).
 //  * Normals take 24 bits per uniform, 3 words per 4 normals (core/random.hpp): Philox is about
 //    half the cost of a normal, and the fourth uniform (the words' low bytes) costs 5 integer ops.
 //  * Box–Muller uses simd::log_fast, simd::sqrt_fast and simd::sincos_quarter (polynomials with
@@ -35,6 +40,9 @@
 // ticks (2.096 GHz), both builds -O3 -march=native, run back to back on a loaded machine: uniform
 // 0.45 ticks/value; normal 0.63 (3.3 G/s) vs 0.72 (2.9 G/s) for the previous mapping (2 words
 // per pair, quadrant selects). Philox is ~0.42 ticks/word, so ~0.32 of a normal's 0.63.
+// On a Sapphire Rapids-class KVM core (2.0 GHz TSC), same method: uniform 0.94-1.2 ticks/value,
+// normal 1.3-1.9 (varies with the host's load): about 3 vector uops per normal (1.5 Philox, 1.5
+// Box–Muller) at 2 per cycle (512-bit ops issue on ports 0 and 5 only).
 #pragma once
 
 #include <algorithm>
@@ -48,8 +56,13 @@
 
 #if defined(__GNUC__) || defined(__clang__)
 #define LOWMEM_RANDOM_UNROLL _Pragma("GCC unroll 16")
+// The Box–Muller transform must be inlined into the loop that consumes its registers (a call
+// passes the 4 result registers through memory; GCC stops inlining it once the consumer is a
+// fused ZO sweep: +24% instructions per step measured with callgrind).
+#define LOWMEM_RANDOM_INLINE inline __attribute__((always_inline))
 #else
 #define LOWMEM_RANDOM_UNROLL
+#define LOWMEM_RANDOM_INLINE inline
 #endif
 
 namespace lowmem::random {
@@ -131,7 +144,7 @@ inline void philox_units(const philox_plan<Arch>& P, const std::uint64_t (&g)[NU
     LOWMEM_RANDOM_UNROLL
     for (std::size_t s = 0; s < 2; ++s) {
       const U m0 = simd::mul_wide_u32<Arch>(Q.offs[p[u]][s] + base, philox_m0);
-      x2[u][s] = simd::high_to_low_u64<Arch>(m0) ^ Q.r0_c2;
+      x2[u][s] = simd::high_to_low_u64_dirty<Arch>(m0) ^ Q.r0_c2;
       x3[u][s] = m0;
     }
   }
@@ -141,7 +154,7 @@ inline void philox_units(const philox_plan<Arch>& P, const std::uint64_t (&g)[NU
     LOWMEM_RANDOM_UNROLL
     for (std::size_t s = 0; s < 2; ++s) {
       const U m1 = simd::mul_wide_u32<Arch>(x2[u][s], philox_m1);
-      x0[u][s] = simd::high_to_low_u64<Arch>(m1) ^ Q.r1_c0;
+      x0[u][s] = simd::high_to_low_u64_dirty<Arch>(m1) ^ Q.r1_c0;
       x1[u][s] = m1;
       x2[u][s] = x3[u][s] ^ Q.r1_c2;
       x3[u][s] = Q.r1_c3;
@@ -155,9 +168,9 @@ inline void philox_units(const philox_plan<Arch>& P, const std::uint64_t (&g)[NU
       for (std::size_t s = 0; s < 2; ++s) {
         const U m0 = simd::mul_wide_u32<Arch>(x0[u][s], philox_m0);
         const U m1 = simd::mul_wide_u32<Arch>(x2[u][s], philox_m1);
-        x0[u][s] = simd::high_to_low_u64<Arch>(m1) ^ x1[u][s] ^ Q.k0[r];
+        x0[u][s] = simd::high_to_low_u64_dirty<Arch>(m1) ^ x1[u][s] ^ Q.k0[r];
         x1[u][s] = m1;
-        x2[u][s] = simd::high_to_low_u64<Arch>(m0) ^ x3[u][s] ^ Q.k1[r];
+        x2[u][s] = simd::high_to_low_u64_dirty<Arch>(m0) ^ x3[u][s] ^ Q.k1[r];
         x3[u][s] = m0;
       }
     }
@@ -199,8 +212,9 @@ enum class distribution { uniform, normal, rademacher };
 /// u1 = ((rw >> 8) + 1) 2^-24, phi = (pi/2) (2 o + 1) 2^-23 with o = angle bits 29..8, signs from
 /// angle bits 31 (cos) and 30 (sin).
 template <class Arch>
-inline void box_muller(const simd::ubatch<Arch>& rw, const simd::ubatch<Arch>& aw,
-                       simd::fbatch<Arch>& z_cos, simd::fbatch<Arch>& z_sin) noexcept {
+LOWMEM_RANDOM_INLINE void box_muller(const simd::ubatch<Arch>& rw, const simd::ubatch<Arch>& aw,
+                                     simd::fbatch<Arch>& z_cos,
+                                     simd::fbatch<Arch>& z_sin) noexcept {
   using U = simd::ubatch<Arch>;
   using F = simd::fbatch<Arch>;
   // -ln(u1) = -ln(X 2^-24), X in [1, 2^24] exact as float; the 2^-24 folds into the exponent.
@@ -226,8 +240,9 @@ inline void box_muller(const simd::ubatch<Arch>& rw, const simd::ubatch<Arch>& a
 /// angle b), z[2], z[3] from (radius c, angle d), d = the low bytes of a, b, c as a word's top 24
 /// bits.
 template <class Arch>
-inline void normal_quad(const simd::ubatch<Arch>& a, const simd::ubatch<Arch>& b,
-                        const simd::ubatch<Arch>& c, simd::fbatch<Arch> (&z)[4]) noexcept {
+LOWMEM_RANDOM_INLINE void normal_quad(const simd::ubatch<Arch>& a, const simd::ubatch<Arch>& b,
+                                      const simd::ubatch<Arch>& c,
+                                      simd::fbatch<Arch> (&z)[4]) noexcept {
   using U = simd::ubatch<Arch>;
   const U bc = ((b << 16) & U(0xFFFF0000u)) | ((c << 8) & U(0x0000FFFFu)); // vpternlogd
   const U d = (a << 24) | (bc & U(0x00FFFFFFu));
@@ -280,39 +295,58 @@ inline void philox_bits(philox_plan<Arch>& P, const stream& s, std::uint64_t g0,
   }
 }
 
-/// Piece j of the transform of a word buffer (64-byte aligned), 2 W words in. Normal: 4 W values
-/// out, from word rows (3 m, 3 m + 1, 3 m + 2) of normal group G at lane offset h W
-/// (j = R (4 G + m) + h) to value rows 4 m .. 4 m + 3 (core/random.hpp); uniform: values
-/// [2 W j, 2 W (j + 1)).
-template <class Arch, distribution D>
-inline void transform_piece(const std::uint32_t* bits, float* out, std::size_t j) noexcept {
+/// Piece j of the uniform transform of a word buffer (64-byte aligned): values [2 W j, 2 W (j +
+/// 1)).
+template <class Arch>
+inline void uniform_piece(const std::uint32_t* bits, float* out, std::size_t j) noexcept {
   using U = simd::ubatch<Arch>;
   using F = simd::fbatch<Arch>;
-  constexpr std::size_t W = simd::width<Arch>, R = regs_per_word<Arch>;
-  if constexpr (D == distribution::normal) {
-    const std::size_t G = j / (4 * R), m = (j / R) % 4, h = j % R;
-    const std::uint32_t* in = bits + 192 * G + 48 * m + h * W;
-    F z[4];
-    normal_quad<Arch>(U::load_aligned(in), U::load_aligned(in + 16), U::load_aligned(in + 32), z);
-    float* o = out + 256 * G + 64 * m + h * W;
-    for (std::size_t q = 0; q < 4; ++q) z[q].store_unaligned(o + 16 * q);
-  } else {
-    static_assert(D == distribution::uniform, "Rademacher signs are bits, not words: fill_signs");
-    LOWMEM_RANDOM_UNROLL
-    for (std::size_t i = 2 * W * j; i < 2 * W * (j + 1); i += W) {
-      const U b = U::load_aligned(bits + i);
-      (simd::small_uint_to_float<Arch>(b >> 8) * F(0x1p-24f)).store_unaligned(out + i);
-    }
+  constexpr std::size_t W = simd::width<Arch>;
+  LOWMEM_RANDOM_UNROLL
+  for (std::size_t i = 2 * W * j; i < 2 * W * (j + 1); i += W) {
+    const U b = U::load_aligned(bits + i);
+    (simd::small_uint_to_float<Arch>(b >> 8) * F(0x1p-24f)).store_unaligned(out + i);
   }
 }
 
-/// out[i] = f(bits) for the group_values<D> ng values of ng full groups (bits 64-byte aligned,
-/// 64 group_philox<D> ng words).
-template <class Arch, distribution D>
-inline void transform(const std::uint32_t* bits, std::size_t ng, float* out) noexcept {
-  constexpr std::size_t pieces_per_group =
-      (D == distribution::normal ? 64 : 32) / simd::width<Arch>;
-  for (std::size_t j = 0; j < pieces_per_group * ng; ++j) transform_piece<Arch, D>(bits, out, j);
+/// out[i] = uniform(bits[i]) for the 64 ng values of ng full groups (bits 64-byte aligned).
+template <class Arch>
+inline void transform_uniform(const std::uint32_t* bits, std::size_t ng, float* out) noexcept {
+  for (std::size_t j = 0; j < (32 / simd::width<Arch>)*ng; ++j) uniform_piece<Arch>(bits, out, j);
+}
+
+/// Normal groups per Philox pass of for_normals: 4 (3 KiB of words, L1-resident).
+inline constexpr std::size_t normal_chunk = 4;
+
+/// The normals of the full normal groups [G0, G0 + ng) (256 values each, core/random.hpp), one
+/// register at a time: body(k, z) with z = values 256 G0 + k .. 256 G0 + k + W - 1, k increasing
+/// in steps of W within each 64-value piece. The words of up to normal_chunk groups go to an L1
+/// buffer first, then each piece (words rows 3 m .. 3 m + 2 of group G, lane offset h W) becomes
+/// 4 W normals in registers (rows 4 m .. 4 m + 3) handed to body: a fill stores them, a ZO sweep
+/// applies them to θ without storing z. Both go through this one function, so the fill API and
+/// the fused sweeps produce the same bits. Why two loops (Philox, then Box–Muller): one fused loop
+/// per group exposes the long Philox -> Box–Muller dependency chain (and splicing the transform
+/// between the Philox rounds spills registers; both measured slower).
+template <class Arch, class Body>
+LOWMEM_RANDOM_INLINE void for_normals(philox_plan<Arch>& P, const stream& s, std::uint64_t G0,
+                                      std::size_t ng, Body&& body) noexcept {
+  using U = simd::ubatch<Arch>;
+  using F = simd::fbatch<Arch>;
+  constexpr std::size_t W = simd::width<Arch>, R = regs_per_word<Arch>;
+  alignas(64) std::uint32_t words[192 * normal_chunk];
+  for (std::size_t c = 0; c < ng; c += normal_chunk) {
+    const std::size_t m = ng - c < normal_chunk ? ng - c : normal_chunk;
+    philox_bits<Arch>(P, s, 3 * (G0 + c), 3 * m, words);
+    for (std::size_t j = 0; j < 4 * R * m; ++j) {
+      const std::size_t G = j / (4 * R), row = (j / R) % 4, h = j % R;
+      const std::uint32_t* in = words + 192 * G + 48 * row + h * W;
+      F z[4];
+      normal_quad<Arch>(U::load_aligned(in), U::load_aligned(in + 16), U::load_aligned(in + 32), z);
+      const std::size_t k = 256 * (c + G) + 64 * row + h * W;
+      LOWMEM_RANDOM_UNROLL
+      for (std::size_t q = 0; q < 4; ++q) body(k + 16 * q, z[q]);
+    }
+  }
 }
 
 /// The 32 Rademacher signs of one random word: out[b] = (bit b of word) ? -1 : +1, b < 32
@@ -372,44 +406,52 @@ inline void fill_signs(const stream& s, std::uint64_t begin, float* out, std::si
 }
 
 /// Fills out[0..n) with values [begin, begin + n) of s from words (uniform: one word per value;
-/// normal: 3 words per 4 values); serial.
+/// normal: 3 words per 4 values, through for_normals); serial.
 template <class Arch, distribution D>
 inline void fill_values(const stream& s, std::uint64_t begin, float* out, std::size_t n) noexcept {
   if (n == 0) return;
   constexpr std::size_t V = group_values<D>, P = group_philox<D>;
-  alignas(64) std::uint32_t bits[64 * P];
   alignas(64) float tmp[V];
   std::uint64_t i = begin;
   const std::uint64_t end = begin + n;
   philox_plan<Arch> P0(s, std::uint32_t((16 * P * (i / V)) >> 32));
+  // ng full groups from group g to dst
+  auto groups = [&](std::uint64_t g, std::size_t ng, float* dst) {
+    if constexpr (D == distribution::normal) {
+      for_normals<Arch>(P0, s, g, ng, [dst](std::size_t k, const simd::fbatch<Arch>& z) {
+        z.store_unaligned(dst + k);
+      });
+    } else {
+      // a chunk at a time: words into an L1-resident buffer, then transformed (two homogeneous
+      // loops keep many independent instructions in the out-of-order window)
+      constexpr std::size_t chunk = 8; // groups: 2 KiB of words
+      alignas(64) std::uint32_t words[64 * chunk];
+      for (std::size_t c = 0; c < ng; c += chunk) {
+        const std::size_t m = ng - c < chunk ? ng - c : chunk;
+        philox_bits<Arch>(P0, s, g + c, m, words);
+        transform_uniform<Arch>(words, m, dst + 64 * c);
+      }
+    }
+  };
   // head: partial first group
   if (i % V != 0) {
     const std::uint64_t g = i / V;
-    philox_bits<Arch>(P0, s, P * g, P, bits);
-    transform<Arch, D>(bits, 1, tmp);
+    groups(g, 1, tmp);
     const std::uint64_t stop = end < V * (g + 1) ? end : V * (g + 1);
     std::memcpy(out, tmp + (i - V * g), (stop - i) * sizeof(float));
     out += stop - i;
     i = stop;
   }
-  // full groups, a chunk at a time: words into an L1-resident buffer, then transformed. Two
-  // homogeneous loops keep many independent instructions in the out-of-order window; one fused
-  // loop per group would expose the long Philox -> Box–Muller dependency chain. (Splicing the
-  // transform between the Philox rounds was slower: register spills.)
-  constexpr std::size_t chunk = D == distribution::normal ? 4 : 8; // groups: 3 or 2 KiB of words
-  alignas(64) std::uint32_t words[64 * P * chunk];
-  while (i + V <= end) {
-    const std::uint64_t left = (end - i) / V;
-    const std::size_t ng = left < chunk ? std::size_t(left) : chunk;
-    philox_bits<Arch>(P0, s, P * (i / V), P * ng, words);
-    transform<Arch, D>(words, ng, out);
-    out += V * ng;
-    i += V * ng;
+  // full groups
+  const std::size_t full = std::size_t((end - i) / V);
+  if (full > 0) {
+    groups(i / V, full, out);
+    out += V * full;
+    i += V * full;
   }
   // tail: partial last group
   if (i < end) {
-    philox_bits<Arch>(P0, s, P * (i / V), P, bits);
-    transform<Arch, D>(bits, 1, tmp);
+    groups(i / V, 1, tmp);
     std::memcpy(out, tmp, (end - i) * sizeof(float));
   }
 }

@@ -204,6 +204,32 @@ template <class Arch> inline ubatch<Arch> high_to_low_u64(const ubatch<Arch>& a)
   }
 }
 
+/// Per 64-bit lane: the high dword copied to the low dword; the high dword keeps its value (for
+/// callers that treat it as scratch, like the Philox kernel). vpshufd 0xF5 instead of vpsrlq:
+/// the same low dwords, but on Intel cores 512-bit shifts and vpmuludq both issue only on port 0
+/// while vpshufd issues on port 5, so a Philox round's 2 multiplies + 2 moves do not queue on one
+/// port (see kernels/random.hpp).
+template <class Arch> inline ubatch<Arch> high_to_low_u64_dirty(const ubatch<Arch>& a) {
+#if XSIMD_WITH_AVX512F
+  if constexpr (std::is_base_of<xsimd::avx512f, Arch>::value) {
+    return ubatch<Arch>(_mm512_shuffle_epi32(a, _MM_PERM_DDBB));
+  } else
+#endif
+#if XSIMD_WITH_AVX2
+      if constexpr (std::is_base_of<xsimd::avx2, Arch>::value) {
+    return ubatch<Arch>(_mm256_shuffle_epi32(a, 0xF5));
+  } else
+#endif
+#if XSIMD_WITH_SSE2
+      if constexpr (std::is_base_of<xsimd::sse2, Arch>::value) {
+    return ubatch<Arch>(_mm_shuffle_epi32(a, 0xF5));
+  } else
+#endif
+  {
+    return high_to_low_u64<Arch>(a);
+  }
+}
+
 /// The low (High = false) or high dwords of the 64-bit lanes of a and b, interleaved per 128-bit
 /// lane: [a0, a2, b0, b2 | a4, a6, b4, b6 | ...] (dword indices; shufps 0x88), or
 /// [a1, a3, b1, b3 | ...] (shufps 0xDD).
