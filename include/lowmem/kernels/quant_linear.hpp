@@ -115,23 +115,6 @@ inline void split_for_nibbles(const float* x, std::size_t cols, std::size_t bloc
 }
 
 #if XSIMD_WITH_AVX512BW
-/// Software prefetch of the cache line holding p into L1. GCC 12 at -O2 with -march=native on
-/// this machine (AMD EPYC, AVX-512) silently drops _mm_prefetch / __builtin_prefetch in these loops
-/// (kept at -O3; the int8 GEMV at -O2 was measured 1.6× slower without them), so GCC-compatible
-/// compilers get the instruction as inline assembly.
-inline void prefetch_l1(const void* p) noexcept {
-#if defined(__GNUC__)
-  asm volatile("prefetcht0 %0" : : "m"(*static_cast<const char*>(p)));
-#else
-  _mm_prefetch(static_cast<const char*>(p), _MM_HINT_T0);
-#endif
-}
-
-/// Software prefetch of the cache lines of [p, p + len) into L1.
-inline void prefetch_lines(const std::uint8_t* p, std::size_t len) noexcept {
-  for (std::size_t i = 0; i < len; i += 64) prefetch_l1(p + i);
-}
-
 /// Prefetch distance of the fused int8 GEMV, in bytes of each row's stream (see int8_gemv_pass).
 inline constexpr std::size_t int8_gemv_prefetch_bytes = 2048;
 
@@ -170,7 +153,7 @@ inline void int8_gemv_pass(std::index_sequence<I...>, const std::uint8_t* const*
       return _mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(b));
   };
   auto prefetch = [&](std::size_t i, std::size_t p) { // byte p of slot i's stream cur, nxt
-    prefetch_l1(p < cols ? cur[i] + p : nxt[i] + (p - cols));
+    simd::prefetch(p < cols ? cur[i] + p : nxt[i] + (p - cols));
   };
   __m512 acc[R], a0[R], a1[R];
   ((acc[I] = _mm512_setzero_ps()), ...);
@@ -295,7 +278,7 @@ inline void nib64_gemv_rows(__m512 lut, const std::uint8_t* codes, const float* 
       const __m512 lb = _mm512_mul_ps(lut, _mm512_set1_ps(sb[b]));
       for (std::size_t g = 0; g < spb; ++g) {
         const std::size_t e = b * block + 64 * g;
-        if (e % 128 == 0) prefetch_lines(pa + e / 2, 1), prefetch_lines(pb + e / 2, 1);
+        if (e % 128 == 0) simd::prefetch(pa + e / 2), simd::prefetch(pb + e / 2);
         const __m512i va = seg(qa + e / 2), vb = seg(qb + e / 2);
         for (int k = 0; k < 4; ++k) {
           const __m512 xk = _mm512_loadu_ps(xs + e + 16 * k);

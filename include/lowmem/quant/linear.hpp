@@ -157,11 +157,12 @@ inline void qlinear_forward(ConstRowRef<float> x, const qweight& W, RowRef<float
       float* yr = y.row(m).data();
       if (fused) {
         if (d.kind == 1) kernels::split_for_nibbles(xr, cols, block, s.x_split);
-        for (std::size_t b = 0; b * block < cols; ++b) {
-          float acc = 0;
-          for (std::size_t k = 0; k < block; ++k) acc += xr[b * block + k];
-          s.xsum[b] = acc;
-        }
+        if (d.has_zeros || d.sym_zero != 0.0f) // only the zero-point term reads Σx per block
+          for (std::size_t b = 0; b * block < cols; ++b) {
+            float acc = 0;
+            for (std::size_t k = 0; k < block; ++k) acc += xr[b * block + k];
+            s.xsum[b] = acc;
+          }
         parallel_for(
             0, W.rows, 64,
             [&](std::ptrdiff_t r0, std::ptrdiff_t r1, int) {
