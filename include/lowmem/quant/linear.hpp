@@ -120,10 +120,10 @@ inline std::size_t qlinear_workspace_bytes(const qweight& w, index_t batch) {
 /// Memory: scratch from `ws` (qlinear_workspace_bytes); the GEMV path (M < 8) allocates nothing;
 /// the GEMM path dequantizes tile_rows rows of W at a time into the workspace and multiplies with
 /// Eigen (whose own packing buffers, O(cache) bytes, come from the heap) — never an fp32 copy of W.
-/// Numerics: fp32 accumulation; the fused AVX-512 int8 GEMV (and 4-bit with block % 64 != 0) sums
-/// each block then scales it, the 4-bit one with block % 64 == 0 multiplies level·s first (the
-/// exactly dequantized weights, as do the other paths); |error| vs dequantize-then-GEMM in double
-/// ~ 1e-6 rel.
+/// Numerics: fp32 accumulation; the fused AVX-512 GEMVs (batch < 8) sum code·x (int8) or
+/// level·x (4-bit) over a block, or over the part of a block in one 128-code chunk (4-bit, block
+/// % 64 == 0), then multiply by the block scale; the other paths multiply the exactly dequantized
+/// weights; |error| vs dequantize-then-GEMM in double ~ 1e-6 rel.
 /// Threads: see the overload with `threads`; this one runs on the calling thread only.
 template <class Arch = simd::default_arch>
 inline void qlinear_forward(ConstRowRef<float> x, const qweight& W, RowRef<float> y, workspace ws,
