@@ -19,6 +19,7 @@
 #include <cstddef>
 #include <cstdint>
 #include <limits>
+#include <type_traits>
 #include <utility>
 
 #include "../simd/simd.hpp"
@@ -165,22 +166,32 @@ inline void int8_gemv_pass(std::index_sequence<I...>, const std::uint8_t* const*
     simd::prefetch(p < cols ? cur[i] + p : nxt[i] + (p - cols));
   };
   // t: the block's partial sum Σ_k w·x (one chain per row: the block end then needs a single
-  // fma by the scale, where two partial sums cost one more add per row and block)
+  // fma by the scale, where two partial sums cost one more add per row and block). With
+  // Block64 the block's first line starts t with a multiply (no zeroing copies).
   __m512 acc[R], t[R];
   ((acc[I] = _mm512_setzero_ps()), ...);
+  auto line = [&](std::size_t k, auto first) { // one cache line (64 codes) per row
+    const __m512 x0 = _mm512_loadu_ps(x + k), x1 = _mm512_loadu_ps(x + k + 16);
+    const __m512 x2 = _mm512_loadu_ps(x + k + 32), x3 = _mm512_loadu_ps(x + k + 48);
+    if constexpr (decltype(first)::value)
+      ((prefetch(I, k + D), t[I] = _mm512_mul_ps(cvt(cur[I] + k), x0)), ...);
+    else
+      ((prefetch(I, k + D), t[I] = _mm512_fmadd_ps(cvt(cur[I] + k), x0, t[I])), ...);
+    ((t[I] = _mm512_fmadd_ps(cvt(cur[I] + k + 16), x1, t[I]),
+      t[I] = _mm512_fmadd_ps(cvt(cur[I] + k + 32), x2, t[I]),
+      t[I] = _mm512_fmadd_ps(cvt(cur[I] + k + 48), x3, t[I])),
+     ...);
+  };
   for (std::size_t b = 0; b < nbr; ++b) {
     const std::size_t k0 = b * block, k1 = k0 + block;
-    ((t[I] = _mm512_setzero_ps()), ...);
     std::size_t k = k0;
-    for (; k + 64 <= k1; k += 64) { // one cache line per row
-      const __m512 x0 = _mm512_loadu_ps(x + k), x1 = _mm512_loadu_ps(x + k + 16);
-      const __m512 x2 = _mm512_loadu_ps(x + k + 32), x3 = _mm512_loadu_ps(x + k + 48);
-      ((prefetch(I, k + D), t[I] = _mm512_fmadd_ps(cvt(cur[I] + k), x0, t[I]),
-        t[I] = _mm512_fmadd_ps(cvt(cur[I] + k + 16), x1, t[I]),
-        t[I] = _mm512_fmadd_ps(cvt(cur[I] + k + 32), x2, t[I]),
-        t[I] = _mm512_fmadd_ps(cvt(cur[I] + k + 48), x3, t[I])),
-       ...);
+    if constexpr (Block64) {
+      line(k, std::true_type());
+      k += 64;
+    } else {
+      ((t[I] = _mm512_setzero_ps()), ...);
     }
+    for (; k + 64 <= k1; k += 64) line(k, std::false_type());
     if constexpr (!Block64) { // partial lines (block % 64 != 0)
       if (k + 32 <= k1) {
         const __m512 x0 = _mm512_loadu_ps(x + k), x1 = _mm512_loadu_ps(x + k + 16);
