@@ -6,7 +6,8 @@
 //  * 4096×4096 W: NF4 / int4 / int8 GEMV (batch 1) and dequant-GEMM (4096 rows) vs fp32 Eigen
 //    (BM_quant_gemv_fp32/naive, BM_quant_gemm_fp32/naive); "naive" for a quantized format is
 //    dequantize-the-whole-W then Eigen (peak_MiB shows its fp32 copy; lowmem's is ~0);
-//    .../threads:2 rows split W's rows over 2 threads (real time is the figure there);
+//    .../threads:2 rows split W's rows over 2 threads (real time is the figure there); GEMVs
+//    report bytes/s of W as stored (fp32: 4 bytes per weight; quantized: codes + scales);
 //  * BM_quant_gemv_int8dyn: int8 W with the activation quantized per 64-group on the fly
 //    (qlinear_forward_int8_dynamic, AVX512-VNNI), 1 and 2 threads; bytes counted on W.
 // LOWMEM_BENCH_SMOKE=1 shrinks every shape.
@@ -301,6 +302,8 @@ void linear_case(benchmark::State& st, weight_format f, bool lowmem_impl, int th
   peak.report(st);
   st.counters["ws_MiB"] = double(ws.capacity()) / (1 << 20);
   st.counters["W_MiB"] = double(q.bytes()) / (1 << 20);
+  if (M < 8) // GEMV: W streamed once per call (bytes/s of W as stored: codes + scales)
+    st.SetBytesProcessed(std::int64_t(st.iterations()) * std::int64_t(q.bytes()));
   bench::set_flops(st, 2.0 * double(M) * double(out) * double(in));
 }
 void fp32_case(benchmark::State& st) {
@@ -318,6 +321,8 @@ void fp32_case(benchmark::State& st) {
   }
   peak.report(st);
   st.counters["W_MiB"] = double(W.size()) * 4 / (1 << 20);
+  if (M < 8) // GEMV: W streamed once per call
+    st.SetBytesProcessed(std::int64_t(st.iterations()) * std::int64_t(W.size()) * 4);
   bench::set_flops(st, 2.0 * double(M) * double(out) * double(in));
 }
 

@@ -32,9 +32,11 @@ LOWMEM_ARCH_TEST_CASE("qlinear forward/backward equal dequantize-then-GEMM in do
     index_t out, in, block;
   };
   // rows not a multiple of the int8 GEMV's 4-row pass; blocks with 64 | block and with 32- and
-  // 16-code tails (96, 80)
-  const shape shapes[] = {{37, 128, 64}, {5, 256, 32}, {9, 128, 128}, {6, 96, 16}, {3, 130, 130},
-                          {4, 512, 256}, {7, 192, 64}, {5, 192, 96},  {6, 160, 80}};
+  // 16-code tails (96, 80); for the 4-bit GEMV's 128-code chunks: a last 64-code segment
+  // (64, 192, 320 columns) and block 192, whose blocks begin mid-chunk
+  const shape shapes[] = {{37, 128, 64}, {5, 256, 32},  {9, 128, 128}, {6, 96, 16},
+                          {3, 130, 130}, {4, 512, 256}, {7, 192, 64},  {5, 192, 96},
+                          {6, 160, 80},  {5, 320, 64},  {3, 576, 192}, {4, 64, 64}};
   for (weight_format f : all_formats)
     for (const shape& sh : shapes)
       for (index_t M : {1, 3, 8, 21}) {

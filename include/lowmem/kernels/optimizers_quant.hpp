@@ -259,18 +259,6 @@ inline const float* pow2_eighths() {
 inline constexpr std::size_t group_size = 2048;
 template <int Bits> inline constexpr std::size_t block_size = Bits == 8 ? 256 : 128;
 
-/// Hints the cache to fetch bytes [p, p + bytes) (one request per 64-byte line; no-op elsewhere).
-/// The quantized steps run one group at a time, mostly in-register compute: fetching the next
-/// group's parameters and gradients meanwhile keeps DRAM busy during the encode phase.
-inline void prefetch_range(const void* p, std::size_t bytes) noexcept {
-#if defined(__GNUC__)
-  const char* c = static_cast<const char*>(p);
-  for (std::size_t o = 0; o < bytes; o += 64) __builtin_prefetch(c + o, 0, 3);
-#else
-  (void)p, (void)bytes;
-#endif
-}
-
 /// One quantized moment of one tensor.
 struct qmoment_view {
   std::uint8_t* codes = nullptr;     // 8-bit: one byte per element; 4-bit: element 2j in the low
@@ -725,8 +713,8 @@ inline std::size_t quant_full_groups(float* p, const float* g, qmoment_view& q, 
         for (std::size_t j = b * B; j < (b + 1) * B; j += 64) {
           if (more)
             for (int l = 0; l < 4; ++l) {
-              _mm_prefetch(next_p + 4 * j + 64 * l, _MM_HINT_T0);
-              _mm_prefetch(next_g + 4 * j + 64 * l, _MM_HINT_T0);
+              simd::prefetch(next_p + 4 * j + 64 * l);
+              simd::prefetch(next_g + 4 * j + 64 * l);
             }
           if constexpr (Bits == 8) {
             enc.store64<decltype(is_signed)::value>(buf + j, vinv, codes + j);
@@ -833,7 +821,7 @@ inline std::size_t adamw_quant_full_groups(float* p, const float* g, qmoment_vie
         const __m512 vinv = _mm512_set1_ps(s > 0.0f ? 1.0f / s : 0.0f);
         for (std::size_t j = b * B; j < (b + 1) * B; j += 64) {
           if (more)
-            for (int l = 0; l < 4; ++l) _mm_prefetch(next[k] + 4 * j + 64 * l, _MM_HINT_T0);
+            for (int l = 0; l < 4; ++l) simd::prefetch(next[k] + 4 * j + 64 * l);
           if constexpr (Bits == 8) {
             enc.store64<decltype(is_signed)::value>(buf + j, vinv, codes + j);
           } else {

@@ -448,6 +448,23 @@ inline __m512i pack4_epi32_epi8(__m512i a, __m512i b, __m512i c, __m512i d) {
 }
 #endif
 
+#if XSIMD_WITH_AVX512BW
+/// AVX-512: absmax_bits of B floats, B % 64 == 0 (the largest |x| as integer bits, two running
+/// integer maxima of the masked bits; >= inf_bits when the block holds a NaN or an Inf). The loop
+/// head of the one-pass block quantizers (affine_sym8_blocks, codebook_blocks64).
+inline std::int32_t absmax_bits64(const float* x, std::size_t B) noexcept {
+  const __m512i absmask = _mm512_set1_epi32(0x7FFFFFFF);
+  __m512i m0 = _mm512_setzero_si512(), m1 = m0;
+  for (std::size_t k = 0; k < B; k += 64) {
+    m0 = _mm512_max_epi32(m0, _mm512_and_si512(_mm512_loadu_si512(x + k), absmask));
+    m1 = _mm512_max_epi32(m1, _mm512_and_si512(_mm512_loadu_si512(x + k + 16), absmask));
+    m0 = _mm512_max_epi32(m0, _mm512_and_si512(_mm512_loadu_si512(x + k + 32), absmask));
+    m1 = _mm512_max_epi32(m1, _mm512_and_si512(_mm512_loadu_si512(x + k + 48), absmask));
+  }
+  return _mm512_reduce_max_epi32(_mm512_max_epi32(m0, m1));
+}
+#endif
+
 /// True when Arch takes this file's AVX-512 fast paths: an AVX-512 arch in a build with AVX512BW.
 template <class Arch> inline constexpr bool has_avx512_path() {
 #if XSIMD_WITH_AVX512BW
@@ -472,16 +489,8 @@ inline void affine_sym8_blocks(const float* x, std::size_t nb, std::size_t B, st
                                float* scales) {
 #if XSIMD_WITH_AVX512BW
   if constexpr (std::is_base_of<xsimd::avx512f, Arch>::value) {
-    const __m512i absmask = _mm512_set1_epi32(0x7FFFFFFF);
     for (std::size_t b = 0; b < nb; ++b, x += B, codes += B) {
-      __m512i m0 = _mm512_setzero_si512(), m1 = m0;
-      for (std::size_t k = 0; k < B; k += 64) {
-        m0 = _mm512_max_epi32(m0, _mm512_and_si512(_mm512_loadu_si512(x + k), absmask));
-        m1 = _mm512_max_epi32(m1, _mm512_and_si512(_mm512_loadu_si512(x + k + 16), absmask));
-        m0 = _mm512_max_epi32(m0, _mm512_and_si512(_mm512_loadu_si512(x + k + 32), absmask));
-        m1 = _mm512_max_epi32(m1, _mm512_and_si512(_mm512_loadu_si512(x + k + 48), absmask));
-      }
-      const std::int32_t bits = _mm512_reduce_max_epi32(_mm512_max_epi32(m0, m1));
+      const std::int32_t bits = absmax_bits64(x, B);
       if (bits >= inf_bits) {
         scales[b] = std::numeric_limits<float>::quiet_NaN();
         std::memset(codes, 0, B);
@@ -591,22 +600,62 @@ template <class Arch> inline bool has_codebook_blocks_path(const codebook4& cb) 
 }
 
 #if XSIMD_WITH_AVX512BW
+/// AVX-512 code of 16 values v = x·inv (|v| <= 1 up to rounding, or ±inf/NaN when inv = inf) by
+/// the cell table of a codebook with cb.cells_ok (NF4): cell j = min(floor(16·v + 16), 31) holds
+/// at most one threshold, so the sorted index is cell_base[j] + (v > that threshold), then its
+/// code. v >= −1 − 2^-23 makes 16·v + 16 > −1, which truncates to 0 at worst (no clamp at 0);
+/// the upper clamp is in float, so +inf lands in cell 31, and −inf / NaN truncate to 0x80000000,
+/// whose low 5 bits pick cell 0 — the scalar codes of ±inf and NaN (codebook_code_scalar).
+struct cell_code {
+  __m512 tm, sixteen, cap;
+  __m512i tc, base_lo, base_hi, one;
+  bool identity;
+  explicit cell_code(const codebook4& cb)
+      : tm(_mm512_load_ps(cb.mid16)), sixteen(_mm512_set1_ps(16.0f)), cap(_mm512_set1_ps(31.5f)),
+        tc(_mm512_load_si512(cb.code32)), base_lo(_mm512_load_si512(cb.cell_base)),
+        base_hi(_mm512_load_si512(cb.cell_base + 16)), one(_mm512_set1_epi32(1)),
+        identity(cb.identity) {}
+  __m512i operator()(__m512 v) const {
+    const __m512i j = _mm512_cvttps_epi32(_mm512_min_ps(cap, _mm512_fmadd_ps(v, sixteen, sixteen)));
+    const __m512i base = _mm512_permutex2var_epi32(base_lo, j, base_hi);
+    const __m512 t = _mm512_permutexvar_ps(base, tm);
+    const __m512i idx =
+        _mm512_mask_add_epi32(base, _mm512_cmp_ps_mask(v, t, _CMP_GT_OQ), base, one);
+    return identity ? idx : _mm512_permutexvar_epi32(idx, tc);
+  }
+};
+
+/// AVX-512 code of 16 values by the magnitude cell table of a sign-magnitude codebook with
+/// cb.mag_cells_ok (FP4): magnitude index mag_base[j] + (|v| > mag_mid[mag_base[j]]) with
+/// j = min(floor(16·|v| + 1/2), 15), plus 8 when v < 0 — the sign-magnitude contract of
+/// codebook_code_scalar (ties to the smaller magnitude on both signs; −0 -> code 0; NaN
+/// truncates to 0x80000000, low bits 0, and compares false: code 0).
+struct mag_cell_code {
+  __m512 tmag, sixteen, half, cap, zero;
+  __m512i mbase, one, eight;
+  explicit mag_cell_code(const codebook4& cb)
+      : tmag(_mm512_load_ps(cb.mag16)), sixteen(_mm512_set1_ps(16.0f)), half(_mm512_set1_ps(0.5f)),
+        cap(_mm512_set1_ps(15.5f)), zero(_mm512_setzero_ps()),
+        mbase(_mm512_load_si512(cb.mag_base)), one(_mm512_set1_epi32(1)),
+        eight(_mm512_set1_epi32(8)) {}
+  __m512i operator()(__m512 v) const {
+    const __m512 a = _mm512_abs_ps(v);
+    const __m512i j = _mm512_cvttps_epi32(_mm512_min_ps(cap, _mm512_fmadd_ps(a, sixteen, half)));
+    const __m512i base = _mm512_permutexvar_epi32(j, mbase);
+    const __m512 t = _mm512_permutexvar_ps(base, tmag);
+    const __m512i m = _mm512_mask_add_epi32(base, _mm512_cmp_ps_mask(a, t, _CMP_GT_OQ), base, one);
+    return _mm512_mask_add_epi32(m, _mm512_cmp_ps_mask(v, zero, _CMP_LT_OQ), m, eight);
+  }
+};
+
 /// The block loop of codebook_blocks64 for one code function (16 floats v -> 16 int32 codes).
 template <class Code>
 inline void codebook_blocks64_loop(const float* x, std::size_t nb, std::size_t B,
                                    std::uint8_t zero_code, Code code, std::uint8_t* packed,
                                    float* absmax) {
-  const __m512i absmask = _mm512_set1_epi32(0x7FFFFFFF);
   const __m512i pair_weights = _mm512_set1_epi16(0x0110); // bytes (16, 1)
   for (std::size_t b = 0; b < nb; ++b, x += B, packed += B / 2) {
-    __m512i m0 = _mm512_setzero_si512(), m1 = m0;
-    for (std::size_t k = 0; k < B; k += 64) {
-      m0 = _mm512_max_epi32(m0, _mm512_and_si512(_mm512_loadu_si512(x + k), absmask));
-      m1 = _mm512_max_epi32(m1, _mm512_and_si512(_mm512_loadu_si512(x + k + 16), absmask));
-      m0 = _mm512_max_epi32(m0, _mm512_and_si512(_mm512_loadu_si512(x + k + 32), absmask));
-      m1 = _mm512_max_epi32(m1, _mm512_and_si512(_mm512_loadu_si512(x + k + 48), absmask));
-    }
-    const std::int32_t bits = _mm512_reduce_max_epi32(_mm512_max_epi32(m0, m1));
+    const std::int32_t bits = absmax_bits64(x, B);
     if (bits >= inf_bits) {
       absmax[b] = std::numeric_limits<float>::quiet_NaN();
       std::memset(packed, (zero_code << 4) | zero_code, B / 2);
@@ -630,64 +679,21 @@ inline void codebook_blocks64_loop(const float* x, std::size_t nb, std::size_t B
 /// AVX-512, has_codebook_blocks_path: 4-bit quantization of nb whole blocks of B floats
 /// (B % 64 == 0) fused in one pass per block: absmax (integer max of |x| bits; NaN/Inf: absmax
 /// NaN and the code of 0 everywhere), inv = 1/absmax (0 for an all-zero block), then per value
-///  * cb.cells_ok (NF4): sorted index by the cell table exactly as codebook_codes_packed, then
-///    its code;
-///  * cb.mag_cells_ok (FP4): magnitude index mag_base[j] + (|v| > mag_mid[mag_base[j]]) with
-///    j = min(floor(16·|v| + 1/2), 15), plus 8 when v < 0 — the sign-magnitude contract of
-///    codebook_code_scalar (ties to the smaller magnitude on both signs; −0 -> code 0);
-/// then 64 codes -> 64 bytes (pack4_epi32_epi8) -> 32 packed bytes (vpmaddubsw by (16, 1) fuses
-/// each pair into code_even·16 + code_odd, vpmovwb narrows). The cell index is clamped in float
-/// (min(31.5 or 15.5, ·), NaN passes through and truncates to 0x80000000, whose low bits pick cell
-/// 0), so ±inf and NaN from 1/absmax = inf (absmax < 2^-128) get the scalar codes too.
-/// Bitwise the same as absmax_bits + codebook_code_scalar.
+/// its code by the cell table (cell_code for cb.cells_ok, NF4; mag_cell_code for
+/// cb.mag_cells_ok, FP4: the same code functions as codebook_codes_packed), then 64 codes -> 64
+/// bytes (pack4_epi32_epi8) -> 32 packed bytes (vpmaddubsw by (16, 1) fuses each pair into
+/// code_even·16 + code_odd, vpmovwb narrows). ±inf and NaN from 1/absmax = inf (absmax < 2^-128)
+/// get the scalar codes too. Bitwise the same as absmax_bits + codebook_code_scalar.
 template <class Arch>
 inline void codebook_blocks64(const float* x, std::size_t nb, std::size_t B, const codebook4& cb,
                               std::uint8_t* packed, float* absmax) {
 #if XSIMD_WITH_AVX512BW
   if constexpr (std::is_base_of<xsimd::avx512f, Arch>::value) {
     const std::uint8_t zc = codebook_code_scalar(0.0f, cb);
-    const __m512i one = _mm512_set1_epi32(1);
-    if (cb.cells_ok) {
-      const __m512 tm = _mm512_load_ps(cb.mid16);
-      const __m512i tc = _mm512_load_si512(cb.code32);
-      const __m512i base_lo = _mm512_load_si512(cb.cell_base);
-      const __m512i base_hi = _mm512_load_si512(cb.cell_base + 16);
-      const __m512 sixteen = _mm512_set1_ps(16.0f), cap = _mm512_set1_ps(31.5f);
-      // sorted index of v (cell j = min(floor(16 v + 16), 31), one compare), then its code;
-      // v >= -1 - 2^-23, so 16 v + 16 > -1 truncates to 0 at worst: no clamp at 0 needed.
-      const bool identity = cb.identity;
-      codebook_blocks64_loop(
-          x, nb, B, zc,
-          [&](__m512 v) {
-            const __m512i j =
-                _mm512_cvttps_epi32(_mm512_min_ps(cap, _mm512_fmadd_ps(v, sixteen, sixteen)));
-            const __m512i base = _mm512_permutex2var_epi32(base_lo, j, base_hi);
-            const __m512 t = _mm512_permutexvar_ps(base, tm);
-            const __m512i idx =
-                _mm512_mask_add_epi32(base, _mm512_cmp_ps_mask(v, t, _CMP_GT_OQ), base, one);
-            return identity ? idx : _mm512_permutexvar_epi32(idx, tc);
-          },
-          packed, absmax);
-      return;
-    }
-    const __m512 tmag = _mm512_load_ps(cb.mag16);
-    const __m512i mbase = _mm512_load_si512(cb.mag_base);
-    const __m512 sixteen = _mm512_set1_ps(16.0f), half = _mm512_set1_ps(0.5f);
-    const __m512 cap = _mm512_set1_ps(15.5f), zero = _mm512_setzero_ps();
-    const __m512i eight = _mm512_set1_epi32(8);
-    codebook_blocks64_loop(
-        x, nb, B, zc,
-        [&](__m512 v) {
-          const __m512 a = _mm512_abs_ps(v);
-          const __m512i j =
-              _mm512_cvttps_epi32(_mm512_min_ps(cap, _mm512_fmadd_ps(a, sixteen, half)));
-          const __m512i base = _mm512_permutexvar_epi32(j, mbase);
-          const __m512 t = _mm512_permutexvar_ps(base, tmag);
-          const __m512i m =
-              _mm512_mask_add_epi32(base, _mm512_cmp_ps_mask(a, t, _CMP_GT_OQ), base, one);
-          return _mm512_mask_add_epi32(m, _mm512_cmp_ps_mask(v, zero, _CMP_LT_OQ), m, eight);
-        },
-        packed, absmax);
+    if (cb.cells_ok)
+      codebook_blocks64_loop(x, nb, B, zc, cell_code(cb), packed, absmax);
+    else
+      codebook_blocks64_loop(x, nb, B, zc, mag_cell_code(cb), packed, absmax);
     return;
   }
 #endif
@@ -700,42 +706,34 @@ template <class Arch> inline constexpr bool has_packed_codebook_path() {
 }
 
 /// AVX-512: quantizes n (a multiple of 16) values x·inv to their nearest codes and writes them
-/// packed (high nibble first) to dst[0, n/2). The sorted index (the number of thresholds strictly
-/// below the value, identical to codebook_codes) comes from the cell table when cb.cells_ok (NF4:
-/// one fma, a 32-entry lookup and one compare), else from a 4-step binary search over the 15
-/// sorted thresholds with vpermps lookups; then the sorted index is mapped to its code by a second
-/// lookup, then pairs of 32-bit lanes fused into bytes (vpmovqb).
+/// packed (high nibble first) to dst[0, n/2), 16 codes per 8-byte store (pairs of 32-bit lanes
+/// fused into bytes, vpmovqb). The code comes from the cell table when the codebook has one
+/// (cell_code for cb.cells_ok, NF4; mag_cell_code for cb.mag_cells_ok, FP4: the functions of
+/// codebook_blocks64, for blocks that are not a multiple of 64); otherwise from a binary search
+/// over the thresholds with vpermps lookups (the magnitude for sign-magnitude books, 3 steps
+/// over 7 thresholds, plus the sign; else the sorted index, 4 steps over 15, then its code).
+/// Identical to codebook_codes when |x·inv| <= 1 up to rounding (inv = 1/absmax of x's block)
+/// or x·inv is ±inf/NaN (inv = inf).
 template <class Arch>
 inline void codebook_codes_packed(const float* x, std::size_t n, float inv, const codebook4& cb,
                                   std::uint8_t* dst) {
 #if XSIMD_WITH_AVX512BW
   if constexpr (std::is_base_of<xsimd::avx512f, Arch>::value) {
-    const __m512 tm = _mm512_load_ps(cb.mid16);
-    const __m512i tc = _mm512_load_si512(cb.code32);
     const __m512 vinv = _mm512_set1_ps(inv);
-    auto pack = [&](std::size_t i, __m512i idx) { // sorted index -> code -> packed bytes
-      const __m512i c = cb.identity ? idx : _mm512_permutexvar_epi32(idx, tc);
+    auto store16 = [&](std::size_t i, __m512i c) { // 16 codes in int32 lanes -> 8 packed bytes
       const __m512i pair = _mm512_or_si512(_mm512_slli_epi32(c, 4), _mm512_srli_epi64(c, 32));
       _mm_storel_epi64(reinterpret_cast<__m128i*>(dst + i / 2), _mm512_cvtepi64_epi8(pair));
     };
+    auto run = [&](const auto& code) {
+      for (std::size_t i = 0; i < n; i += 16)
+        store16(i, code(_mm512_mul_ps(_mm512_loadu_ps(x + i), vinv)));
+    };
     if (cb.cells_ok) {
-      // cell j = floor(16·v + 16) (one fma; v in [-1, 1] up to rounding, clamped to [0, 31]),
-      // base = cell_base[j] (two-register permute), then one compare with the only threshold
-      // that can fall inside the cell.
-      const __m512i base_lo = _mm512_load_si512(cb.cell_base);
-      const __m512i base_hi = _mm512_load_si512(cb.cell_base + 16);
-      // The upper clamp is in float (before the conversion), so +inf (x·inv with inv = inf,
-      // absmax < 2^-128) lands in cell 31 instead of converting to 0x80000000.
-      const __m512 sixteen = _mm512_set1_ps(16.0f), cap = _mm512_set1_ps(31.5f);
-      const __m512i one = _mm512_set1_epi32(1);
-      for (std::size_t i = 0; i < n; i += 16) {
-        const __m512 v = _mm512_mul_ps(_mm512_loadu_ps(x + i), vinv);
-        __m512i j = _mm512_cvttps_epi32(_mm512_min_ps(cap, _mm512_fmadd_ps(v, sixteen, sixteen)));
-        j = _mm512_max_epi32(j, _mm512_setzero_si512());
-        const __m512i base = _mm512_permutex2var_epi32(base_lo, j, base_hi);
-        const __m512 t = _mm512_permutexvar_ps(base, tm);
-        pack(i, _mm512_mask_add_epi32(base, _mm512_cmp_ps_mask(v, t, _CMP_GT_OQ), base, one));
-      }
+      run(cell_code(cb));
+      return;
+    }
+    if (cb.mag_cells_ok) {
+      run(mag_cell_code(cb));
       return;
     }
     if (!cb.identity && cb.sign_magnitude) {
@@ -743,8 +741,7 @@ inline void codebook_codes_packed(const float* x, std::size_t n, float inv, cons
       // contract says), then add the sign bit: 3 steps over the 7 magnitude thresholds.
       const __m512 tmag = _mm512_load_ps(cb.mag16);
       const __m512 zero = _mm512_setzero_ps();
-      for (std::size_t i = 0; i < n; i += 16) {
-        const __m512 v = _mm512_mul_ps(_mm512_loadu_ps(x + i), vinv);
+      run([&](__m512 v) {
         const __m512 a = _mm512_abs_ps(v);
         __m512i idx = _mm512_setzero_si512();
         for (int step = 4; step >= 1; step /= 2) {
@@ -753,15 +750,14 @@ inline void codebook_codes_packed(const float* x, std::size_t n, float inv, cons
           idx = _mm512_mask_add_epi32(idx, _mm512_cmp_ps_mask(a, t, _CMP_GT_OQ), idx,
                                       _mm512_set1_epi32(step));
         }
-        idx = _mm512_mask_add_epi32(idx, _mm512_cmp_ps_mask(v, zero, _CMP_LT_OQ), idx,
-                                    _mm512_set1_epi32(8));
-        const __m512i pair = _mm512_or_si512(_mm512_slli_epi32(idx, 4), _mm512_srli_epi64(idx, 32));
-        _mm_storel_epi64(reinterpret_cast<__m128i*>(dst + i / 2), _mm512_cvtepi64_epi8(pair));
-      }
+        return _mm512_mask_add_epi32(idx, _mm512_cmp_ps_mask(v, zero, _CMP_LT_OQ), idx,
+                                     _mm512_set1_epi32(8));
+      });
       return;
     }
-    for (std::size_t i = 0; i < n; i += 16) {
-      const __m512 v = _mm512_mul_ps(_mm512_loadu_ps(x + i), vinv);
+    const __m512 tm = _mm512_load_ps(cb.mid16);
+    const __m512i tc = _mm512_load_si512(cb.code32);
+    run([&](__m512 v) {
       __m512i idx = _mm512_setzero_si512();
       for (int step = 8; step >= 1; step /= 2) {
         const __m512 t =
@@ -769,8 +765,8 @@ inline void codebook_codes_packed(const float* x, std::size_t n, float inv, cons
         idx = _mm512_mask_add_epi32(idx, _mm512_cmp_ps_mask(v, t, _CMP_GT_OQ), idx,
                                     _mm512_set1_epi32(step));
       }
-      pack(i, idx);
-    }
+      return cb.identity ? idx : _mm512_permutexvar_epi32(idx, tc);
+    });
     return;
   }
 #endif

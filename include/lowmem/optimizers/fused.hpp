@@ -389,11 +389,12 @@ inline void quantized_dispatch(P* p, const G* g, quantized_state& s, std::size_t
         kernels::quantized_groups<Arch, Bits>(
             std::size_t(gb), std::size_t(ge), n, local, count,
             [&](std::size_t b, std::size_t len, float* mb, float* vb) {
-              // the next group's parameters and gradient, fetched while this one computes
+              // the next group's parameters and gradient, fetched while this one computes (the
+              // steps are mostly in-register compute: this keeps DRAM busy meanwhile)
               if (b + len < n) {
                 const std::size_t nl = std::min(kernels::group_size, n - (b + len));
-                kernels::prefetch_range(p + b + len, nl * sizeof(P));
-                kernels::prefetch_range(g + b + len, nl * sizeof(G));
+                simd::prefetch_range(p + b + len, nl * sizeof(P));
+                simd::prefetch_range(g + b + len, nl * sizeof(G));
               }
               if constexpr (std::is_same<P, float>::value) {
                 span(p + b, g + b, mb, vb, len);

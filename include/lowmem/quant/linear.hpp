@@ -120,10 +120,10 @@ inline std::size_t qlinear_workspace_bytes(const qweight& w, index_t batch) {
 /// Memory: scratch from `ws` (qlinear_workspace_bytes); the GEMV path (M < 8) allocates nothing;
 /// the GEMM path dequantizes tile_rows rows of W at a time into the workspace and multiplies with
 /// Eigen (whose own packing buffers, O(cache) bytes, come from the heap) — never an fp32 copy of W.
-/// Numerics: fp32 accumulation; the fused AVX-512 int8 GEMV (and 4-bit with block % 64 != 0) sums
-/// each block then scales it, the 4-bit one with block % 64 == 0 multiplies level·s first (the
-/// exactly dequantized weights, as do the other paths); |error| vs dequantize-then-GEMM in double
-/// ~ 1e-6 rel.
+/// Numerics: fp32 accumulation; the fused AVX-512 GEMVs (batch < 8) sum code·x (int8) or
+/// level·x (4-bit) over a block, or over the part of a block in one 128-code chunk (4-bit, block
+/// % 64 == 0), then multiply by the block scale; the other paths multiply the exactly dequantized
+/// weights; |error| vs dequantize-then-GEMM in double ~ 1e-6 rel.
 /// Threads: see the overload with `threads`; this one runs on the calling thread only.
 template <class Arch = simd::default_arch>
 inline void qlinear_forward(ConstRowRef<float> x, const qweight& W, RowRef<float> y, workspace ws,
@@ -157,11 +157,12 @@ inline void qlinear_forward(ConstRowRef<float> x, const qweight& W, RowRef<float
       float* yr = y.row(m).data();
       if (fused) {
         if (d.kind == 1) kernels::split_for_nibbles(xr, cols, block, s.x_split);
-        for (std::size_t b = 0; b * block < cols; ++b) {
-          float acc = 0;
-          for (std::size_t k = 0; k < block; ++k) acc += xr[b * block + k];
-          s.xsum[b] = acc;
-        }
+        if (d.has_zeros || d.sym_zero != 0.0f) // only the zero-point term reads Σx per block
+          for (std::size_t b = 0; b * block < cols; ++b) {
+            float acc = 0;
+            for (std::size_t k = 0; k < block; ++k) acc += xr[b * block + k];
+            s.xsum[b] = acc;
+          }
         parallel_for(
             0, W.rows, 64,
             [&](std::ptrdiff_t r0, std::ptrdiff_t r1, int) {
