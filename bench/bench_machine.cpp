@@ -46,7 +46,7 @@ double thread_cpu_seconds() {
 template <class Body> double timed_parallel(std::ptrdiff_t n, int threads, Body&& body) {
   std::vector<double> cpu(std::size_t(threads), 0.0);
   lowmem::parallel_for(
-      0, n, 1,
+      0, n, lowmem::item_work{lowmem::min_chunk_work}, // every item a chunk: `threads` chunks
       [&](std::ptrdiff_t b, std::ptrdiff_t e, int t) {
         const double t0 = thread_cpu_seconds();
         body(b, e);
@@ -146,7 +146,7 @@ template <bool NT> void BM_machine_triad(benchmark::State& state) {
   const buffer a = aligned_floats(n), b = aligned_floats(n), c = aligned_floats(n);
   // first touch by the thread that owns the chunk (same chunks as below)
   lowmem::parallel_for(
-      0, std::ptrdiff_t(n), 1,
+      0, std::ptrdiff_t(n), lowmem::item_work{lowmem::min_chunk_work},
       [&](std::ptrdiff_t lo, std::ptrdiff_t hi, int) {
         std::fill(a.get() + lo, a.get() + hi, 0.f);
         std::fill(b.get() + lo, b.get() + hi, 1.f);

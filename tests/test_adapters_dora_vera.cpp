@@ -414,13 +414,50 @@ TEST_CASE("DoRA and VeRA dropout gradients pass finite differences and allocate 
 
 // ---- threads
 // -------------------------------------------------------------------------------------
+TEST_CASE("DoRA on 48 rows with 4 OpenMP threads opens no region and allocates nothing",
+          "[adapters][dora][threads][memory]") {
+  // No warm_up_threads(): in this fresh process (ctest runs each test case alone) a parallel
+  // region would allocate the OpenMP team. lowmem's passes split by work (core/threading.hpp), so
+  // 48 rows stay serial whatever the thread budget (with item grains of 16 rows / 64 columns they
+  // opened a region). Eigen is held to one thread: its own GEMM threading is not lowmem's.
+  if (!memory::tracking_enabled()) return;
+  const int omp0 = max_threads(), eigen0 = Eigen::nbThreads();
+#if defined(_OPENMP)
+  omp_set_num_threads(4);
+#endif
+  Eigen::setNbThreads(1);
+  dora_data d({48, 40, 36, 4}, 77);
+  const adapter_dropout drop{0.2f, random::stream{3, 1}};
+  std::vector<float> y(d.rows * d.out), u(d.rows * d.r), n(d.out), dx(d.rows * d.in),
+      dA(d.r * d.in), dB(d.out * d.r), dm(d.out);
+  owned_workspace ws(std::max(dora_forward_workspace_bytes(d.in, d.out, d.r, drop),
+                              dora_backward_workspace_bytes(d.rows, d.in, d.out, d.r, true, drop)));
+  Map xm(d.x.data(), d.rows, d.in), Wm(d.W.data(), d.out, d.in), Am(d.A.data(), d.r, d.in),
+      Bm(d.B.data(), d.out, d.r), ym(y.data(), d.rows, d.out), um(u.data(), d.rows, d.r);
+  VMap mm(d.m.data(), d.out), nm(n.data(), d.out);
+  {
+    memory::region region;
+    dora_forward(xm, Wm, d.bias.data(), Am, Bm, mm, 0.5f, drop, ym, um, nm, ws.get());
+    dora_backward(xm, Wm, d.bias.data(), Am, Bm, mm, um, nm, ym, Map(d.dy.data(), d.rows, d.out),
+                  0.5f, true, drop, Map(dx.data(), d.rows, d.in), Map(dA.data(), d.r, d.in),
+                  Map(dB.data(), d.out, d.r), VMap(dm.data(), d.out), ws.get());
+    CHECK(region.allocations() == 0);
+  }
+#if defined(_OPENMP)
+  omp_set_num_threads(omp0);
+#endif
+  Eigen::setNbThreads(eigen0);
+}
+
 TEST_CASE("DoRA's own threaded passes are bitwise identical on 1 and 2 threads",
           "[adapters][dora][threads]") {
   // Eigen is held to one thread so that only lowmem's passes (row norms, the column scale of y,
   // h and dm, the 128-row blocks of the backward) change with the thread count. 300 rows = three
-  // row blocks (the last partial), out = 136 = two 64-column blocks of h and a partial one.
+  // row blocks (the last partial), out = 136 = two 64-column blocks of h and a partial one; each
+  // pass has at least two chunks' work (lowmem::min_chunk_work), so none of them stays serial
+  // (in = 500: the row norms read 136 rows of 500 floats).
   const int omp0 = max_threads(), eigen0 = Eigen::nbThreads();
-  const shape sh{300, 9, 136, 3};
+  const shape sh{300, 500, 136, 3};
   const adapter_dropout drop{0.25f, random::stream{5, 1}};
   struct result {
     std::vector<float> y, u, n, dx, dA, dB, dm;

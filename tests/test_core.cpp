@@ -96,22 +96,90 @@ TEST_CASE("workspace carves aligned blocks, planner and kernel agree", "[core][w
 }
 
 TEST_CASE("parallel_for covers every item once with thread-independent chunks", "[core][threads]") {
-  for (std::ptrdiff_t n : {0, 1, 7, 1000}) {
-    for (int threads : {1, 2, 3}) {
-      std::vector<int> hits(std::size_t(n), 0);
-      parallel_for(
-          0, n, 10,
-          [&](std::ptrdiff_t b, std::ptrdiff_t e, int) {
-            for (std::ptrdiff_t i = b; i < e; ++i) hits[std::size_t(i)] += 1;
-          },
-          threads);
-      for (int h : hits) REQUIRE(h == 1);
+  for (std::ptrdiff_t n : {0, 1, 7, 1000, 100003}) {
+    for (std::ptrdiff_t units : {std::ptrdiff_t(1), std::ptrdiff_t(100), min_chunk_work}) {
+      for (int threads : {1, 2, 3}) {
+        std::vector<int> hits(std::size_t(n), 0);
+        std::vector<std::ptrdiff_t> sizes(std::size_t(threads), 0);
+        parallel_for(
+            0, n, item_work{units},
+            [&](std::ptrdiff_t b, std::ptrdiff_t e, int t) {
+              for (std::ptrdiff_t i = b; i < e; ++i) hits[std::size_t(i)] += 1;
+              sizes[std::size_t(t)] = e - b;
+            },
+            threads);
+        for (int h : hits) REQUIRE(h == 1);
+        // as many chunks as chunk_count says, each of at least min_chunk_work when split
+        const std::ptrdiff_t chunks = chunk_count(n, item_work{units}, threads);
+        INFO("n " << n << " units " << units << " threads " << threads);
+        for (std::ptrdiff_t c = 0; c < threads; ++c) {
+          CHECK((sizes[std::size_t(c)] > 0) == (c < chunks));
+          if (chunks > 1 && c < chunks) CHECK(sizes[std::size_t(c)] * units >= min_chunk_work);
+        }
+      }
     }
   }
-  CHECK(chunk_count(1000, 10, 2) == 2);
-  CHECK(chunk_count(5, 10, 2) == 1);
-  CHECK(chunk_count(0, 10, 2) == 0);
+  // chunks = min(threads, n / ceil(min_chunk_work / units)), at least 1
+  CHECK(items_per_chunk(item_work{min_chunk_work}) == 1);
+  CHECK(items_per_chunk(item_work{10 * min_chunk_work}) == 1);
+  CHECK(items_per_chunk(item_work{0}) == min_chunk_work);
+  CHECK(items_per_chunk(item_work{3}) == (min_chunk_work + 2) / 3);
+  CHECK(chunk_count(1000, item_work{min_chunk_work}, 2) == 2);
+  CHECK(chunk_count(1000, item_work{min_chunk_work}, 2000) == 1000);
+  CHECK(chunk_count(5, item_work{min_chunk_work / 10}, 2) == 1);
+  CHECK(chunk_count(0, item_work{min_chunk_work}, 2) == 0);
+  // a region needs two chunks' work: 2·min_chunk_work in total
+  CHECK(chunk_count(2 * min_chunk_work / 16 - 1, item_work{16}, 8) == 1);
+  CHECK(chunk_count(2 * min_chunk_work / 16, item_work{16}, 8) == 2);
   CHECK(max_threads() >= 1);
+}
+
+TEST_CASE("a small parallel_for opens no OpenMP region and allocates nothing on any thread budget",
+          "[core][threads][memory]") {
+  // No warm_up_threads() here: the OpenMP runtime allocates its team on the first region, so in
+  // this fresh process (ctest runs each test case alone) a region would show as allocations.
+  REQUIRE(memory::tracking_enabled());
+#if defined(_OPENMP)
+  const int omp0 = omp_get_max_threads();
+  omp_set_num_threads(4);
+#endif
+  // 48 rows of 64 floats updated in place (the shape of yesterday's adapters test): 6K units
+  std::vector<float> y(48 * 64, 1.0f);
+  int calls = 0;
+  bool inside_region = false;
+  {
+    memory::region r;
+    for (int threads : {0, 2, 4, 64}) {
+      parallel_for(
+          0, 48, item_work{2 * 64},
+          [&](std::ptrdiff_t b, std::ptrdiff_t e, int t) {
+            ++calls;
+            inside_region = inside_region || in_parallel() || t != 0;
+            for (std::ptrdiff_t i = b * 64; i < e * 64; ++i) y[std::size_t(i)] += 1.0f;
+          },
+          threads);
+    }
+    CHECK(r.allocations() == 0);
+  }
+  CHECK(calls == 4); // one serial call per parallel_for
+  CHECK_FALSE(inside_region);
+  for (float v : y) REQUIRE(v == 5.0f);
+#if defined(_OPENMP)
+  // the same mechanism does open a region once there are two chunks' work (and 2 threads)
+  const std::ptrdiff_t n = 2 * items_per_chunk(item_work{2 * 64});
+  int parallel_calls = 0;
+  parallel_for(
+      0, n, item_work{2 * 64},
+      [&](std::ptrdiff_t, std::ptrdiff_t, int) {
+        if (in_parallel()) {
+#pragma omp atomic
+          ++parallel_calls;
+        }
+      },
+      2);
+  CHECK(parallel_calls == 2);
+  omp_set_num_threads(omp0);
+#endif
 }
 
 TEST_CASE("bf16 round-to-nearest-even and special values", "[core][bf16]") {

@@ -278,6 +278,7 @@ TEST_CASE("fp32 optimizer steps allocate nothing", "[optimizers][memory]") {
   std::vector<float> m(n, 0.f), v(n, 0.f);
   std::vector<bf16> pb(n);
   const std::vector<bf16> gb(n);
+  warm_up_threads(2); // the 2-thread step opens a region; libgomp allocates its team on the first
   memory::region r;
   optim::adamw_step(p.data(), g.data(), m.data(), v.data(), n, 1, {}, 2);
   optim::adam_step(p.data(), g.data(), m.data(), v.data(), n, 2, {});

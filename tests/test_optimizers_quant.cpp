@@ -479,83 +479,82 @@ TEST_CASE("quantized optimizers: bad input throws before any write",
   CHECK(ref::bitwise_equal(m_before.data(), m_after.data(), n));
 }
 
+/// Six steps of `fused(p, g, state, t)` (a public step: the VBMI two-pass kernel where compiled)
+/// against quantized_dispatch's generic dequantize / span / quantize path (span_of(t): the step's
+/// span) from the same parameters and state, `moments` 2 (AdamW) or 1 (Lion): true when the
+/// parameters, codes, block bytes and group scales are identical after every step (partial last
+/// group included).
+template <class Arch, class Fused, class SpanOf>
+bool fused_matches_generic(int bits, int moments, std::size_t n, std::uint64_t seed, Fused&& fused,
+                           SpanOf&& span_of) {
+  optim::quantized_state a(n, bits, moments), b(n, bits, moments);
+  auto p = ref::uniform_data(n, seed), p2 = p;
+  bool same = true;
+  for (std::int64_t t = 1; t <= 6; ++t) {
+    auto g = ref::uniform_data(n, 100 * seed + std::uint64_t(t), -1.f, 1.f);
+    for (std::size_t i = 0; i < n; i += 97) g[i] *= 1e4f; // blocks with different scales
+    for (std::size_t i = 5; i < n; i += 89) g[i] = 0.0f;  // Lion: sign(0) = 0 on a zero moment
+    fused(p.data(), g.data(), a, t);
+    const auto span = span_of(t);
+    if (bits == 8)
+      optim::detail::quantized_dispatch<Arch, 8>(p2.data(), g.data(), b, n, nullptr, 1, span);
+    else
+      optim::detail::quantized_dispatch<Arch, 4>(p2.data(), g.data(), b, n, nullptr, 1, span);
+    same = same && ref::bitwise_equal(p.data(), p2.data(), n);
+    for (int mo = 0; mo < moments; ++mo) {
+      const auto &x = a.view(mo), &y = b.view(mo);
+      const std::size_t B = bits == 8 ? 256 : 128;
+      same = same && std::memcmp(x.codes, y.codes, bits == 8 ? n : (n + 1) / 2) == 0 &&
+             std::memcmp(x.block_exp, y.block_exp, (n + B - 1) / B) == 0 &&
+             std::memcmp(x.group_scale, y.group_scale, 4 * ((n + 2047) / 2048)) == 0;
+    }
+  }
+  return same;
+}
+
 LOWMEM_ARCH_TEST_CASE("8/4-bit AdamW fused two-pass kernel equals the generic group path bitwise",
                       "[optimizers][quant]") {
-  // adamw_step (fp32 p, g; the VBMI two-pass kernel where compiled) against
-  // quantized_dispatch's dequantize / adam_span / quantize on the same input: parameters, codes,
-  // block bytes and group scales identical after every step, partial last group included.
   using Arch = TestType;
   LOWMEM_SKIP_IF_UNSUPPORTED();
+  const optim::adamw_config cfg{1e-2, 0.9, 0.99, 1e-8, 0.1};
   for (int bits : {8, 4})
     for (std::size_t n : {std::size_t(4096), std::size_t(2048 * 3 + 131)}) {
-      optim::quantized_state a(n, bits, 2), b(n, bits, 2);
-      auto p = ref::uniform_data(n, 90), p2 = p;
-      bool same = true;
-      for (std::int64_t t = 1; t <= 6; ++t) {
-        auto g = ref::uniform_data(n, 9000 + std::uint64_t(t), -1.f, 1.f);
-        for (std::size_t i = 0; i < n; i += 97) g[i] *= 1e4f; // blocks with different scales
-        const optim::adamw_config cfg{1e-2, 0.9, 0.99, 1e-8, 0.1};
-        optim::adamw_step<Arch>(p.data(), g.data(), a, n, t, cfg);
-        const auto c = optim::detail::adam_coeffs(cfg.lr, cfg.beta1, cfg.beta2, cfg.eps,
-                                                  cfg.weight_decay, true, t);
-        auto span = [&c](float* pp, const float* gg, float* mm, float* vv, std::size_t k) {
-          k::adam_span<Arch, false>(pp, gg, mm, vv, k, c);
-        };
-        if (bits == 8)
-          optim::detail::quantized_dispatch<Arch, 8>(p2.data(), g.data(), b, n, nullptr, 1, span);
-        else
-          optim::detail::quantized_dispatch<Arch, 4>(p2.data(), g.data(), b, n, nullptr, 1, span);
-        same = same && ref::bitwise_equal(p.data(), p2.data(), n);
-        for (int mo = 0; mo < 2; ++mo) {
-          const auto &x = a.view(mo), &y = b.view(mo);
-          const std::size_t B = bits == 8 ? 256 : 128;
-          same = same && std::memcmp(x.codes, y.codes, bits == 8 ? n : (n + 1) / 2) == 0 &&
-                 std::memcmp(x.block_exp, y.block_exp, (n + B - 1) / B) == 0 &&
-                 std::memcmp(x.group_scale, y.group_scale, 4 * ((n + 2047) / 2048)) == 0;
-        }
-      }
       INFO("bits=" << bits << " n=" << n);
-      CHECK(same);
+      CHECK(fused_matches_generic<Arch>(
+          bits, 2, n, 90,
+          [&](float* p, const float* g, optim::quantized_state& s, std::int64_t t) {
+            optim::adamw_step<Arch>(p, g, s, n, t, cfg);
+          },
+          [&](std::int64_t t) {
+            const auto c = optim::detail::adam_coeffs(cfg.lr, cfg.beta1, cfg.beta2, cfg.eps,
+                                                      cfg.weight_decay, true, t);
+            return [c](float* pp, const float* gg, float* mm, float* vv, std::size_t k) {
+              k::adam_span<Arch, false>(pp, gg, mm, vv, k, c);
+            };
+          }));
     }
 }
 
 LOWMEM_ARCH_TEST_CASE("8/4-bit Lion fused two-pass kernel equals the generic group path bitwise",
                       "[optimizers][quant]") {
-  // lion_step (fp32 p, g; the VBMI two-pass kernel where compiled) against quantized_dispatch's
-  // dequantize / lion_span / quantize: parameters, codes, block bytes and group scales identical
-  // after every step, partial last group included.
   using Arch = TestType;
   LOWMEM_SKIP_IF_UNSUPPORTED();
+  const optim::lion_config cfg{1e-3, 0.9, 0.99, 0.1};
+  k::lion_coeffs c;
+  c.decay = float(1 - cfg.lr * cfg.weight_decay), c.lr = float(cfg.lr);
+  c.beta1 = float(cfg.beta1), c.one_minus_beta1 = float(1 - cfg.beta1);
+  c.beta2 = float(cfg.beta2), c.one_minus_beta2 = float(1 - cfg.beta2);
+  const auto span = [&c](float* pp, const float* gg, float* mm, float*, std::size_t kk) {
+    k::lion_span<Arch>(pp, gg, mm, kk, c);
+  };
   for (int bits : {8, 4})
     for (std::size_t n : {std::size_t(4096), std::size_t(2048 * 3 + 131)}) {
-      optim::quantized_state a(n, bits, 1), b(n, bits, 1);
-      auto p = ref::uniform_data(n, 91), p2 = p;
-      bool same = true;
-      const optim::lion_config cfg{1e-3, 0.9, 0.99, 0.1};
-      k::lion_coeffs c;
-      c.decay = float(1 - cfg.lr * cfg.weight_decay), c.lr = float(cfg.lr);
-      c.beta1 = float(cfg.beta1), c.one_minus_beta1 = float(1 - cfg.beta1);
-      c.beta2 = float(cfg.beta2), c.one_minus_beta2 = float(1 - cfg.beta2);
-      auto span = [&c](float* pp, const float* gg, float* mm, float*, std::size_t kk) {
-        k::lion_span<Arch>(pp, gg, mm, kk, c);
-      };
-      for (std::int64_t t = 1; t <= 6; ++t) {
-        auto g = ref::uniform_data(n, 9100 + std::uint64_t(t), -1.f, 1.f);
-        for (std::size_t i = 0; i < n; i += 97) g[i] *= 1e4f; // blocks with different scales
-        for (std::size_t i = 5; i < n; i += 89) g[i] = 0.0f;  // sign(0) = 0 on a zero moment
-        optim::lion_step<Arch>(p.data(), g.data(), a, n, cfg);
-        if (bits == 8)
-          optim::detail::quantized_dispatch<Arch, 8>(p2.data(), g.data(), b, n, nullptr, 1, span);
-        else
-          optim::detail::quantized_dispatch<Arch, 4>(p2.data(), g.data(), b, n, nullptr, 1, span);
-        same = same && ref::bitwise_equal(p.data(), p2.data(), n);
-        const auto &x = a.view(0), &y = b.view(0);
-        const std::size_t B = bits == 8 ? 256 : 128;
-        same = same && std::memcmp(x.codes, y.codes, bits == 8 ? n : (n + 1) / 2) == 0 &&
-               std::memcmp(x.block_exp, y.block_exp, (n + B - 1) / B) == 0 &&
-               std::memcmp(x.group_scale, y.group_scale, 4 * ((n + 2047) / 2048)) == 0;
-      }
       INFO("bits=" << bits << " n=" << n);
-      CHECK(same);
+      CHECK(fused_matches_generic<Arch>(
+          bits, 1, n, 91,
+          [&](float* p, const float* g, optim::quantized_state& s, std::int64_t) {
+            optim::lion_step<Arch>(p, g, s, n, cfg);
+          },
+          [&](std::int64_t) { return span; }));
     }
 }

@@ -224,13 +224,15 @@ TEST_CASE("qlinear_forward with threads: bitwise equal to one thread; no allocat
           "[quant][linear][threads]") {
   REQUIRE(memory::tracking_enabled());
   warm_up_threads();
-  const RowMatrixXf Wd = random_matrix(300, 256, 21);
+  // 600 x 512: the GEMV rows and the GEMM's 150-row dequantized tiles are each at least two
+  // chunks' work (lowmem::min_chunk_work), so both paths really split over the 2 threads
+  const RowMatrixXf Wd = random_matrix(600, 512, 21);
   for (weight_format f : {weight_format::nf4, weight_format::int8_sym, weight_format::int4_asym})
     for (index_t M : {1, 3, 16}) {
       INFO("format " << int(f) << " M " << M);
       const auto q = qweight_storage::quantize(Wd, f, 64);
-      const RowMatrixXf x = random_matrix(M, 256, 22);
-      RowMatrixXf y1(M, 300), y2(M, 300);
+      const RowMatrixXf x = random_matrix(M, 512, 22);
+      RowMatrixXf y1(M, 600), y2(M, 600);
       owned_workspace ws(qlinear_workspace_bytes(q.view(), M));
       qlinear_forward(x, q.view(), y1, ws.get());
       memory::region r;

@@ -261,7 +261,7 @@ TEST_CASE("a range filled whole, in pieces, and on 2 threads is bitwise identica
   // explicit 2-thread split through parallel_for (works with or without OpenMP)
   std::vector<float> split(n);
   parallel_for(
-      0, std::ptrdiff_t(n), 1,
+      0, std::ptrdiff_t(n), item_work{min_chunk_work}, // every item a chunk: 2 chunks
       [&](std::ptrdiff_t b, std::ptrdiff_t e, int) {
         random::fill_normal(s, begin + std::uint64_t(b), split.data() + b, std::size_t(e - b));
       },

@@ -205,7 +205,8 @@ inline causal_attention gpt_naive_attention() {
   };
   a.forward = [](const causal_shape& s, const float* qkv, float* out, float* P, float*) {
     const index_t T = s.T, d = s.d, C = s.C();
-    lowmem::parallel_for(0, s.B * s.H, 1, [&](index_t b0, index_t b1, int) {
+    const lowmem::item_work head_work{4 * T * T * d}; // a head: 4 T×T×d products
+    lowmem::parallel_for(0, s.B * s.H, head_work, [&](index_t b0, index_t b1, int) {
       for (index_t bh = b0; bh < b1; ++bh) {
         const index_t b = bh / s.H, h = bh % s.H;
         const float* base = qkv + b * T * 3 * C + h * d;
@@ -230,7 +231,8 @@ inline causal_attention gpt_naive_attention() {
   a.backward = [](const causal_shape& s, const float* qkv, const float*, const float* dout,
                   const float* P, float* dqkv, float* ws) {
     const index_t T = s.T, d = s.d, C = s.C();
-    lowmem::parallel_for(0, s.B * s.H, 1, [&](index_t b0, index_t b1, int t) {
+    const lowmem::item_work head_work{4 * T * T * d}; // a head: 4 T×T×d products
+    lowmem::parallel_for(0, s.B * s.H, head_work, [&](index_t b0, index_t b1, int t) {
       MatMap dS(ws + std::size_t(t) * std::size_t(T * T), T, T);
       for (index_t bh = b0; bh < b1; ++bh) {
         const index_t b = bh / s.H, h = bh % s.H;

@@ -34,11 +34,11 @@ using MatMap = Eigen::Map<Eigen::Matrix<float, Eigen::Dynamic, Eigen::Dynamic, E
 using CMatMap =
     Eigen::Map<const Eigen::Matrix<float, Eigen::Dynamic, Eigen::Dynamic, Eigen::RowMajor>>;
 
-/// Rows per parallel chunk for row-wise loops of `cols` floats: ~16K floats per chunk, so tiny
-/// shapes (tests) stay serial and big ones split over the threads.
-inline index_t row_grain(index_t cols) {
-  return std::max<index_t>(1, 16384 / std::max<index_t>(cols, 1));
-}
+/// parallel_for work of one row of a row-wise LayerNorm pass over `cols` floats (the row read
+/// twice, the output written): tiny shapes (tests) stay serial, big ones split over the threads.
+inline lowmem::item_work row_work(index_t cols) { return {3 * cols}; }
+/// parallel_for work of one GELU element (x read, y written, an exp).
+inline constexpr lowmem::item_work gelu_work{4};
 
 // ---- linear ------------------------------------------------------------------------------------
 
@@ -67,7 +67,7 @@ inline void linear_backward(const float* x, const float* W, const float* dy, flo
 /// as PyTorch). x, y [M, C]; gamma, beta [C]; mean, rstd [M] are saved for the backward.
 inline void layernorm_forward(const float* x, const float* gamma, const float* beta, float* y,
                               float* mean, float* rstd, index_t M, index_t C, float eps = 1e-5f) {
-  lowmem::parallel_for(0, M, row_grain(C), [&](index_t r0, index_t r1, int) {
+  lowmem::parallel_for(0, M, row_work(C), [&](index_t r0, index_t r1, int) {
     for (index_t r = r0; r < r1; ++r) {
       const float* xr = x + r * C;
       float m = 0;
@@ -92,7 +92,7 @@ inline void layernorm_backward(const float* x, const float* gamma, const float* 
                                const float* rstd, const float* dy, float* dx, float* dgamma,
                                float* dbeta, index_t M, index_t C) {
   if (dx)
-    lowmem::parallel_for(0, M, row_grain(C), [&](index_t r0, index_t r1, int) {
+    lowmem::parallel_for(0, M, row_work(C), [&](index_t r0, index_t r1, int) {
       for (index_t r = r0; r < r1; ++r) {
         const float* xr = x + r * C;
         const float* dyr = dy + r * C;
@@ -162,7 +162,7 @@ inline void gelu_blocks(const float* x, const float* dy, float* out, index_t b, 
 /// more than half of the demo's MeZO time (perf, 2 Dec 2026).
 inline void gelu_forward(const float* x, float* y, index_t n) {
   using B = lowmem::simd::fbatch<lowmem::simd::default_arch>;
-  lowmem::parallel_for(0, n, 16384, [&](index_t b, index_t e, int) {
+  lowmem::parallel_for(0, n, gelu_work, [&](index_t b, index_t e, int) {
     detail::gelu_blocks(x, nullptr, y, b, e, [](const B& v, const B&, const B&) {
       const B m2u = B(-2.0f * detail::gelu_k) * (v + B(0.044715f) * v * v * v);
       return B(v / (B(1.0f) + lowmem::simd::exp(m2u)));
@@ -175,7 +175,7 @@ inline void gelu_forward(const float* x, float* y, index_t n) {
 /// u' = √(2/π)(1 + 3·0.044715x²).
 inline void gelu_backward(const float* x, const float* dy, float* dx, index_t n) {
   using B = lowmem::simd::fbatch<lowmem::simd::default_arch>;
-  lowmem::parallel_for(0, n, 16384, [&](index_t b, index_t e, int) {
+  lowmem::parallel_for(0, n, gelu_work, [&](index_t b, index_t e, int) {
     detail::gelu_blocks(x, dy, dx, b, e, [](const B& v, const B& g, const B& acc) {
       const B v2 = v * v;
       const B m2u = B(-2.0f * detail::gelu_k) * (v + B(0.044715f) * v2 * v);
@@ -335,7 +335,8 @@ struct attention_backend {
 inline void naive_attention_forward(const attention_shape& s, const float* q, const float* k,
                                     const float* v, float* o, float* P) {
   const index_t N = s.N, d = s.d;
-  lowmem::parallel_for(0, s.B * s.H, 1, [&](index_t b0, index_t b1, int) {
+  const lowmem::item_work head_work{4 * N * N * d}; // a head: 4 N×N×d products
+  lowmem::parallel_for(0, s.B * s.H, head_work, [&](index_t b0, index_t b1, int) {
     for (index_t bh = b0; bh < b1; ++bh) {
       const index_t off = bh * N * d;
       MatMap Pm(P + bh * N * N, N, N);
@@ -360,7 +361,8 @@ inline void naive_attention_backward(const attention_shape& s, const float* q, c
                                      const float* v, const float* /*o*/, const float* d_o,
                                      const float* P, float* dq, float* dk, float* dv, float* ws) {
   const index_t N = s.N, d = s.d;
-  lowmem::parallel_for(0, s.B * s.H, 1, [&](index_t b0, index_t b1, int) {
+  const lowmem::item_work head_work{4 * N * N * d}; // a head: 4 N×N×d products
+  lowmem::parallel_for(0, s.B * s.H, head_work, [&](index_t b0, index_t b1, int) {
     for (index_t bh = b0; bh < b1; ++bh) {
       const index_t off = bh * N * d;
       CMatMap Pm(P + bh * N * N, N, N), dO(d_o + off, N, d);

@@ -512,9 +512,11 @@ private:
   // of at most block_elements (the callers' z buffers).
   template <class Fn> void for_blocks(Fn&& fn, bool whole_chunks = false) {
     const parameters& p = params_;
-    // grain 4 chunks: a model under 64 Ki parameters per thread is not worth a parallel region
+    // a chunk: chunk_elements values of z generated (normal: log, sin/cos), each element read,
+    // updated and written, often more than once (q-SPSA, momentum); 8 units per element is a
+    // floor, so one chunk (16 Ki parameters) is worth a thread
     parallel_for(
-        0, std::ptrdiff_t(p.chunk_count()), 4,
+        0, std::ptrdiff_t(p.chunk_count()), item_work{8 * std::ptrdiff_t(chunk_elements)},
         [&](std::ptrdiff_t cb, std::ptrdiff_t ce, int) {
           for (std::ptrdiff_t c = cb; c < ce; ++c) {
             const std::size_t k = p.span_of_chunk(std::size_t(c));
@@ -750,9 +752,9 @@ inline void eggroll_forward(matrix_view<const float> x, matrix_view<const float>
   detail::check_view(f, "y", y);
   require_workspace(f, ws, eggroll_forward_workspace_bytes(in, out, rank, rows));
   // 1) y = x·Wᵀ for the whole population: W streamed once.
-  const index_t blocks = (out + 3) / 4;
+  const index_t blocks = (out + 3) / 4; // a block: 4 columns of y, 4·x.rows·in multiply-adds
   parallel_for(
-      0, blocks, 1,
+      0, blocks, item_work{4 * x.rows * in},
       [&](std::ptrdiff_t b0, std::ptrdiff_t b1, int) {
         kernels::gemm_nt<Arch>(x.data, x.ld, w.data, w.ld, y.data, y.ld, x.rows, 4 * b0,
                                std::min<index_t>(out, 4 * b1), in, false);
@@ -827,7 +829,7 @@ inline void eggroll_update(matrix_view<float> w, const float* coeff, index_t pop
     }
   }
   parallel_for(
-      0, out, 16,
+      0, out, item_work{in * std::ptrdiff_t(T)}, // a row of W: in·T multiply-adds
       [&](std::ptrdiff_t o0, std::ptrdiff_t o1, int) {
         kernels::add_low_rank<Arch>(w.data, w.ld, bs, std::ptrdiff_t(T), at, in, o0, o1, in,
                                     std::ptrdiff_t(T));

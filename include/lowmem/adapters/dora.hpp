@@ -16,8 +16,9 @@
 // rows×out or out×in operand remains: row norms (by rows of W), the column scale of y (by rows),
 // h (by 64-column blocks), and the 128-row blocks of the backward (by blocks, one D buffer per
 // thread: each block's GEMMs D·W and D·B are the same serial Eigen calls whatever the thread
-// count). Each output element is computed by the same operations for any thread count, so these
-// passes are bitwise identical on 1 and N threads (Eigen's own threaded GEMMs aside).
+// count); each pass states its work per item, so small shapes stay serial. Each output element is
+// computed by the same operations for any thread count, so these passes are bitwise identical on 1
+// and N threads (Eigen's own threaded GEMMs aside).
 #pragma once
 
 #include <Eigen/Core>
@@ -70,8 +71,9 @@ inline void dora_norms_impl(const ConstRowRef<float>& W, const ConstRowRef<float
   P.noalias() = A * W.transpose();
   G.noalias() = A * A.transpose();
   BG.noalias() = B * G;
-  // ‖W_j‖² reads all of W: split by rows (each row is one thread's, same code for any split)
-  parallel_for(0, out, 64, [&](index_t j0, index_t j1, int) {
+  // ‖W_j‖² reads all of W: split by rows (each row is one thread's, same code for any split);
+  // a row reads `in` floats and does 2r multiply-adds
+  parallel_for(0, out, item_work{W.cols() + 2 * r}, [&](index_t j0, index_t j1, int) {
     for (index_t j = j0; j < j1; ++j) {
       double n2 = double(W.row(j).squaredNorm());
       double cross = 0, quad = 0;
@@ -88,7 +90,7 @@ inline void dora_norms_impl(const ConstRowRef<float>& W, const ConstRowRef<float
 /// y.row(i) *= c for every row, split by rows.
 inline void scale_columns(RowRef<float>& y, const float* c) {
   const Eigen::Map<const Eigen::RowVectorXf> cv(c, y.cols());
-  parallel_for(0, y.rows(), 16, [&](index_t i0, index_t i1, int) {
+  parallel_for(0, y.rows(), item_work{2 * y.cols()}, [&](index_t i0, index_t i1, int) {
     for (index_t i = i0; i < i1; ++i) y.row(i).array() *= cv.array();
   });
 }
@@ -101,7 +103,8 @@ inline void column_dots(const ConstRowRef<float>& dy, const ConstRowRef<float>& 
   const index_t rows = dy.rows(), out = dy.cols();
   Eigen::Map<Eigen::RowVectorXf> h(hd, out);
   h.setZero();
-  parallel_for(0, (out + cb - 1) / cb, 1, [&](index_t b0, index_t b1, int) {
+  // a block reads cb columns of dy and y over all rows
+  parallel_for(0, (out + cb - 1) / cb, item_work{2 * cb * rows}, [&](index_t b0, index_t b1, int) {
     const index_t j0 = b0 * cb, n = (b1 * cb < out ? b1 * cb : out) - j0;
     auto hs = h.segment(j0, n);
     if (bias) {
@@ -288,9 +291,10 @@ void dora_backward(ConstRowRef<float> x, ConstRowRef<float> W, const float* bias
   // 128-row blocks of D = dy ⊙ c, split by blocks over threads (thread t uses D block t):
   // dx_blk += D·W, du_blk = s·D·B. Inside the parallel region Eigen's GEMMs run serially.
   Eigen::Map<RowMatrixXf> du(s.du, rows, r);
+  // a block: D (row_block·out floats), then row_block·out·(in + r) multiply-adds (D·W, D·B)
   const index_t nblocks = (rows + row_block - 1) / row_block;
   parallel_for(
-      0, nblocks, 1,
+      0, nblocks, item_work{row_block * out * (1 + (want_dx ? in : 0) + r)},
       [&](index_t b0, index_t b1, int t) {
         float* Dd = s.D + std::size_t(t) * std::size_t(row_block * out);
         for (index_t blk = b0; blk < b1; ++blk) {

@@ -63,14 +63,12 @@ inline void validate_lora(const char* fn, index_t rows, index_t in, index_t out,
   (void)rows;
 }
 
-/// y.row(i) += bias for every row (nothing when bias is null); split by rows over threads in
-/// chunks of ≥ 16K floats, so small shapes stay serial (no parallel region: nothing allocated
-/// by the OpenMP runtime, and no fork/join cost for a few thousand adds).
+/// y.row(i) += bias for every row (nothing when bias is null); split by rows over threads (a row
+/// reads and writes cols floats; small shapes stay serial, see core/threading.hpp).
 inline void add_bias(RowRef<float>& y, const float* bias) {
   if (!bias) return;
   const Eigen::Map<const Eigen::RowVectorXf> b(bias, y.cols());
-  const index_t grain = std::max<index_t>(16, 16384 / std::max<index_t>(y.cols(), 1));
-  parallel_for(0, y.rows(), grain, [&](index_t i0, index_t i1, int) {
+  parallel_for(0, y.rows(), item_work{2 * y.cols()}, [&](index_t i0, index_t i1, int) {
     for (index_t i = i0; i < i1; ++i) y.row(i) += b;
   });
 }

@@ -73,11 +73,11 @@ sparse_scratch<WS> carve_sparse(WS& ws, index_t in, index_t out, bool backward) 
 }
 
 /// Copies rows [i0, i0 + nb) of m transposed into a column panel [m.cols, P], zero padded.
-/// Threads split the columns (grain: 256 columns).
+/// Threads split the columns (a column: nb floats read, P written).
 inline void to_panel(const ConstRowRef<float>& m, index_t i0, index_t nb, float* panel) {
   constexpr index_t P = index_t(adapters::kernels::panel);
   const float* src = m.data() + i0 * m.outerStride();
-  parallel_for(0, m.cols(), 256, [&](index_t b, index_t e, int) {
+  parallel_for(0, m.cols(), item_work{nb + P}, [&](index_t b, index_t e, int) {
     adapters::kernels::rows_to_panel(src + b, std::size_t(m.outerStride()), std::size_t(nb),
                                      std::size_t(e - b), panel + b * P);
   });
@@ -87,7 +87,8 @@ inline void to_panel(const ConstRowRef<float>& m, index_t i0, index_t nb, float*
 inline void add_panel(const float* panel, index_t i0, index_t nb, RowRef<float>& m) {
   constexpr index_t P = index_t(adapters::kernels::panel);
   float* dst = m.data() + i0 * m.outerStride();
-  parallel_for(0, m.cols(), 256, [&](index_t b, index_t e, int) {
+  // a column: nb floats of the panel read, nb of m read and written
+  parallel_for(0, m.cols(), item_work{3 * nb}, [&](index_t b, index_t e, int) {
     adapters::kernels::panel_add_to_rows(panel + b * P, std::size_t(nb), std::size_t(e - b),
                                          dst + b, std::size_t(m.outerStride()));
   });
@@ -99,12 +100,14 @@ void sparse_forward_add(const ConstRowRef<float>& x, const csr_support& S, const
                         RowRef<float>& y, float* xt, float* yt) {
   constexpr index_t P = index_t(adapters::kernels::panel);
   const index_t rows = x.rows(), in = x.cols(), out = S.rows;
+  // a row of S: its entries (nnz / out on average) times the panel's P columns, P floats stored
+  const item_work row_work{P + S.nnz() * P / std::max<index_t>(out, 1)};
   for (index_t i0 = 0; i0 < rows; i0 += P) {
     const index_t nb = rows - i0 < P ? rows - i0 : P;
     to_panel(x, i0, nb, xt);
     Eigen::Map<RowMatrixXf> Yt(yt, out, P);
     Yt.setZero();
-    parallel_for(0, out, 256, [&](index_t b, index_t e, int) {
+    parallel_for(0, out, row_work, [&](index_t b, index_t e, int) {
       adapters::kernels::csr_times_panel<Arch>(S.row_ptr + b, S.col, values, std::size_t(e - b), xt,
                                                yt + b * P);
     });
@@ -121,18 +124,21 @@ void sparse_backward(const ConstRowRef<float>& x, const ConstRowRef<float>& dy,
   constexpr index_t P = index_t(adapters::kernels::panel);
   const index_t rows = x.rows(), in = x.cols(), out = S.rows;
   const bool want_dx = dx.size() != 0;
+  // a row of S (SDDMM): its entries times P; a column of dx: the entries in it (nnz / in) times P
+  const item_work row_work{P + S.nnz() * P / std::max<index_t>(out, 1)};
+  const item_work col_work{P + S.nnz() * P / std::max<index_t>(in, 1)};
   for (index_t i0 = 0; i0 < rows; i0 += P) {
     const index_t nb = rows - i0 < P ? rows - i0 : P;
     to_panel(x, i0, nb, xt);
     to_panel(dy, i0, nb, yt);
-    parallel_for(0, out, 256, [&](index_t b, index_t e, int) {
+    parallel_for(0, out, row_work, [&](index_t b, index_t e, int) {
       adapters::kernels::sddmm_panel<Arch>(S.row_ptr + b, S.col, std::size_t(e - b), yt + b * P, xt,
                                            dvalues);
     });
     if (!want_dx) continue;
     Eigen::Map<RowMatrixXf> dXt(dxt, in, P);
     dXt.setZero();
-    parallel_for(0, in, 256, [&](index_t b, index_t e, int) {
+    parallel_for(0, in, col_work, [&](index_t b, index_t e, int) {
       adapters::kernels::csr_transpose_times_panel<Arch>(S.row_ptr, S.col, values, std::size_t(out),
                                                          yt, dxt, std::int32_t(b), std::int32_t(e));
     });

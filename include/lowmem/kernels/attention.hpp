@@ -724,19 +724,22 @@ template <class T> inline index_t key_tiles(const problem<T>& p) {
 }
 
 /// Runs fn(item, buffers) for items [0, n) on up to `threads` threads, each with its own buffers
-/// carved from ws (threads · thread_bytes(d) bytes). Items are handed out one at a time in
-/// index order (a shared atomic counter: dynamic scheduling), so a thread that runs faster (the
-/// other core is shared with other work, or its items are cheaper) takes more of them, and the
-/// threads finish within one item of each other. Every item writes only its own outputs, so the
-/// results do not depend on which thread ran it. Nested calls run serially.
-template <class Fn> inline void run_items(index_t n, index_t d, int threads, void* ws, Fn&& fn) {
+/// carved from ws (threads · thread_bytes(d) bytes); no more threads than items of `work` make
+/// chunks of lowmem::min_chunk_work (a small problem runs serially and opens no OpenMP region).
+/// Items are handed out one at a time in index order (a shared atomic counter: dynamic scheduling),
+/// so a thread that runs faster (the other core is shared with other work, or its items are
+/// cheaper) takes more of them, and the threads finish within one item of each other. Every item
+/// writes only its own outputs, so the results do not depend on which thread ran it. Nested calls
+/// run serially.
+template <class Fn>
+inline void run_items(index_t n, item_work work, index_t d, int threads, void* ws, Fn&& fn) {
   if (n <= 0) return;
   const std::size_t per = thread_bytes(d);
   const auto carve_thread = [&](int c) {
     workspace local(static_cast<unsigned char*>(ws) + std::size_t(c) * per, per);
     return carve(local, d);
   };
-  const index_t team = in_parallel() ? 1 : chunk_count(n, 1, threads);
+  const index_t team = in_parallel() ? 1 : chunk_count(n, work, threads);
 #if defined(_OPENMP)
   if (team > 1) {
     std::atomic<index_t> next{0};
@@ -773,7 +776,8 @@ void forward(const problem<T>& p, const fwd_out<T>& out, int threads, void* ws) 
   // Items run (segment, head)-major, so consecutive items reuse the head's K/V from cache;
   // within a head, costly groups first, so the threads end on cheap items (see run_items).
   const index_t G = q_group(p.d), nt = (query_tiles(p) + G - 1) / G;
-  run_items(p.nseg * p.hq * nt, p.d, threads, ws, [&](index_t item, const buffers& w) {
+  const item_work work{2 * std::min(G * tile, p.max_nq) * p.max_nk * p.d}; // S = QKᵀ, O += PV
+  run_items(p.nseg * p.hq * nt, work, p.d, threads, ws, [&](index_t item, const buffers& w) {
     const index_t t = costly_group_first(p, item % nt, nt), sh = item / nt;
     forward_group<Arch>(p, out, sh / p.hq, sh % p.hq, t, w);
   });
@@ -792,8 +796,11 @@ inline bool single_pass(const problem<T>& p, int threads, bool deterministic) no
 template <class Arch, class T>
 void backward(const problem<T>& p, const bwd_io<T>& io, int threads, bool deterministic, void* ws) {
   const index_t G = q_group(p.d);
+  // a backward item's multiply-adds: S, dP, dV, dK, dQ over its query rows × keys × d
+  const index_t qk = p.max_nq * p.max_nk * p.d;
   if (single_pass<Arch>(p, threads, deterministic)) {
-    run_items(p.nseg * p.hkv, p.d, threads, ws, [&](index_t item, const buffers& w) {
+    const item_work work{5 * (p.hq / p.hkv) * qk};
+    run_items(p.nseg * p.hkv, work, p.d, threads, ws, [&](index_t item, const buffers& w) {
       const segment sg = get_segment(p, item / p.hkv);
       const index_t hk = item % p.hkv, group = p.hq / p.hkv;
       for (index_t h = hk * group; h < (hk + 1) * group; ++h)
@@ -808,7 +815,9 @@ void backward(const problem<T>& p, const bwd_io<T>& io, int threads, bool determ
   const index_t ntk = key_tiles(p);
   const bool all_s = p.dbias && !p.cu_q && p.bias_sb == 0, all_h = p.dbias && p.bias_sh == 0;
   const index_t ns = all_s ? 1 : p.nseg, nh = all_h ? 1 : p.hkv;
-  run_items(ns * nh * ntk, p.d, threads, ws, [&](index_t item, const buffers& w) {
+  const item_work kv_work{4 * (all_s ? p.nseg : 1) * (all_h ? p.hkv : 1) * qk /
+                          std::max<index_t>(ntk, 1)};
+  run_items(ns * nh * ntk, kv_work, p.d, threads, ws, [&](index_t item, const buffers& w) {
     const index_t t = costly_key_tile_first(p, item % ntk, ntk), sh = item / ntk;
     const index_t s0 = all_s ? 0 : sh / nh, s1 = all_s ? p.nseg : s0 + 1;
     const index_t h0 = all_h ? 0 : sh % nh, h1 = all_h ? p.hkv : h0 + 1;
@@ -817,7 +826,8 @@ void backward(const problem<T>& p, const bwd_io<T>& io, int threads, bool determ
   });
   // dQ pass: a work item is a group of up to G query tiles of one (segment, head).
   const index_t ntg = (query_tiles(p) + G - 1) / G;
-  run_items(p.nseg * p.hq * ntg, p.d, threads, ws, [&](index_t item, const buffers& w) {
+  const item_work q_work{3 * qk / std::max<index_t>(ntg, 1)};
+  run_items(p.nseg * p.hq * ntg, q_work, p.d, threads, ws, [&](index_t item, const buffers& w) {
     const index_t tg = costly_group_first(p, item % ntg, ntg), sh = item / ntg;
     const segment sg = get_segment(p, sh / p.hq);
     if (tg * G * tile < sg.nq) backward_qgroup<Arch, false>(p, io, sg, sh % p.hq, tg * G * tile, w);

@@ -488,12 +488,16 @@ inline void fill_words(const stream& s, std::uint64_t begin, std::uint32_t* out,
 
 } // namespace kernels
 
+/// Work of one filled value for parallel_for: a share of a Philox block (10 rounds of 2 integer
+/// multiplies per 4 words), the conversion and the store; chunks of >= 8K values.
+inline constexpr item_work fill_work{4};
+
 /// Fills out[k] = s.uniform(begin + k), k < n. Threads over chunks when `parallel`.
 template <class Arch = simd::default_arch>
 inline void fill_uniform(const stream& s, std::uint64_t begin, float* out, std::size_t n,
                          bool parallel = false) {
   parallel_for(
-      0, std::ptrdiff_t(n), 1 << 16,
+      0, std::ptrdiff_t(n), fill_work,
       [&](std::ptrdiff_t b, std::ptrdiff_t e, int) {
         kernels::fill<Arch, kernels::distribution::uniform>(s, begin + b, out + b,
                                                             std::size_t(e - b));
@@ -505,7 +509,7 @@ template <class Arch = simd::default_arch>
 inline void fill_normal(const stream& s, std::uint64_t begin, float* out, std::size_t n,
                         bool parallel = false) {
   parallel_for(
-      0, std::ptrdiff_t(n), 1 << 16,
+      0, std::ptrdiff_t(n), fill_work,
       [&](std::ptrdiff_t b, std::ptrdiff_t e, int) {
         kernels::fill<Arch, kernels::distribution::normal>(s, begin + b, out + b,
                                                            std::size_t(e - b));
@@ -517,7 +521,7 @@ template <class Arch = simd::default_arch>
 inline void fill_rademacher(const stream& s, std::uint64_t begin, float* out, std::size_t n,
                             bool parallel = false) {
   parallel_for(
-      0, std::ptrdiff_t(n), 1 << 16,
+      0, std::ptrdiff_t(n), fill_work,
       [&](std::ptrdiff_t b, std::ptrdiff_t e, int) {
         kernels::fill<Arch, kernels::distribution::rademacher>(s, begin + b, out + b,
                                                                std::size_t(e - b));

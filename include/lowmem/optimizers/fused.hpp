@@ -61,8 +61,13 @@ struct lion_config {
 
 namespace detail {
 
-inline constexpr std::ptrdiff_t unit = 64;          // fp32 threading granule (elements)
-inline constexpr std::ptrdiff_t grain_units = 4096; // >= 256K elements per thread
+inline constexpr std::ptrdiff_t unit = 64; // fp32 threading granule (elements)
+// parallel_for work of one 64-element unit of a fused fp32 step: per element up to 4 floats read
+// (p, g, m, v), 3 written, plus a division and a square root (AdamW); chunks of >= 4096 elements
+inline constexpr item_work unit_work{8 * unit};
+// a 2048-element group of a quantized-state step: the fp32 step plus decoding and encoding the
+// state, ~6 vector instructions per parameter (compute-bound); chunks of >= 2 groups
+inline constexpr item_work group_work{8 * std::ptrdiff_t(kernels::group_size)};
 
 inline void check_common(const char* fn, const void* p, const void* g, std::size_t n, double lr) {
   require_data(fn, "param", p, n);
@@ -125,7 +130,7 @@ inline void adam_dispatch(P* p, const G* g, float* m, float* v, std::size_t n,
     });
   };
   parallel_for(
-      0, units, grain_units,
+      0, units, unit_work,
       [&](std::ptrdiff_t ub, std::ptrdiff_t ue, int) {
         const std::size_t b = std::size_t(ub * unit), e = std::min(n, std::size_t(ue * unit));
         if constexpr (std::is_same<P, float>::value) {
@@ -239,7 +244,7 @@ inline void sgd_step(float* param, const float* grad, float* momentum_buffer, st
   c.nesterov = cfg.nesterov, c.first = step == 1;
   const std::ptrdiff_t units = std::ptrdiff_t((n + detail::unit - 1) / detail::unit);
   parallel_for(
-      0, units, detail::grain_units,
+      0, units, detail::unit_work,
       [&](std::ptrdiff_t ub, std::ptrdiff_t ue, int) {
         const std::size_t b = std::size_t(ub * detail::unit),
                           e = std::min(n, std::size_t(ue * detail::unit));
@@ -266,7 +271,7 @@ inline void lion_step(float* param, const float* grad, float* m, std::size_t n,
   c.beta2 = float(cfg.beta2), c.one_minus_beta2 = float(1 - cfg.beta2);
   const std::ptrdiff_t units = std::ptrdiff_t((n + detail::unit - 1) / detail::unit);
   parallel_for(
-      0, units, detail::grain_units,
+      0, units, detail::unit_work,
       [&](std::ptrdiff_t ub, std::ptrdiff_t ue, int) {
         const std::size_t b = std::size_t(ub * detail::unit),
                           e = std::min(n, std::size_t(ue * detail::unit));
@@ -365,7 +370,7 @@ inline void quantized_dispatch(P* p, const G* g, quantized_state& s, std::size_t
     float* m = s.fp32(0);
     float* v = s.moments() > 1 ? s.fp32(1) : nullptr;
     parallel_for(
-        0, units, grain_units,
+        0, units, unit_work,
         [&](std::ptrdiff_t ub, std::ptrdiff_t ue, int) {
           const std::size_t b = std::size_t(ub * unit), e = std::min(n, std::size_t(ue * unit));
           if constexpr (std::is_same<P, float>::value) {
@@ -383,7 +388,7 @@ inline void quantized_dispatch(P* p, const G* g, quantized_state& s, std::size_t
   kernels::qmoment_view* views = s.views();
   const int count = s.moments();
   parallel_for(
-      0, groups, 64,
+      0, groups, group_work,
       [&](std::ptrdiff_t gb, std::ptrdiff_t ge, int) {
         kernels::qmoment_view local[2] = {views[0], views[1]};
         kernels::quantized_groups<Arch, Bits>(
@@ -409,6 +414,42 @@ inline void quantized_dispatch(P* p, const G* g, quantized_state& s, std::size_t
       threads);
 }
 
+#if XSIMD_WITH_AVX512F && defined(__AVX512VBMI__)
+/// The AVX512-VBMI path of the quantized-state steps on fp32 parameters and gradients: the full
+/// groups of each thread's range through full(bits, views, gb, ge) (a two-pass kernel, bit for
+/// bit the generic path, returning where the full groups end), the partial last group through the
+/// generic kernels::quantized_groups with span(p, g, m, v, len). Returns false (nothing written)
+/// when the state is fp32 (small tensors): the caller then takes the generic path.
+template <class Arch, class Span, class Full>
+inline bool full_groups_step(float* param, const float* grad, quantized_state& state, std::size_t n,
+                             int threads, Span& span, Full&& full) {
+  if (!state.quantized()) return false;
+  const std::ptrdiff_t groups = std::ptrdiff_t((n + kernels::group_size - 1) / kernels::group_size);
+  kernels::qmoment_view* views = state.views();
+  const int count = state.moments();
+  auto run = [&](auto bits) {
+    constexpr int Bits = decltype(bits)::value;
+    parallel_for(
+        0, groups, group_work,
+        [&](std::ptrdiff_t gb, std::ptrdiff_t ge, int) {
+          kernels::qmoment_view local[2] = {views[0], views[1]};
+          const std::size_t rest = full(bits, local, std::size_t(gb), std::size_t(ge));
+          kernels::quantized_groups<Arch, Bits>(
+              rest, std::size_t(ge), n, local, count,
+              [&](std::size_t b, std::size_t len, float* mb, float* vb) {
+                span(param + b, grad + b, mb, vb, len);
+              });
+        },
+        threads);
+  };
+  if (state.bits() == 8)
+    run(std::integral_constant<int, 8>{});
+  else
+    run(std::integral_constant<int, 4>{});
+  return true;
+}
+#endif
+
 template <class Arch, class P, class G>
 inline void adamw_quantized(const char* fn, P* param, const G* grad, quantized_state& state,
                             std::size_t n, std::int64_t step, const adamw_config& cfg,
@@ -424,34 +465,13 @@ inline void adamw_quantized(const char* fn, P* param, const G* grad, quantized_s
 #if XSIMD_WITH_AVX512F && defined(__AVX512VBMI__)
   if constexpr (std::is_base_of<xsimd::avx512bw, Arch>::value && std::is_same<P, float>::value &&
                 std::is_same<G, float>::value) {
-    if (state.quantized()) {
-      // two-pass fused kernel over full groups (same arithmetic, bit for bit); the partial last
-      // group through the generic path
-      const std::ptrdiff_t groups =
-          std::ptrdiff_t((n + kernels::group_size - 1) / kernels::group_size);
-      kernels::qmoment_view* views = state.views();
-      auto run = [&](auto bits) {
-        constexpr int Bits = decltype(bits)::value;
-        parallel_for(
-            0, groups, 64,
-            [&](std::ptrdiff_t gb, std::ptrdiff_t ge, int) {
-              kernels::qmoment_view local[2] = {views[0], views[1]};
-              const std::size_t rest = kernels::adamw_quant_full_groups<Bits>(
-                  param, grad, local, std::size_t(gb), std::size_t(ge), n, c);
-              kernels::quantized_groups<Arch, Bits>(
-                  rest, std::size_t(ge), n, local, 2,
-                  [&](std::size_t b, std::size_t len, float* mb, float* vb) {
-                    span(param + b, grad + b, mb, vb, len);
-                  });
-            },
-            threads);
-      };
-      if (state.bits() == 8)
-        run(std::integral_constant<int, 8>{});
-      else
-        run(std::integral_constant<int, 4>{});
+    if (full_groups_step<Arch>(
+            param, grad, state, n, threads, span,
+            [&](auto bits, kernels::qmoment_view* q, std::size_t gb, std::size_t ge) {
+              return kernels::adamw_quant_full_groups<decltype(bits)::value>(param, grad, q, gb, ge,
+                                                                             n, c);
+            }))
       return;
-    }
   }
 #endif
   if (state.bits() == 8)
@@ -526,34 +546,13 @@ inline void lion_step(float* param, const float* grad, quantized_state& state, s
   };
 #if XSIMD_WITH_AVX512F && defined(__AVX512VBMI__)
   if constexpr (std::is_base_of<xsimd::avx512bw, Arch>::value) {
-    if (state.quantized()) {
-      // two-pass kernel over full groups (same arithmetic, bit for bit); the partial last group
-      // through the generic path
-      const std::ptrdiff_t groups =
-          std::ptrdiff_t((n + kernels::group_size - 1) / kernels::group_size);
-      kernels::qmoment_view* views = state.views();
-      auto run = [&](auto bits) {
-        constexpr int Bits = decltype(bits)::value;
-        parallel_for(
-            0, groups, 64,
-            [&](std::ptrdiff_t gb, std::ptrdiff_t ge, int) {
-              kernels::qmoment_view local[1] = {views[0]};
-              const std::size_t rest = kernels::lion_quant_full_groups<Bits>(
-                  param, grad, local, std::size_t(gb), std::size_t(ge), n, c);
-              kernels::quantized_groups<Arch, Bits>(
-                  rest, std::size_t(ge), n, local, 1,
-                  [&](std::size_t b, std::size_t len, float* mb, float* vb) {
-                    span(param + b, grad + b, mb, vb, len);
-                  });
-            },
-            threads);
-      };
-      if (state.bits() == 8)
-        run(std::integral_constant<int, 8>{});
-      else
-        run(std::integral_constant<int, 4>{});
+    if (detail::full_groups_step<Arch>(
+            param, grad, state, n, threads, span,
+            [&](auto bits, kernels::qmoment_view* q, std::size_t gb, std::size_t ge) {
+              return kernels::lion_quant_full_groups<decltype(bits)::value>(param, grad, q, gb, ge,
+                                                                            n, c);
+            }))
       return;
-    }
   }
 #endif
   if (state.bits() == 8)

@@ -163,8 +163,9 @@ inline void qlinear_forward(ConstRowRef<float> x, const qweight& W, RowRef<float
             for (std::size_t k = 0; k < block; ++k) acc += xr[b * block + k];
             s.xsum[b] = acc;
           }
+        // a row of W: cols multiply-adds on decoded codes
         parallel_for(
-            0, W.rows, 64,
+            0, W.rows, item_work{index_t(cols)},
             [&](std::ptrdiff_t r0, std::ptrdiff_t r1, int) {
               kernels::fused_gemv_rows<Arch>(d, W.codes, W.scales, W.zeros, cols, block, xr,
                                              s.x_split, s.xsum, std::size_t(r0), std::size_t(r1),
@@ -185,7 +186,7 @@ inline void qlinear_forward(ConstRowRef<float> x, const qweight& W, RowRef<float
   for (index_t o0 = 0; o0 < W.rows; o0 += tn) {
     const index_t t = std::min(tn, W.rows - o0);
     parallel_for(
-        0, t, 4,
+        0, t, item_work{2 * index_t(cols)}, // a row: cols codes decoded, cols floats stored
         [&](std::ptrdiff_t a, std::ptrdiff_t b, int) {
           for (std::ptrdiff_t o = a; o < b; ++o)
             kernels::dequant_segment<Arch>(d, W.codes, W.scales, W.zeros, cols, block,
@@ -283,7 +284,7 @@ inline void qlinear_forward_int8_dynamic(ConstRowRef<float> x, const qweight& W,
     kernels::dyn_quantize_x<Arch>(x.row(m).data(), cols, g, xq, sx, vnni ? corr : nullptr);
     float* yr = y.row(m).data();
     parallel_for(
-        0, W.rows, 64,
+        0, W.rows, item_work{index_t(cols)}, // a row of W: cols int8 multiply-adds
         [&](std::ptrdiff_t r0, std::ptrdiff_t r1, int) {
 #if LOWMEM_QUANT_HAVE_VNNI
           if (vnni) {
