@@ -954,28 +954,61 @@ inline void fp8_encode_array(const float* x, std::size_t n, float inv_scale, boo
 }
 
 /// out[i] = fp32(code[i])·scale, i < n (exact decode, then one multiply).
+/// Normal codes: the magnitude bits shifted under the fp32 exponent plus the exponent rebias, in
+/// integer arithmetic; subnormal codes (exponent 0): float(mantissa)·2^(1 − bias − M). Both exact,
+/// and no fp32 subnormal ever enters an FP operation: the former "shift, then multiply by
+/// 2^(127 − bias)" made fp8 subnormals fp32 subnormals first, and each such vector took a
+/// microcode assist (~1% of normal data in e4m3: fp8_decode ran at 4.4 GiB/s even L2-resident).
 template <class Arch, int M>
 inline void fp8_decode_array(const std::uint8_t* codes, std::size_t n, float scale, float* out) {
   using F = simd::fbatch<Arch>;
   using I = simd::ibatch<Arch>;
   constexpr std::size_t W = simd::width<Arch>;
   using T = fp8_traits<M>;
-  // magnitude bits placed under the fp32 exponent, then one exact power-of-two multiply rebiases
-  // (fp8 subnormals become fp32 subnormals first: still exact).
-  const F rebias(std::ldexp(1.0f, 127 - T::bias));
-  const F vs(scale);
-  const I mag_mask(0x7F);
+  constexpr std::int32_t rebias = (127 - T::bias) << 23; // added to the shifted magnitude bits
+  constexpr std::int32_t special = M == 3 ? 0x7F : 0x7C; // e4m3 NaN; e5m2 Inf (NaN above)
+  const float sub_unit = std::ldexp(1.0f, 1 - T::bias - M);
   const std::size_t nv = n - n % W;
   std::size_t i = 0;
+#if XSIMD_WITH_AVX512BW
+  if constexpr (std::is_base_of<xsimd::avx512f, Arch>::value) {
+    // intrinsics: xsimd 8.1's int32 == / select on AVX-512 go through slow generic code
+    const __m512 vsub = _mm512_set1_ps(sub_unit), vscale = _mm512_set1_ps(scale);
+    const __m512i m7f = _mm512_set1_epi32(0x7F), vrebias = _mm512_set1_epi32(rebias);
+    const __m512i min_normal = _mm512_set1_epi32(1 << M), vspecial = _mm512_set1_epi32(special);
+    const __m512i qnan = _mm512_set1_epi32(0x7FC00000), inf = _mm512_set1_epi32(inf_bits);
+    const __m512i signbit = _mm512_set1_epi32(std::int32_t(0x80000000u));
+    for (; i < nv; i += 16) {
+      const __m512i c =
+          _mm512_cvtepu8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(codes + i)));
+      const __m512i a = _mm512_and_si512(c, m7f);
+      __m512i v = _mm512_add_epi32(_mm512_slli_epi32(a, 23 - M), vrebias);
+      v = _mm512_mask_mov_epi32(v, _mm512_cmplt_epi32_mask(a, min_normal),
+                                _mm512_castps_si512(_mm512_mul_ps(_mm512_cvtepi32_ps(a), vsub)));
+      if constexpr (M == 3) {
+        v = _mm512_mask_mov_epi32(v, _mm512_cmpeq_epi32_mask(a, vspecial), qnan);
+      } else {
+        v = _mm512_mask_mov_epi32(v, _mm512_cmpeq_epi32_mask(a, vspecial), inf);
+        v = _mm512_mask_mov_epi32(v, _mm512_cmpgt_epi32_mask(a, vspecial), qnan);
+      }
+      // v | (c << 24 & sign bit): ternary logic A | (B & C)
+      v = _mm512_ternarylogic_epi32(v, _mm512_slli_epi32(c, 24), signbit, 0xF8);
+      _mm512_storeu_ps(out + i, _mm512_mul_ps(_mm512_castsi512_ps(v), vscale));
+    }
+  }
+#endif
+  const F vs(scale), vsub(sub_unit);
+  const I mag_mask(0x7F);
   for (; i < nv; i += W) {
     const I c = load_u8<Arch>(codes + i);
     const I a = c & mag_mask;
-    I v = xsimd::bitwise_cast<I>(xsimd::bitwise_cast<F>(a << (23 - M)) * rebias);
+    const I sub = xsimd::bitwise_cast<I>(xsimd::batch_cast<float>(a) * vsub);
+    I v = xsimd::select(a < I(1 << M), sub, (a << (23 - M)) + I(rebias));
     if constexpr (M == 3) {
-      v = xsimd::select(a == I(0x7F), I(0x7FC00000), v);
+      v = xsimd::select(a == I(special), I(0x7FC00000), v);
     } else {
-      v = xsimd::select(a == I(0x7C), I(inf_bits), v);
-      v = xsimd::select(a > I(0x7C), I(0x7FC00000), v);
+      v = xsimd::select(a == I(special), I(inf_bits), v);
+      v = xsimd::select(a > I(special), I(0x7FC00000), v);
     }
     const I sign = (c & I(0x80)) << 24;
     (xsimd::bitwise_cast<F>(v | sign) * vs).store_unaligned(out + i);
