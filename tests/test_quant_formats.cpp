@@ -494,3 +494,103 @@ TEST_CASE("quantize and dequantize allocate nothing", "[quant][memory]") {
   fp8_dequantize(codes.data(), sc.data(), n, fp8_format::e5m2, 64, y.data());
   CHECK(r.allocations() == 0);
 }
+
+LOWMEM_ARCH_TEST_CASE("stream_writer: every element lands once, guards untouched, any alignment",
+                      "[quant][simd][stream]") {
+  using Arch = TestType;
+  LOWMEM_SKIP_IF_UNSUPPORTED();
+  auto run = [](auto tag) {
+    using T = decltype(tag);
+    using W = simd::stream_writer<Arch, T>;
+    for (std::size_t offset : {0, 1, 3, 5, 16, 63}) // elements past a 64-byte line
+      for (std::size_t piece : {std::size_t(1), std::size_t(7), std::size_t(16), std::size_t(63),
+                                W::max_piece - 1, W::max_piece})
+        for (std::size_t n : {0, 1, 15, 64, 65, 1000, 5000}) {
+          INFO("sizeof(T) " << sizeof(T) << " offset " << offset << " piece " << piece << " n "
+                            << n);
+          std::vector<T> store(n + offset + 256, T(0x5A));
+          // 64-byte aligned origin inside the vector, then the offset
+          const std::size_t lead =
+              (64 - reinterpret_cast<std::uintptr_t>(store.data()) % 64) % 64 / sizeof(T);
+          T* out = store.data() + lead + offset;
+          W w(out);
+          for (std::size_t e = 0; e < n; e += piece) {
+            const std::size_t m = std::min(piece, n - e);
+            T* p = w.next(m);
+            for (std::size_t i = 0; i < m; ++i) p[i] = T(e + i + 1);
+            w.advance(m);
+          }
+          w.finish();
+          for (std::size_t i = 0; i < store.size(); ++i) {
+            const std::ptrdiff_t k = std::ptrdiff_t(i) - std::ptrdiff_t(lead + offset);
+            const T want = k >= 0 && std::size_t(k) < n ? T(std::size_t(k) + 1) : T(0x5A);
+            REQUIRE(std::memcmp(&store[i], &want, sizeof(T)) == 0);
+          }
+        }
+  };
+  run(float{});
+  run(std::uint8_t{});
+}
+
+LOWMEM_ARCH_TEST_CASE("large outputs (streaming stores) equal the small-output path bitwise, "
+                      "unaligned and with tails",
+                      "[quant][stream]") {
+  using Arch = TestType;
+  LOWMEM_SKIP_IF_UNSUPPORTED();
+  // above the streaming threshold, with a tail that is not a multiple of a line or a block
+  const std::size_t n = simd::stream_min_bytes / sizeof(float) + 64 * 3 + 8;
+  const std::size_t piece = 64 * 1024; // the reference: small calls (plain stores)
+  REQUIRE(piece * sizeof(float) < simd::stream_min_bytes);
+  const auto x = test_data(n, 77);
+  for (std::size_t shift : {0, 1, 3}) { // output misaligned by 0, 4, 12 bytes
+    INFO("shift " << shift);
+    std::vector<float> y(n + shift, -7.f), r(n);
+    float* out = y.data() + shift;
+    auto same = [&](const char* what) {
+      INFO(what);
+      REQUIRE(std::memcmp(out, r.data(), n * sizeof(float)) == 0);
+      for (std::size_t i = 0; i < shift; ++i) REQUIRE(y[i] == -7.f);
+    };
+    // int8 symmetric and asymmetric, per group 64
+    for (bool sym : {true, false}) {
+      const affine_format f{8, sym, granularity::per_group, 64};
+      std::vector<std::uint8_t> c(n);
+      std::vector<float> s(n / 64 + 1), z(n / 64 + 1);
+      const std::size_t n64 = n - n % 64; // per-group needs whole groups; the rest stays r's
+      std::copy(out + n64, out + n, r.data() + n64);
+      affine_quantize<Arch>(x.data(), 1, index_t(n64), f, c.data(), s.data(), z.data());
+      affine_dequantize<Arch>(c.data(), s.data(), z.data(), 1, index_t(n64), f, out);
+      for (std::size_t e = 0; e < n64; e += piece) // blocks of 64 align with the pieces
+        affine_dequantize<Arch>(c.data() + e, s.data() + e / 64, z.data() + e / 64, 1,
+                                index_t(std::min(piece, n64 - e)), f, r.data() + e);
+      same(sym ? "int8 sym" : "int8 asym");
+    }
+    // NF4 / FP4, block 64
+    for (fourbit t : {fourbit::nf4, fourbit::fp4}) {
+      std::vector<std::uint8_t> p((n + 1) / 2);
+      std::vector<float> am(fourbit_num_blocks(n, 64));
+      fourbit_quantize<Arch>(x.data(), n, t, 64, p.data(), am.data());
+      fourbit_dequantize<Arch>(p.data(), am.data(), n, t, 64, out);
+      for (std::size_t e = 0; e < n; e += piece)
+        fourbit_dequantize<Arch>(p.data() + e / 2, am.data() + e / 64, std::min(piece, n - e), t,
+                                 64, r.data() + e);
+      same("4-bit");
+    }
+    // FP8 decode (one block) and blockwise dequantize
+    for (fp8_format f : {fp8_format::e4m3, fp8_format::e5m2}) {
+      std::vector<std::uint8_t> c(n);
+      std::vector<float> s(fourbit_num_blocks(n, 64));
+      fp8_encode<Arch>(x.data(), n, f, c.data(), 0.01f);
+      fp8_decode<Arch>(c.data(), n, f, out, 0.01f);
+      for (std::size_t e = 0; e < n; e += piece)
+        fp8_decode<Arch>(c.data() + e, std::min(piece, n - e), f, r.data() + e, 0.01f);
+      same("fp8 decode");
+      fp8_quantize<Arch>(x.data(), n, f, 64, c.data(), s.data());
+      fp8_dequantize<Arch>(c.data(), s.data(), n, f, 64, out);
+      for (std::size_t e = 0; e < n; e += piece)
+        fp8_dequantize<Arch>(c.data() + e, s.data() + e / 64, std::min(piece, n - e), f, 64,
+                             r.data() + e);
+      same("fp8 dequantize");
+    }
+  }
+}
