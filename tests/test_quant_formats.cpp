@@ -594,3 +594,28 @@ LOWMEM_ARCH_TEST_CASE("large outputs (streaming stores) equal the small-output p
     }
   }
 }
+
+LOWMEM_ARCH_TEST_CASE("int8 quantize above the streaming threshold equals the plain-store path, "
+                      "unaligned codes",
+                      "[quant][stream]") {
+  using Arch = TestType;
+  LOWMEM_SKIP_IF_UNSUPPORTED();
+  const std::size_t n = simd::stream_min_bytes + 64 * 5; // codes: 1 byte per value
+  const std::size_t piece = 64 * 4096;
+  const auto x = test_data(n, 78);
+  const affine_format f{8, true, granularity::per_group, 64};
+  std::vector<std::uint8_t> r(n);
+  std::vector<float> s(n / 64), rs(n / 64);
+  for (std::size_t e = 0; e < n; e += piece)
+    affine_quantize<Arch>(x.data() + e, 1, index_t(std::min(piece, n - e)), f, r.data() + e,
+                          rs.data() + e / 64, nullptr);
+  for (std::size_t shift : {0, 1, 5}) {
+    INFO("shift " << shift);
+    std::vector<std::uint8_t> c(n + shift + 1, 0xA5);
+    affine_quantize<Arch>(x.data(), 1, index_t(n), f, c.data() + shift, s.data(), nullptr);
+    REQUIRE(std::memcmp(c.data() + shift, r.data(), n) == 0);
+    REQUIRE(std::memcmp(s.data(), rs.data(), s.size() * sizeof(float)) == 0);
+    for (std::size_t i = 0; i < shift; ++i) REQUIRE(c[i] == 0xA5);
+    REQUIRE(c[n + shift] == 0xA5);
+  }
+}

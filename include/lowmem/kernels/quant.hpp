@@ -448,6 +448,21 @@ inline __m512i pack4_epi32_epi8(__m512i a, __m512i b, __m512i c, __m512i d) {
 }
 #endif
 
+/// Software prefetch distance of the block quantizers' fp32 input. One thread streaming 400 MB
+/// does not keep enough reads in flight with the hardware prefetchers alone (a plain read loop
+/// runs at ~10 GB/s here, triad_nt at 14.6 GiB/s); prefetcht0 of the lines 6 KiB ahead took
+/// block-64 quantize of 100M floats from 49 to 44 ms (int8) and 52 to 42 ms (NF4) (1 KiB: ~no
+/// gain; prefetcht1 (L2): worse than t0).
+inline constexpr std::size_t quant_prefetch_bytes = 6144;
+
+/// Prefetches (into L1) the 64 floats quant_prefetch_bytes after p: 4 lines, one per 16 floats,
+/// for loops that read 64 floats per step. Prefetch never faults, so it may run past the end.
+inline void prefetch_ahead(const float* p) noexcept {
+  const char* c = reinterpret_cast<const char*>(p) + quant_prefetch_bytes;
+  simd::prefetch<3>(c), simd::prefetch<3>(c + 64), simd::prefetch<3>(c + 128);
+  simd::prefetch<3>(c + 192);
+}
+
 #if XSIMD_WITH_AVX512BW
 /// AVX-512: absmax_bits of B floats, B % 64 == 0 (the largest |x| as integer bits, two running
 /// integer maxima of the masked bits; >= inf_bits when the block holds a NaN or an Inf). The loop
@@ -456,6 +471,7 @@ inline std::int32_t absmax_bits64(const float* x, std::size_t B) noexcept {
   const __m512i absmask = _mm512_set1_epi32(0x7FFFFFFF);
   __m512i m0 = _mm512_setzero_si512(), m1 = m0;
   for (std::size_t k = 0; k < B; k += 64) {
+    prefetch_ahead(x + k);
     m0 = _mm512_max_epi32(m0, _mm512_and_si512(_mm512_loadu_si512(x + k), absmask));
     m1 = _mm512_max_epi32(m1, _mm512_and_si512(_mm512_loadu_si512(x + k + 16), absmask));
     m0 = _mm512_max_epi32(m0, _mm512_and_si512(_mm512_loadu_si512(x + k + 32), absmask));
@@ -853,6 +869,16 @@ inline void codebook_dequant(const std::uint8_t* packed, std::size_t first, std:
 }
 
 // ---- block ranges (the dequantizers' loops over many blocks)
+
+// The range kernels below are not inlined into their callers: inlined into the public
+// dequantizers (validation, stream driver, several formats), GCC 12 kept the block loop's
+// pointers on the stack, two extra stores per block that compete for store-buffer entries with
+// the output's L1-missing stores: int8 dequantize of 256K floats (L2-resident) ran ~35% slower.
+#if defined(__GNUC__)
+#define LOWMEM_QUANT_NOINLINE __attribute__((noinline))
+#else
+#define LOWMEM_QUANT_NOINLINE
+#endif
 // -------------------------------------
 
 /// Calls g(b, e, m, out + (e − first)) for the pieces of [first, first + len) cut at multiples of
@@ -870,31 +896,13 @@ inline void for_block_pieces(std::size_t first, std::size_t len, std::size_t B, 
 }
 
 /// Elements [first, first + len) of an int8 affine tensor with blocks of B: out[i] =
-/// (code − zero_b)·scale_b as affine_dequant8 (zeros nullptr: zero 0), bitwise the same. AVX-512:
-/// one tight loop over the blocks (the per-block calls cost ~40% L2-resident).
+/// (code − zero_b)·scale_b by affine_dequant8 per block piece (zeros nullptr: zero 0).
 template <class Arch>
-inline void affine_dequant8_range(const std::uint8_t* codes, const float* scales,
-                                  const float* zeros, bool is_signed, std::size_t B,
-                                  std::size_t first, std::size_t len, float* out) {
+LOWMEM_QUANT_NOINLINE void affine_dequant8_range(const std::uint8_t* codes, const float* scales,
+                                                 const float* zeros, bool is_signed, std::size_t B,
+                                                 std::size_t first, std::size_t len, float* out) {
   for_block_pieces(first, len, B, out, [&](std::size_t b, std::size_t e, std::size_t m, float* o) {
-    const float s = scales[b], z = zeros ? zeros[b] : 0.0f;
-    std::size_t i = 0;
-#if XSIMD_WITH_AVX512BW
-    if constexpr (std::is_base_of<xsimd::avx512f, Arch>::value) {
-      const __m512 vs = _mm512_set1_ps(s), vm = _mm512_set1_ps(-z * s);
-      const std::uint8_t* c = codes + e;
-      auto deq16 = [&](std::size_t k) {
-        const __m128i b = _mm_loadu_si128(reinterpret_cast<const __m128i*>(c + k));
-        const __m512i q = is_signed ? _mm512_cvtepi8_epi32(b) : _mm512_cvtepu8_epi32(b);
-        _mm512_storeu_ps(o + k, _mm512_fmadd_ps(_mm512_cvtepi32_ps(q), vs, vm));
-      };
-      // 64 per iteration: a block-64 piece is one iteration (a 4-trip loop per block
-      // mispredicts its exit; L2-resident that cost ~15%)
-      for (; i + 64 <= m; i += 64) deq16(i), deq16(i + 16), deq16(i + 32), deq16(i + 48);
-      for (; i + 16 <= m; i += 16) deq16(i);
-    }
-#endif
-    if (i < m) affine_dequant8<Arch>(codes + e + i, m - i, is_signed, s, z, o + i);
+    affine_dequant8<Arch>(codes + e, m, is_signed, scales[b], zeros ? zeros[b] : 0.0f, o);
   });
 }
 
@@ -902,9 +910,10 @@ inline void affine_dequant8_range(const std::uint8_t* codes, const float* scales
 /// levels[code]·scale_b as codebook_dequant (offset 0), bitwise the same. AVX-512, B and first
 /// multiples of 64: one loop over the blocks with the table in a register.
 template <class Arch>
-inline void codebook_dequant_range(const std::uint8_t* packed, const float* scales, std::size_t B,
-                                   std::size_t first, std::size_t len, const float* levels,
-                                   const pair_lut& pairs, float* out) {
+LOWMEM_QUANT_NOINLINE void codebook_dequant_range(const std::uint8_t* packed, const float* scales,
+                                                  std::size_t B, std::size_t first, std::size_t len,
+                                                  const float* levels, const pair_lut& pairs,
+                                                  float* out) {
 #if XSIMD_WITH_AVX512BW
   if constexpr (std::is_base_of<xsimd::avx512f, Arch>::value) {
     if (B % 64 == 0 && first % 64 == 0) {
@@ -1029,6 +1038,7 @@ inline void fp8_encode_array(const float* x, std::size_t n, float inv_scale, boo
     const __m512i order = _mm512_setr_epi32(0, 4, 8, 12, 1, 5, 9, 13, 2, 6, 10, 14, 3, 7, 11, 15);
     const std::size_t n64 = n - n % 64;
     for (; i < n64; i += 64) {
+      prefetch_ahead(x + i);
       const __m512i lo = _mm512_packus_epi32(encode(x + i), encode(x + i + 16));
       const __m512i hi = _mm512_packus_epi32(encode(x + i + 32), encode(x + i + 48));
       _mm512_storeu_si512(out + i, _mm512_permutexvar_epi32(order, _mm512_packus_epi16(lo, hi)));
