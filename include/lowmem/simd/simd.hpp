@@ -571,11 +571,12 @@ inline void store_partial(T* p, const xsimd::batch<T, Arch>& v, std::size_t n) {
 // writes 4 B of fp32 per value from 0.5-1 B of codes moves ~8.5 B/value through DRAM instead of
 // ~4.5. Non-temporal stores write whole lines straight to memory without that read, but they also
 // evict the line: only worth it for outputs far larger than L2 that the caller will not re-read
-// from cache right away. Kernels write a chunk into an L1-resident buffer, then stream_copy it.
+// from cache right away. Kernels write pieces into an L1-resident buffer (stream_writer).
 
-/// Output size from which kernels use streaming stores: 4x this machine class's 2 MiB L2.
-/// Measured (100M floats, 1 thread, AVX-512 Xeon): dequantize ~8.5 -> ~4.5 B/value of traffic;
-/// below a few MiB the output is still cache-resident and plain stores win.
+/// Output size from which kernels use streaming stores: 4x the 2 MiB L2 of the reference
+/// machine (chosen, not tuned: below it the output may still be cache-resident for the caller;
+/// the 256K-float bench cases, 1 MiB of fp32, keep plain stores). At 100M floats, 1 thread,
+/// int8 / NF4 dequantize went from ~58 / ~68 ms to ~36 / ~34 ms with streaming stores.
 inline constexpr std::size_t stream_min_bytes = std::size_t(8) << 20;
 
 /// Non-temporal store of v to p, which must be aligned to sizeof(v) bytes (movntps); a plain
