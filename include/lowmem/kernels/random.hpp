@@ -233,7 +233,7 @@ LOWMEM_RANDOM_INLINE void box_muller(const simd::ubatch<Arch>& rw, const simd::u
   const U sign(0x80000000u);
   z_cos = simd::as_float<Arch>(simd::as_uint<Arch>(simd::fms<Arch>(r2, cs, p)) ^ (aw & sign));
   z_sin =
-      simd::as_float<Arch>(simd::as_uint<Arch>(simd::fma<Arch>(r2, cs, p)) ^ ((aw << 1) & sign));
+      simd::as_float<Arch>(simd::as_uint<Arch>(simd::fma<Arch>(r2, cs, p)) ^ ((aw + aw) & sign));
 }
 
 /// The 4 normals of one word triple (a, b, c) (core/random.hpp): z[0], z[1] from (radius a,
@@ -243,9 +243,7 @@ template <class Arch>
 LOWMEM_RANDOM_INLINE void normal_quad(const simd::ubatch<Arch>& a, const simd::ubatch<Arch>& b,
                                       const simd::ubatch<Arch>& c,
                                       simd::fbatch<Arch> (&z)[4]) noexcept {
-  using U = simd::ubatch<Arch>;
-  const U bc = ((b << 16) & U(0xFFFF0000u)) | ((c << 8) & U(0x0000FFFFu)); // vpternlogd
-  const U d = (a << 24) | (bc & U(0x00FFFFFFu));
+  const simd::ubatch<Arch> d = simd::low_bytes_to_top24<Arch>(a, b, c);
   box_muller<Arch>(a, b, z[0], z[1]);
   box_muller<Arch>(c, d, z[2], z[3]);
 }
