@@ -43,6 +43,17 @@
 // On a Sapphire Rapids-class KVM core (2.0 GHz TSC), same method: uniform 0.94-1.2 ticks/value,
 // normal 1.3-1.9 (varies with the host's load): about 3 vector uops per normal (1.5 Philox, 1.5
 // Box–Muller) at 2 per cycle (512-bit ops issue on ports 0 and 5 only).
+// Port facts of that Intel core (throughput microbenchmarks, Dec 2026, 16 independent chains):
+// 512-bit vpmuludq, FMA, vpxord, vpternlogd, vpaddd, vcvtdq2ps 2 per cycle (ports 0 and 5);
+// vpshufd, vshufps, vpshufb, vpermd 1 per cycle (port 5); vpslld / vpsrld 1 per cycle (port 0);
+// vrsqrt14ps 1 per 2 cycles; reg-reg zmm moves free. Per 64 normals the generated code has ~78
+// vector uops of Philox (48 words) and ~96 of transform (incl. the ZO sweep's 2 FMAs per
+// register): ~2.7 uops per normal, and an L1-resident fill measures ~1.3 TSC ticks per normal,
+// ~90% of that 2-uops/cycle bound. Re-tuned there with in-process A/B (alternating, min/median
+// over 25-41 rounds): units_in_flight 2 stays best (1 is slower in 25 of 25 rounds, 3 no gain),
+// normal_chunk 2 or 8 no different from 4; Horner instead of Estrin in log/sincos (-2 uops per
+// pair) is not faster (latency-bound chains); the angle word by byte permutes
+// (simd::low_bytes_to_top24) and one vfnmadd in sqrt_fast: L1 fill -6% (faster in 14 of 15 rounds).
 #pragma once
 
 #include <algorithm>

@@ -220,9 +220,9 @@ template <class Arch> inline ubatch<Arch> high_to_low_u64(const ubatch<Arch>& a)
 
 /// Per 64-bit lane: the high dword copied to the low dword; the high dword keeps its value (for
 /// callers that treat it as scratch, like the Philox kernel). vpshufd 0xF5 instead of vpsrlq:
-/// the same low dwords, but on Intel cores 512-bit shifts and vpmuludq both issue only on port 0
-/// while vpshufd issues on port 5, so a Philox round's 2 multiplies + 2 moves do not queue on one
-/// port (see kernels/random.hpp).
+/// the same low dwords, but on Intel cores 512-bit shifts issue only on port 0 and vpshufd only on
+/// port 5; vpmuludq takes either on the Sapphire Rapids-class core measured (2 per cycle), so the
+/// shuffles keep port 0 free for multiplies and FMAs (see kernels/random.hpp).
 template <class Arch> inline ubatch<Arch> high_to_low_u64_dirty(const ubatch<Arch>& a) {
 #if XSIMD_WITH_AVX512F
   if constexpr (std::is_base_of<xsimd::avx512f, Arch>::value) {
@@ -283,8 +283,8 @@ inline ubatch<Arch> pack_u64(const ubatch<Arch>& a, const ubatch<Arch>& b) {
 /// Per uint32 lane: (a & 0xFF) << 24 | (b & 0xFF) << 16 | (c & 0xFF) << 8 (the Box–Muller angle
 /// word made of three words' low bytes, core/random.hpp). AVX-512VBMI: one two-source byte
 /// permute (zero-masked) and one merge-masked vpshufb; AVX-512BW: three masked vpshufb. Both
-/// replace 3 shifts (port 0 only on Intel, where the Philox multiplies queue) + 2 masks +
-/// 1 merge. Elsewhere shifts and masks.
+/// replace 3 shifts (port 0 only on Intel) + 2 masks + 1 merge: 6 uops -> 2 (3). Elsewhere shifts
+/// and masks.
 template <class Arch>
 inline ubatch<Arch> low_bytes_to_top24(const ubatch<Arch>& a, const ubatch<Arch>& b,
                                        const ubatch<Arch>& c) {
