@@ -218,33 +218,44 @@ inline void philox_group(const stream& s, std::uint64_t g,
 
 enum class distribution { uniform, normal, rademacher };
 
-/// Box–Muller on one (radius word, angle word) pair, 24-bit uniforms in their top bits
+/// Box–Muller on N (radius word, angle word) pairs, 24-bit uniforms in their top bits
 /// (core/random.hpp): z_cos = +-r cos(phi), z_sin = +-r sin(phi), r = sqrt(-2 ln u1),
 /// u1 = ((rw >> 8) + 1) 2^-24, phi = (pi/2) (2 o + 1) 2^-23 with o = angle bits 29..8, signs from
-/// angle bits 31 (cos) and 30 (sin).
-template <class Arch>
-LOWMEM_RANDOM_INLINE void box_muller(const simd::ubatch<Arch>& rw, const simd::ubatch<Arch>& aw,
-                                     simd::fbatch<Arch>& z_cos,
-                                     simd::fbatch<Arch>& z_sin) noexcept {
+/// angle bits 31 (cos) and 30 (sin). The pairs go through each stage together (log of all, sqrt
+/// of all, ...): independent chains sit next to each other in the instruction stream, so the
+/// out-of-order window overlaps them (the compiler does not reorder across stages on x86).
+template <class Arch, std::size_t N>
+LOWMEM_RANDOM_INLINE void
+box_muller(const simd::ubatch<Arch> (&rw)[N], const simd::ubatch<Arch> (&aw)[N],
+           simd::fbatch<Arch> (&z_cos)[N], simd::fbatch<Arch> (&z_sin)[N]) noexcept {
   using U = simd::ubatch<Arch>;
   using F = simd::fbatch<Arch>;
+  F r2[N], t[N], sn[N], cs[N];
   // -ln(u1) = -ln(X 2^-24), X in [1, 2^24] exact as float; the 2^-24 folds into the exponent.
-  const F x = simd::small_uint_to_float<Arch>((rw >> 8) + U(1u));
+  LOWMEM_RANDOM_UNROLL
+  for (std::size_t k = 0; k < N; ++k)
+    r2[k] = simd::log_fast<Arch, true>(simd::small_uint_to_float<Arch>((rw[k] >> 8) + U(1u)), 24);
   // 2 sqrt(-ln u1) = sqrt(2) r
-  const F r2 = simd::sqrt_fast<Arch, true>(simd::log_fast<Arch, true>(x, 24));
+  LOWMEM_RANDOM_UNROLL
+  for (std::size_t k = 0; k < N; ++k) r2[k] = simd::sqrt_fast<Arch, true>(r2[k]);
   // phi = pi/4 + (pi/2) t, t = (2 o + 1) 2^-23 - 1/2 in (-1/2, 1/2), exactly: 2 o + 1 goes into the
   // mantissa of 1.0f (o from bits 29..8 to 22..1, bit 0 set), then 1.5 is subtracted
-  const U m = ((aw >> 7) & U(0x007FFFFEu)) | U(0x3F800001u);
-  const F t = simd::as_float<Arch>(m) - F(1.5f);
+  LOWMEM_RANDOM_UNROLL
+  for (std::size_t k = 0; k < N; ++k)
+    t[k] = simd::as_float<Arch>(((aw[k] >> 7) & U(0x007FFFFEu)) | U(0x3F800001u)) - F(1.5f);
   // cos(pi/4 + a) = (cos a - sin a) / sqrt(2), sin(pi/4 + a) = (cos a + sin a) / sqrt(2): with
   // r2 = sqrt(2) r the two sqrt(2) cancel to the exact factor 1/2 in the polynomials
-  F sn, cs;
-  simd::sincos_quarter<Arch>(t, sn, cs, 0.5f);
-  const F p = r2 * sn;
+  LOWMEM_RANDOM_UNROLL
+  for (std::size_t k = 0; k < N; ++k) simd::sincos_quarter<Arch>(t[k], sn[k], cs[k], 0.5f);
   const U sign(0x80000000u);
-  z_cos = simd::as_float<Arch>(simd::as_uint<Arch>(simd::fms<Arch>(r2, cs, p)) ^ (aw & sign));
-  z_sin =
-      simd::as_float<Arch>(simd::as_uint<Arch>(simd::fma<Arch>(r2, cs, p)) ^ ((aw + aw) & sign));
+  LOWMEM_RANDOM_UNROLL
+  for (std::size_t k = 0; k < N; ++k) {
+    const F p = r2[k] * sn[k];
+    z_cos[k] = simd::as_float<Arch>(simd::as_uint<Arch>(simd::fms<Arch>(r2[k], cs[k], p)) ^
+                                    (aw[k] & sign));
+    z_sin[k] = simd::as_float<Arch>(simd::as_uint<Arch>(simd::fma<Arch>(r2[k], cs[k], p)) ^
+                                    ((aw[k] + aw[k]) & sign));
+  }
 }
 
 /// The 4 normals of one word triple (a, b, c) (core/random.hpp): z[0], z[1] from (radius a,
@@ -254,9 +265,10 @@ template <class Arch>
 LOWMEM_RANDOM_INLINE void normal_quad(const simd::ubatch<Arch>& a, const simd::ubatch<Arch>& b,
                                       const simd::ubatch<Arch>& c,
                                       simd::fbatch<Arch> (&z)[4]) noexcept {
-  const simd::ubatch<Arch> d = simd::low_bytes_to_top24<Arch>(a, b, c);
-  box_muller<Arch>(a, b, z[0], z[1]);
-  box_muller<Arch>(c, d, z[2], z[3]);
+  const simd::ubatch<Arch> rw[2] = {a, c}, aw[2] = {b, simd::low_bytes_to_top24<Arch>(a, b, c)};
+  simd::fbatch<Arch> zc[2], zs[2];
+  box_muller<Arch, 2>(rw, aw, zc, zs);
+  z[0] = zc[0], z[1] = zs[0], z[2] = zc[1], z[3] = zs[1];
 }
 
 /// Values per group of a distribution's fill, and the Philox groups (64 words each) it reads:
