@@ -115,6 +115,26 @@ LOWMEM_ARCH_TEST_CASE("Rademacher fills equal the scalar signs across word and g
     }
 }
 
+LOWMEM_ARCH_TEST_CASE("the angle word of three words' low bytes equals the scalar formula",
+                      "[random][simd]") {
+  using Arch = TestType;
+  LOWMEM_SKIP_IF_UNSUPPORTED();
+  using U = simd::ubatch<Arch>;
+  constexpr std::size_t W = simd::width<Arch>;
+  const stream src{8, 9};
+  alignas(64) std::uint32_t a[W], b[W], c[W], d[W];
+  for (std::uint64_t rep = 0; rep < 200; ++rep) {
+    for (std::size_t l = 0; l < W; ++l)
+      a[l] = src.bits(rep * 96 + l), b[l] = src.bits(rep * 96 + 32 + l),
+      c[l] = src.bits(rep * 96 + 64 + l);
+    if (rep == 0) a[0] = b[0] = c[0] = 0xFFFFFFFFu, a[W - 1] = b[W - 1] = c[W - 1] = 0;
+    simd::low_bytes_to_top24<Arch>(U::load_aligned(a), U::load_aligned(b), U::load_aligned(c))
+        .store_aligned(d);
+    for (std::size_t l = 0; l < W; ++l)
+      REQUIRE(d[l] == ((a[l] & 0xFFu) << 24 | (b[l] & 0xFFu) << 16 | (c[l] & 0xFFu) << 8));
+  }
+}
+
 LOWMEM_ARCH_TEST_CASE("Philox building blocks equal scalar 32x32->64 products", "[random][simd]") {
   using Arch = TestType;
   LOWMEM_SKIP_IF_UNSUPPORTED();

@@ -79,6 +79,11 @@
 // Measured (2 Dec 2026, Sapphire Rapids-class 2-vCPU VM, load 4.5-7, per-thread CPU time):
 // Gaussian step 289 ms (main before the fusion: 434 ms) vs triad 10.1 GiB/s, i.e. 76% of triad;
 // 58-65% in runs at load 8-9 (344-411 ms vs main's 485-509 ms). To be re-measured quietly.
+// 2 Dec 2026 (zo2: angle word by byte permutes, 4 Box–Muller pairs stage by stage, unclamped
+// prefetch; same bits): in-process alternating A/B against main, process CPU time (load ~4),
+// Gaussian step 100M 1 thread median 326 -> 290 ms (min 281 -> 255; faster in 15/15 rounds);
+// q-SPSA q = 8 on 10M 359 -> 330 ms (11/11); Rademacher unchanged (189 vs 194, noise); the
+// Gaussian sweep is ~90% of the 2-vector-uops/cycle port bound in L1 (kernels/random.hpp).
 #pragma once
 
 #include <algorithm>

@@ -43,6 +43,17 @@
 // On a Sapphire Rapids-class KVM core (2.0 GHz TSC), same method: uniform 0.94-1.2 ticks/value,
 // normal 1.3-1.9 (varies with the host's load): about 3 vector uops per normal (1.5 Philox, 1.5
 // Box–Muller) at 2 per cycle (512-bit ops issue on ports 0 and 5 only).
+// Port facts of that Intel core (throughput microbenchmarks, Dec 2026, 16 independent chains):
+// 512-bit vpmuludq, FMA, vpxord, vpternlogd, vpaddd, vcvtdq2ps 2 per cycle (ports 0 and 5);
+// vpshufd, vshufps, vpshufb, vpermd 1 per cycle (port 5); vpslld / vpsrld 1 per cycle (port 0);
+// vrsqrt14ps 1 per 2 cycles; reg-reg zmm moves free. Per 64 normals the generated code has ~78
+// vector uops of Philox (48 words) and ~96 of transform (incl. the ZO sweep's 2 FMAs per
+// register): ~2.7 uops per normal, and an L1-resident fill measures ~1.3 TSC ticks per normal,
+// ~90% of that 2-uops/cycle bound. Re-tuned there with in-process A/B (alternating, min/median
+// over 25-41 rounds): units_in_flight 2 stays best (1 is slower in 25 of 25 rounds, 3 no gain),
+// normal_chunk 2 or 8 no different from 4; Horner instead of Estrin in log/sincos (-2 uops per
+// pair) is not faster (latency-bound chains); the angle word by byte permutes
+// (simd::low_bytes_to_top24) and one vfnmadd in sqrt_fast: L1 fill -6% (faster in 14 of 15 rounds).
 #pragma once
 
 #include <algorithm>
@@ -207,47 +218,44 @@ inline void philox_group(const stream& s, std::uint64_t g,
 
 enum class distribution { uniform, normal, rademacher };
 
-/// Box–Muller on one (radius word, angle word) pair, 24-bit uniforms in their top bits
+/// Box–Muller on N (radius word, angle word) pairs, 24-bit uniforms in their top bits
 /// (core/random.hpp): z_cos = +-r cos(phi), z_sin = +-r sin(phi), r = sqrt(-2 ln u1),
 /// u1 = ((rw >> 8) + 1) 2^-24, phi = (pi/2) (2 o + 1) 2^-23 with o = angle bits 29..8, signs from
-/// angle bits 31 (cos) and 30 (sin).
-template <class Arch>
-LOWMEM_RANDOM_INLINE void box_muller(const simd::ubatch<Arch>& rw, const simd::ubatch<Arch>& aw,
-                                     simd::fbatch<Arch>& z_cos,
-                                     simd::fbatch<Arch>& z_sin) noexcept {
+/// angle bits 31 (cos) and 30 (sin). The pairs go through each stage together (log of all, sqrt
+/// of all, ...): independent chains sit next to each other in the instruction stream, so the
+/// out-of-order window overlaps them (the compiler does not reorder across stages on x86).
+template <class Arch, std::size_t N>
+LOWMEM_RANDOM_INLINE void
+box_muller(const simd::ubatch<Arch> (&rw)[N], const simd::ubatch<Arch> (&aw)[N],
+           simd::fbatch<Arch> (&z_cos)[N], simd::fbatch<Arch> (&z_sin)[N]) noexcept {
   using U = simd::ubatch<Arch>;
   using F = simd::fbatch<Arch>;
+  F r2[N], t[N], sn[N], cs[N];
   // -ln(u1) = -ln(X 2^-24), X in [1, 2^24] exact as float; the 2^-24 folds into the exponent.
-  const F x = simd::small_uint_to_float<Arch>((rw >> 8) + U(1u));
+  LOWMEM_RANDOM_UNROLL
+  for (std::size_t k = 0; k < N; ++k)
+    r2[k] = simd::log_fast<Arch, true>(simd::small_uint_to_float<Arch>((rw[k] >> 8) + U(1u)), 24);
   // 2 sqrt(-ln u1) = sqrt(2) r
-  const F r2 = simd::sqrt_fast<Arch, true>(simd::log_fast<Arch, true>(x, 24));
+  LOWMEM_RANDOM_UNROLL
+  for (std::size_t k = 0; k < N; ++k) r2[k] = simd::sqrt_fast<Arch, true>(r2[k]);
   // phi = pi/4 + (pi/2) t, t = (2 o + 1) 2^-23 - 1/2 in (-1/2, 1/2), exactly: 2 o + 1 goes into the
   // mantissa of 1.0f (o from bits 29..8 to 22..1, bit 0 set), then 1.5 is subtracted
-  const U m = ((aw >> 7) & U(0x007FFFFEu)) | U(0x3F800001u);
-  const F t = simd::as_float<Arch>(m) - F(1.5f);
+  LOWMEM_RANDOM_UNROLL
+  for (std::size_t k = 0; k < N; ++k)
+    t[k] = simd::as_float<Arch>(((aw[k] >> 7) & U(0x007FFFFEu)) | U(0x3F800001u)) - F(1.5f);
   // cos(pi/4 + a) = (cos a - sin a) / sqrt(2), sin(pi/4 + a) = (cos a + sin a) / sqrt(2): with
   // r2 = sqrt(2) r the two sqrt(2) cancel to the exact factor 1/2 in the polynomials
-  F sn, cs;
-  simd::sincos_quarter<Arch>(t, sn, cs, 0.5f);
-  const F p = r2 * sn;
+  LOWMEM_RANDOM_UNROLL
+  for (std::size_t k = 0; k < N; ++k) simd::sincos_quarter<Arch>(t[k], sn[k], cs[k], 0.5f);
   const U sign(0x80000000u);
-  z_cos = simd::as_float<Arch>(simd::as_uint<Arch>(simd::fms<Arch>(r2, cs, p)) ^ (aw & sign));
-  z_sin =
-      simd::as_float<Arch>(simd::as_uint<Arch>(simd::fma<Arch>(r2, cs, p)) ^ ((aw << 1) & sign));
-}
-
-/// The 4 normals of one word triple (a, b, c) (core/random.hpp): z[0], z[1] from (radius a,
-/// angle b), z[2], z[3] from (radius c, angle d), d = the low bytes of a, b, c as a word's top 24
-/// bits.
-template <class Arch>
-LOWMEM_RANDOM_INLINE void normal_quad(const simd::ubatch<Arch>& a, const simd::ubatch<Arch>& b,
-                                      const simd::ubatch<Arch>& c,
-                                      simd::fbatch<Arch> (&z)[4]) noexcept {
-  using U = simd::ubatch<Arch>;
-  const U bc = ((b << 16) & U(0xFFFF0000u)) | ((c << 8) & U(0x0000FFFFu)); // vpternlogd
-  const U d = (a << 24) | (bc & U(0x00FFFFFFu));
-  box_muller<Arch>(a, b, z[0], z[1]);
-  box_muller<Arch>(c, d, z[2], z[3]);
+  LOWMEM_RANDOM_UNROLL
+  for (std::size_t k = 0; k < N; ++k) {
+    const F p = r2[k] * sn[k];
+    z_cos[k] = simd::as_float<Arch>(simd::as_uint<Arch>(simd::fms<Arch>(r2[k], cs[k], p)) ^
+                                    (aw[k] & sign));
+    z_sin[k] = simd::as_float<Arch>(simd::as_uint<Arch>(simd::fma<Arch>(r2[k], cs[k], p)) ^
+                                    ((aw[k] + aw[k]) & sign));
+  }
 }
 
 /// Values per group of a distribution's fill, and the Philox groups (64 words each) it reads:
@@ -322,11 +330,15 @@ inline constexpr std::size_t normal_chunk = 4;
 /// register at a time: body(k, z) with z = values 256 G0 + k .. 256 G0 + k + W - 1, k increasing
 /// in steps of W within each 64-value piece. The words of up to normal_chunk groups go to an L1
 /// buffer first, then each piece (words rows 3 m .. 3 m + 2 of group G, lane offset h W) becomes
-/// 4 W normals in registers (rows 4 m .. 4 m + 3) handed to body: a fill stores them, a ZO sweep
-/// applies them to θ without storing z. Both go through this one function, so the fill API and
-/// the fused sweeps produce the same bits. Why two loops (Philox, then Box–Muller): one fused loop
-/// per group exposes the long Philox -> Box–Muller dependency chain (and splicing the transform
-/// between the Philox rounds spills registers; both measured slower).
+/// 4 W normals in registers (rows 4 m .. 4 m + 3) handed to body. A word triple (a, b, c) gives
+/// z[0], z[1] from (radius a, angle b) and z[2], z[3] from (radius c, angle d), d = the low bytes
+/// of a, b, c as a word's top 24 bits (core/random.hpp); two triples (4 Box–Muller pairs) are
+/// transformed together, stage by stage (A/B on the Intel core: L1 fill -4%, L2 / DRAM-resident
+/// move_z -5..6% medians vs one triple at a time, faster in 29 of 41 rounds): a fill stores them, a
+/// ZO sweep applies them to θ without storing z. Both go through this one function, so the fill API
+/// and the fused sweeps produce the same bits. Why two loops (Philox, then Box–Muller): one fused
+/// loop per group exposes the long Philox -> Box–Muller dependency chain (and splicing the
+/// transform between the Philox rounds spills registers; both measured slower).
 template <class Arch, class Body>
 LOWMEM_RANDOM_INLINE void for_normals(philox_plan<Arch>& P, const stream& s, std::uint64_t G0,
                                       std::size_t ng, Body&& body) noexcept {
@@ -337,14 +349,28 @@ LOWMEM_RANDOM_INLINE void for_normals(philox_plan<Arch>& P, const stream& s, std
   for (std::size_t c = 0; c < ng; c += normal_chunk) {
     const std::size_t m = ng - c < normal_chunk ? ng - c : normal_chunk;
     philox_bits<Arch>(P, s, 3 * (G0 + c), 3 * m, words);
-    for (std::size_t j = 0; j < 4 * R * m; ++j) {
-      const std::size_t G = j / (4 * R), row = (j / R) % 4, h = j % R;
-      const std::uint32_t* in = words + 192 * G + 48 * row + h * W;
-      F z[4];
-      normal_quad<Arch>(U::load_aligned(in), U::load_aligned(in + 16), U::load_aligned(in + 32), z);
-      const std::size_t k = 256 * (c + G) + 64 * row + h * W;
+    for (std::size_t j = 0; j < 4 * R * m; j += 2) {
+      U rw[4], aw[4];
+      std::size_t k[2];
       LOWMEM_RANDOM_UNROLL
-      for (std::size_t q = 0; q < 4; ++q) body(k + 16 * q, z[q]);
+      for (std::size_t e = 0; e < 2; ++e) {
+        const std::size_t G = (j + e) / (4 * R), row = ((j + e) / R) % 4, h = (j + e) % R;
+        const std::uint32_t* in = words + 192 * G + 48 * row + h * W;
+        const U a = U::load_aligned(in), b = U::load_aligned(in + 16),
+                cc = U::load_aligned(in + 32);
+        rw[2 * e] = a, rw[2 * e + 1] = cc, aw[2 * e] = b;
+        aw[2 * e + 1] = simd::low_bytes_to_top24<Arch>(a, b, cc);
+        k[e] = 256 * (c + G) + 64 * row + h * W;
+      }
+      F zc[4], zs[4];
+      box_muller<Arch, 4>(rw, aw, zc, zs);
+      LOWMEM_RANDOM_UNROLL
+      for (std::size_t e = 0; e < 2; ++e) {
+        body(k[e], zc[2 * e]);
+        body(k[e] + 16, zs[2 * e]);
+        body(k[e] + 32, zc[2 * e + 1]);
+        body(k[e] + 48, zs[2 * e + 1]);
+      }
     }
   }
 }

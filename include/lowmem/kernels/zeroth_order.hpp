@@ -159,14 +159,26 @@ inline void apply_generated(noise d, const random::stream& s, std::uint64_t begi
     random::kernels::philox_plan<Arch> P(s, std::uint32_t((48 * G) >> 32));
     // Everything the loop body reads is copied into the lambda by value: members read through a
     // reference (or a float vector in memory, which a θ store may alias) are reloaded for every
-    // register, and the copies stay in registers. The prefetch index is clamped (no branch).
+    // register, and the copies stay in registers. When the whole range plus the prefetch distance
+    // lies inside prefetch_n (every chunk but a span's last), the prefetch address is not clamped:
+    // the clamp's cmp + cmov per register ran on the ALU ports the normals need (A/B on a Sapphire
+    // Rapids-class core: DRAM-resident move_z faster in 42 of 66 alternating rounds, medians
+    // -1..4%); otherwise clamped (no branch).
     const Op o = op;
     const std::size_t i0 = i, last = prefetch_n - 1;
-    random::kernels::for_normals<Arch>(
-        P, s, G, ng, [o, i0, last, prefetch](std::size_t k, const F& z) {
-          if constexpr (PF > 0) __builtin_prefetch(prefetch + std::min(i0 + k + PF, last), 1, 3);
-          o(i0 + k, z, W);
-        });
+    if (i0 + V * ng + PF <= prefetch_n) {
+      const float* pf = prefetch + i0 + PF;
+      random::kernels::for_normals<Arch>(P, s, G, ng, [o, i0, pf](std::size_t k, const F& z) {
+        if constexpr (PF > 0) __builtin_prefetch(pf + k, 1, 3);
+        o(i0 + k, z, W);
+      });
+    } else {
+      random::kernels::for_normals<Arch>(
+          P, s, G, ng, [o, i0, last, prefetch](std::size_t k, const F& z) {
+            if constexpr (PF > 0) __builtin_prefetch(prefetch + std::min(i0 + k + PF, last), 1, 3);
+            o(i0 + k, z, W);
+          });
+    }
     i += V * ng;
   }
   if (i < n) partial(i, n - i);

@@ -67,6 +67,20 @@ inline fbatch<Arch> fnms(const fbatch<Arch>& a, const fbatch<Arch>& b, const fba
   }
 }
 
+/// c - a*b with one rounding where the arch has FMA (one vfnmadd; fma(-a, b, c) costs a negation
+/// on top).
+template <class Arch>
+inline fbatch<Arch> fnma(const fbatch<Arch>& a, const fbatch<Arch>& b, const fbatch<Arch>& c) {
+#if XSIMD_WITH_AVX512F
+  if constexpr (std::is_base_of<xsimd::avx512f, Arch>::value) {
+    return fbatch<Arch>(_mm512_fnmadd_ps(a, b, c));
+  } else
+#endif
+  {
+    return xsimd::fnma(a, b, c);
+  }
+}
+
 /// a*b - c with one rounding where the arch has FMA.
 template <class Arch>
 inline fbatch<Arch> fms(const fbatch<Arch>& a, const fbatch<Arch>& b, const fbatch<Arch>& c) {
@@ -206,9 +220,9 @@ template <class Arch> inline ubatch<Arch> high_to_low_u64(const ubatch<Arch>& a)
 
 /// Per 64-bit lane: the high dword copied to the low dword; the high dword keeps its value (for
 /// callers that treat it as scratch, like the Philox kernel). vpshufd 0xF5 instead of vpsrlq:
-/// the same low dwords, but on Intel cores 512-bit shifts and vpmuludq both issue only on port 0
-/// while vpshufd issues on port 5, so a Philox round's 2 multiplies + 2 moves do not queue on one
-/// port (see kernels/random.hpp).
+/// the same low dwords, but on Intel cores 512-bit shifts issue only on port 0 and vpshufd only on
+/// port 5; vpmuludq takes either on the Sapphire Rapids-class core measured (2 per cycle), so the
+/// shuffles keep port 0 free for multiplies and FMAs (see kernels/random.hpp).
 template <class Arch> inline ubatch<Arch> high_to_low_u64_dirty(const ubatch<Arch>& a) {
 #if XSIMD_WITH_AVX512F
   if constexpr (std::is_base_of<xsimd::avx512f, Arch>::value) {
@@ -263,6 +277,46 @@ inline ubatch<Arch> pack_u64(const ubatch<Arch>& a, const ubatch<Arch>& b) {
       r[i] = va[i + o], r[i + 1] = va[i + 2 + o], r[i + 2] = vb[i + o], r[i + 3] = vb[i + 2 + o];
     }
     return ubatch<Arch>::load_aligned(r);
+  }
+}
+
+/// Per uint32 lane: (a & 0xFF) << 24 | (b & 0xFF) << 16 | (c & 0xFF) << 8 (the Box–Muller angle
+/// word made of three words' low bytes, core/random.hpp). AVX-512VBMI: one two-source byte
+/// permute (zero-masked) and one merge-masked vpshufb; AVX-512BW: three masked vpshufb. Both
+/// replace 3 shifts (port 0 only on Intel) + 2 masks + 1 merge: 6 uops -> 2 (3). Elsewhere shifts
+/// and masks.
+template <class Arch>
+inline ubatch<Arch> low_bytes_to_top24(const ubatch<Arch>& a, const ubatch<Arch>& b,
+                                       const ubatch<Arch>& c) {
+#if XSIMD_WITH_AVX512BW
+  if constexpr (std::is_base_of<xsimd::avx512bw, Arch>::value) {
+    // byte k of each dword (mask bit 4 j + k): 3 <- a's byte 0, 2 <- b's, 1 <- c's, 0 <- zero
+    constexpr __mmask64 m3 = 0x8888888888888888ull, m2 = 0x4444444444444444ull,
+                        m1 = 0x2222222222222222ull;
+#if defined(__AVX512VBMI__)
+    // vpermt2b, index bit 6 selecting b: byte 4 j + 3 <- a[4 j], byte 4 j + 2 <- b[4 j]
+    alignas(64) static constexpr std::uint32_t idx[16] = {
+        0x00400000, 0x04440000, 0x08480000, 0x0C4C0000, 0x10500000, 0x14540000,
+        0x18580000, 0x1C5C0000, 0x20600000, 0x24640000, 0x28680000, 0x2C6C0000,
+        0x30700000, 0x34740000, 0x38780000, 0x3C7C0000};
+    const __m512i ab = _mm512_maskz_permutex2var_epi8(m3 | m2, a, _mm512_load_si512(idx), b);
+#else
+    // vpshufb indices are per 128-bit lane: byte 4 j + k <- byte 4 j (j < 4), the same in each
+    const __m512i ia =
+        _mm512_broadcast_i32x4(_mm_set_epi32(0x0C000000, 0x08000000, 0x04000000, 0x00000000));
+    const __m512i ib =
+        _mm512_broadcast_i32x4(_mm_set_epi32(0x000C0000, 0x00080000, 0x00040000, 0x00000000));
+    const __m512i ab = _mm512_mask_shuffle_epi8(_mm512_maskz_shuffle_epi8(m3, a, ia), m2, b, ib);
+#endif
+    const __m512i ic =
+        _mm512_broadcast_i32x4(_mm_set_epi32(0x00000C00, 0x00000800, 0x00000400, 0x00000000));
+    return ubatch<Arch>(_mm512_mask_shuffle_epi8(ab, m1, c, ic));
+  } else
+#endif
+  {
+    using U = ubatch<Arch>;
+    const U bc = ((b << 16) & U(0xFFFF0000u)) | ((c << 8) & U(0x0000FFFFu)); // vpternlogd
+    return (a << 24) | (bc & U(0x00FFFFFFu));
   }
 }
 
@@ -374,7 +428,7 @@ template <class Arch, bool twice = false> inline fbatch<Arch> sqrt_fast(const fb
   // max() keeps rsqrt finite at x = 0, so s0 = x * y = 0 and the result is exactly 0.
   const F y = rsqrt_approx<Arch>(xsimd::max(x, F(1.17549435e-38f)));
   const F s0 = x * y;                     // sqrt(x) (1 + e0)
-  const F e = fma<Arch>(-s0, y, F(3.0f)); // 3 - x y^2 = 2 - 2 e0 + O(e0^2)
+  const F e = fnma<Arch>(s0, y, F(3.0f)); // 3 - x y^2 = 2 - 2 e0 + O(e0^2)
   if constexpr (twice) {
     return s0 * e; // 2 sqrt(x) (1 + O(e0^2))
   } else {
