@@ -86,7 +86,43 @@ struct codebook4 {
   // so the magnitude index is mag_base[j] + (|v| > mag_mid[mag_base[j]]) (mag_cells_ok).
   bool mag_cells_ok;
   alignas(64) std::int32_t mag_base[16];
+  // Byte-table cells of the fused AVX-512 block kernel (codebook_blocks64). The value u (NF4: v;
+  // sign-magnitude FP4: |v|) lands in cell j = trunc(lut_scale·u + lut_offset): NF4 16·v + 15.5,
+  // 32 cells, j in [0, 31] for |v| <= 1 with no clamp (cell 0 also takes (-1/16, 0) of the
+  // argument, which truncates to 0); FP4 15·|v| + 0.3, 16 cells, j in [0, 15]. Every cell holds
+  // at most one threshold, lut_t[j] (+inf if none), and none lies within 1e-4 of a cell edge in
+  // the scaled coordinate (rounding moves the argument by <= 2^-19), so the count of thresholds
+  // below u is base_j + (u > lut_t[j]). lut_code maps the byte index j + 32·(v > lut_t[j]) (NF4)
+  // or j + 16·(|v| > lut_t[j]) + 32·(v < 0) (FP4) straight to the code (one vpermb for 64 values).
+  bool lut_ok;
+  float lut_scale, lut_offset;
+  alignas(64) float lut_t[32];
+  alignas(64) std::uint8_t lut_code[64];
 };
+
+/// Fills the byte-table cells of cb (see codebook4::lut_ok) for sorted thresholds t[0, nt),
+/// `cells` cells of the argument scale·u + offset. base_j = #{t : scale·t + offset < j} and the
+/// threshold inside cell j; returns false when a cell holds two thresholds or one lies within 1e-4
+/// of a cell edge (then the kernel cannot use the table).
+inline bool make_cell_lut(codebook4& cb, const float* t, int nt, int cells, float scale,
+                          float offset, int* base) {
+  bool ok = true;
+  for (int j = 0; j < cells; ++j) {
+    const double lo = j == 0 ? -HUGE_VAL : j, hi = j == cells - 1 ? HUGE_VAL : j + 1;
+    int below = 0, inside = 0;
+    cb.lut_t[j] = std::numeric_limits<float>::infinity();
+    for (int k = 0; k < nt; ++k) {
+      const double y = double(scale) * double(t[k]) + double(offset);
+      below += y < lo;
+      if (y >= lo && y < hi) ++inside, cb.lut_t[j] = t[k];
+      ok = ok && std::fabs(y - std::nearbyint(y)) > 1e-4;
+    }
+    base[j] = below;
+    ok = ok && inside <= 1;
+  }
+  cb.lut_scale = scale, cb.lut_offset = offset;
+  return ok;
+}
 
 inline codebook4 make_codebook4(const float* levels) noexcept {
   codebook4 cb{};
@@ -145,6 +181,20 @@ inline codebook4 make_codebook4(const float* levels) noexcept {
     }
     cb.mag_base[j] = base;
     cb.mag_cells_ok = cb.mag_cells_ok && inside <= 1;
+  }
+  int base[32] = {};
+  if (cb.identity || !cb.sign_magnitude) { // NF4: signed cells, code of sorted index base + m
+    cb.lut_ok = make_cell_lut(cb, cb.mid, 15, 32, 16.0f, 15.5f, base);
+    for (int i = 0; i < 64; ++i) {
+      const int k = base[i % 32] + (i / 32);
+      cb.lut_code[i] = cb.code_of[k < 15 ? k : 15];
+    }
+  } else { // FP4: magnitude cells; code = 8·(v < 0) + magnitude index base + m
+    cb.lut_ok = make_cell_lut(cb, cb.mag_mid, 7, 16, 15.0f, 0.3f, base);
+    for (int i = 0; i < 64; ++i) {
+      const int k = base[i % 16] + (i / 16) % 2;
+      cb.lut_code[i] = std::uint8_t((i / 32) * 8 + (k < 7 ? k : 7));
+    }
   }
   return cb;
 }
@@ -664,11 +714,12 @@ struct mag_cell_code {
   }
 };
 
-/// The block loop of codebook_blocks64 for one code function (16 floats v -> 16 int32 codes).
+/// The block loop of codebook_blocks64 for one code function (16 floats v -> 16 int32 codes), on
+/// AVX-512 without VBMI (or a codebook without the byte table).
 template <class Code>
-inline void codebook_blocks64_loop(const float* x, std::size_t nb, std::size_t B,
-                                   std::uint8_t zero_code, Code code, std::uint8_t* packed,
-                                   float* absmax) {
+inline void codebook_blocks64_cells(const float* x, std::size_t nb, std::size_t B,
+                                    std::uint8_t zero_code, Code code, std::uint8_t* packed,
+                                    float* absmax) {
   const __m512i pair_weights = _mm512_set1_epi16(0x0110); // bytes (16, 1)
   for (std::size_t b = 0; b < nb; ++b, x += B, packed += B / 2) {
     const std::int32_t bits = absmax_bits64(x, B);
@@ -690,6 +741,96 @@ inline void codebook_blocks64_loop(const float* x, std::size_t nb, std::size_t B
     }
   }
 }
+
+#if defined(__AVX512VBMI__)
+template <class Arch>
+inline void codebook_codes_packed(const float* x, std::size_t n, float inv, const codebook4& cb,
+                                  std::uint8_t* dst);
+
+/// Byte-table cell index of 16 values x·inv of a codebook with cb.lut_ok (see codebook4): NF4
+/// j + 32·(v > lut_t[j]), FP4 j + 16·(|v| > lut_t[j]) + 32·(v < 0), v = x·inv rounded as the
+/// scalar path rounds it. Valid for |v| <= 1 (finite inv; inv = inf takes codebook_codes_packed).
+struct lut_index {
+  __m512 inv, scale, offset, t_lo, t_hi;
+  __m512i k16, k32;
+  explicit lut_index(const codebook4& cb, float inv_)
+      : inv(_mm512_set1_ps(inv_)), scale(_mm512_set1_ps(cb.lut_scale)),
+        offset(_mm512_set1_ps(cb.lut_offset)), t_lo(_mm512_load_ps(cb.lut_t)),
+        t_hi(_mm512_load_ps(cb.lut_t + 16)), k16(_mm512_set1_epi32(16)),
+        k32(_mm512_set1_epi32(32)) {}
+  __m512i signed_cells(__m512 x) const { // NF4: 32 cells of v
+    const __m512 v = _mm512_mul_ps(x, inv);
+    const __m512i j = _mm512_cvttps_epi32(_mm512_fmadd_ps(v, scale, offset));
+    const __m512 t = _mm512_permutex2var_ps(t_lo, j, t_hi);
+    return _mm512_mask_add_epi32(j, _mm512_cmp_ps_mask(v, t, _CMP_GT_OQ), j, k32);
+  }
+  __m512i magnitude_cells(__m512 x) const { // FP4: 16 cells of |v|, plus the sign of v
+    const __m512 v = _mm512_mul_ps(x, inv);
+    const __m512 a = _mm512_abs_ps(v);
+    __m512i j = _mm512_cvttps_epi32(_mm512_fmadd_ps(a, scale, offset));
+    const __m512 t = _mm512_permutexvar_ps(j, t_lo);
+    j = _mm512_mask_add_epi32(j, _mm512_cmp_ps_mask(a, t, _CMP_GT_OQ), j, k16);
+    return _mm512_mask_add_epi32(j, _mm512_cmp_ps_mask(v, _mm512_setzero_ps(), _CMP_LT_OQ), j, k32);
+  }
+};
+
+/// Byte order of codebook_blocks64's packing: 4 vectors of 16 int32 lanes (elements 16r + i)
+/// through vpackssdw ×2 and vpacksswb hold element 16r + 4L + q in byte 16L + 4r + q (128-bit
+/// lane L); vpmaddubsw by (16, 1) fuses bytes (2w, 2w + 1) into word w; this vpermb index picks
+/// the low byte of the word holding elements (2p, 2p + 1) for output byte p < 32.
+inline __m512i nibble_pair_order() noexcept {
+  alignas(64) std::uint8_t idx[64] = {};
+  for (int p = 0; p < 32; ++p) {
+    const int r = p / 8, i = 2 * (p % 8); // element 16r + i (even) and its odd neighbour
+    const int byte = 16 * (i / 4) + 4 * r + i % 4;
+    idx[p] = std::uint8_t(byte & ~1); // word byte/2, low byte
+  }
+  return _mm512_load_si512(idx);
+}
+
+/// The block loop of codebook_blocks64: per block absmax (absmax_bits64), inv, then 64 values at a
+/// time: 4 × 16 byte-table indices (lut_index, `signed_cells` for NF4 or `magnitude_cells` for
+/// FP4) -> bytes (vpackssdw ×2, vpacksswb: exact, indices < 64) -> codes (one vpermb through
+/// lut_code) -> nibble pairs code_even·16 + code_odd (vpmaddubsw by (16, 1)) -> 32 bytes in
+/// element order (vpermb nibble_pair_order). 1/absmax = inf (absmax < 2^-128) goes through
+/// codebook_codes_packed, which gives the scalar codes of ±inf/NaN.
+template <bool Signed>
+inline void codebook_blocks64_lut(const float* x, std::size_t nb, std::size_t B,
+                                  const codebook4& cb, std::uint8_t* packed, float* absmax) {
+  const std::uint8_t zc = codebook_code_scalar(0.0f, cb);
+  const __m512i pair_weights = _mm512_set1_epi16(0x0110); // bytes (16, 1)
+  const __m512i lut = _mm512_load_si512(cb.lut_code), order = nibble_pair_order();
+  for (std::size_t b = 0; b < nb; ++b, x += B, packed += B / 2) {
+    const std::int32_t bits = absmax_bits64(x, B);
+    if (bits >= inf_bits) {
+      absmax[b] = std::numeric_limits<float>::quiet_NaN();
+      std::memset(packed, (zc << 4) | zc, B / 2);
+      continue;
+    }
+    const float am = bits_to_float(bits);
+    absmax[b] = am;
+    const float inv = am > 0 ? 1.0f / am : 0.0f;
+    if (!(inv <= std::numeric_limits<float>::max())) {
+      codebook_codes_packed<xsimd::avx512bw>(x, B, inv, cb, packed);
+      continue;
+    }
+    const lut_index li(cb, inv);
+    auto idx = [&](const float* p) {
+      const __m512 v = _mm512_loadu_ps(p);
+      return Signed ? li.signed_cells(v) : li.magnitude_cells(v);
+    };
+    for (std::size_t k = 0; k < B; k += 64) {
+      const __m512i i0 = idx(x + k), i1 = idx(x + k + 16), i2 = idx(x + k + 32),
+                    i3 = idx(x + k + 48);
+      const __m512i bytes =
+          _mm512_packs_epi16(_mm512_packs_epi32(i0, i1), _mm512_packs_epi32(i2, i3));
+      const __m512i pairs = _mm512_maddubs_epi16(_mm512_permutexvar_epi8(bytes, lut), pair_weights);
+      _mm256_storeu_si256(reinterpret_cast<__m256i*>(packed + k / 2),
+                          _mm512_castsi512_si256(_mm512_permutexvar_epi8(order, pairs)));
+    }
+  }
+}
+#endif // __AVX512VBMI__
 #endif
 
 /// AVX-512, has_codebook_blocks_path: 4-bit quantization of nb whole blocks of B floats
@@ -705,11 +846,20 @@ inline void codebook_blocks64(const float* x, std::size_t nb, std::size_t B, con
                               std::uint8_t* packed, float* absmax) {
 #if XSIMD_WITH_AVX512BW
   if constexpr (std::is_base_of<xsimd::avx512f, Arch>::value) {
+#if defined(__AVX512VBMI__)
+    if (cb.lut_ok) { // the table's kind follows make_codebook4: signed cells unless FP4-like
+      if (cb.identity || !cb.sign_magnitude)
+        codebook_blocks64_lut<true>(x, nb, B, cb, packed, absmax);
+      else
+        codebook_blocks64_lut<false>(x, nb, B, cb, packed, absmax);
+      return;
+    }
+#endif
     const std::uint8_t zc = codebook_code_scalar(0.0f, cb);
     if (cb.cells_ok)
-      codebook_blocks64_loop(x, nb, B, zc, cell_code(cb), packed, absmax);
+      codebook_blocks64_cells(x, nb, B, zc, cell_code(cb), packed, absmax);
     else
-      codebook_blocks64_loop(x, nb, B, zc, mag_cell_code(cb), packed, absmax);
+      codebook_blocks64_cells(x, nb, B, zc, mag_cell_code(cb), packed, absmax);
     return;
   }
 #endif
@@ -1001,6 +1151,11 @@ template <int M> inline float fp8_decode(std::uint8_t c) noexcept {
   return sign * std::ldexp(float((1 << M) | m), e - T::bias - M);
 }
 
+/// The |value| every non-saturating overflow is clamped to before encoding: 2^(max exponent + 1),
+/// whose code is the overflow code (e4m3: 512 -> 0x80, which the NaN min then maps to 0x7F = NaN;
+/// e5m2: 65536 -> 0x7C = Inf), as for every finite value >= the rounding boundary above max.
+template <int M> constexpr float fp8_overflow_clamp() { return M == 3 ? 512.0f : 65536.0f; }
+
 /// out[i] = fp8(x[i]·inv_scale), i < n (vectorized fp8_encode).
 template <class Arch, int M>
 inline void fp8_encode_array(const float* x, std::size_t n, float inv_scale, bool saturate,
@@ -1034,14 +1189,50 @@ inline void fp8_encode_array(const float* x, std::size_t n, float inv_scale, boo
   std::size_t i = 0;
 #if XSIMD_WITH_AVX512BW
   if constexpr (std::is_base_of<xsimd::avx512f, Arch>::value) {
-    // 64 codes per store: codes are 0..255, so unsigned-saturating packs are exact
+    // Intrinsics, 12 operations per 16 values (the xsimd version above: 16):
+    //  * a = min(|v|, clamp) in float: minps returns its second operand when either is NaN, so
+    //    NaN stays NaN while ±Inf and every overflow become `clamp`, whose code is max_code
+    //    (saturate) or the overflow code (above max: e4m3 NaN, e5m2 Inf);
+    //  * normal codes: the rebias folded into the rounding constant (a − ((127 − bias) << 23) is
+    //    positive for every normal a, so the shift is exact);
+    //  * one unsigned min with nan_code catches NaN lanes (their normal code is larger; a NaN
+    //    with its sign bit set is a negative int32, so it takes the subnormal lane, whose vcvtps2dq
+    //    gives 0x80000000, larger too) and leaves finite codes (<= max or overflow code) alone;
+    //  * the sign joins after the narrowing: signed-saturating packs of the raw bits keep each
+    //    value's sign bit in its byte (-0 too), and one vpternlogd merges it into the codes.
+    const __m512 vinv_ = _mm512_set1_ps(inv_scale),
+                 vsub = _mm512_set1_ps(std::ldexp(1.0f, T::bias - 1 + M));
+    const __m512 vclamp = _mm512_set1_ps(saturate ? T::max_value : fp8_overflow_clamp<M>());
+    const __m512i absm = _mm512_set1_epi32(0x7FFFFFFF), one_ = _mm512_set1_epi32(1);
+    const __m512i round_rebias =
+        _mm512_set1_epi32(((1 << (22 - M)) - 1) - std::int32_t(std::uint32_t(127 - T::bias) << 23));
+    const __m512i vmin_normal = _mm512_set1_epi32((127 - T::bias + 1) << 23);
+    const __m512i vnan = _mm512_set1_epi32(T::nan_code), signbits = _mm512_set1_epi8(-128);
     const __m512i order = _mm512_setr_epi32(0, 4, 8, 12, 1, 5, 9, 13, 2, 6, 10, 14, 3, 7, 11, 15);
+    auto code16 = [&](__m512 v) { // magnitude codes of 16 values (int32 lanes)
+      const __m512 af = _mm512_min_ps(vclamp, _mm512_and_ps(v, _mm512_castsi512_ps(absm)));
+      const __m512i a = _mm512_castps_si512(af);
+      const __m512i odd = _mm512_and_si512(_mm512_srli_epi32(a, 23 - M), one_);
+      __m512i c =
+          _mm512_srli_epi32(_mm512_add_epi32(_mm512_add_epi32(a, round_rebias), odd), 23 - M);
+      c = _mm512_mask_cvtps_epi32(c, _mm512_cmplt_epi32_mask(a, vmin_normal),
+                                  _mm512_mul_ps(af, vsub));
+      return _mm512_min_epu32(c, vnan);
+    };
     const std::size_t n64 = n - n % 64;
     for (; i < n64; i += 64) {
       prefetch_ahead(x + i);
-      const __m512i lo = _mm512_packus_epi32(encode(x + i), encode(x + i + 16));
-      const __m512i hi = _mm512_packus_epi32(encode(x + i + 32), encode(x + i + 48));
-      _mm512_storeu_si512(out + i, _mm512_permutexvar_epi32(order, _mm512_packus_epi16(lo, hi)));
+      const __m512 v0 = _mm512_mul_ps(_mm512_loadu_ps(x + i), vinv_);
+      const __m512 v1 = _mm512_mul_ps(_mm512_loadu_ps(x + i + 16), vinv_);
+      const __m512 v2 = _mm512_mul_ps(_mm512_loadu_ps(x + i + 32), vinv_);
+      const __m512 v3 = _mm512_mul_ps(_mm512_loadu_ps(x + i + 48), vinv_);
+      const __m512i codes = _mm512_packs_epi16(_mm512_packs_epi32(code16(v0), code16(v1)),
+                                               _mm512_packs_epi32(code16(v2), code16(v3)));
+      const __m512i signs =
+          _mm512_packs_epi16(_mm512_packs_epi32(_mm512_castps_si512(v0), _mm512_castps_si512(v1)),
+                             _mm512_packs_epi32(_mm512_castps_si512(v2), _mm512_castps_si512(v3)));
+      const __m512i bytes = _mm512_ternarylogic_epi32(codes, signs, signbits, 0xF8); // A | (B & C)
+      _mm512_storeu_si512(out + i, _mm512_permutexvar_epi32(order, bytes));
     }
   }
 #endif
