@@ -204,6 +204,8 @@ LOWMEM_ARCH_TEST_CASE("4-bit packed codes equal the scalar nearest-level count a
   LOWMEM_SKIP_IF_UNSUPPORTED();
   CHECK(kernels::nf4_codebook().cells_ok);     // NF4 takes the one-compare cell path
   CHECK(kernels::fp4_codebook().mag_cells_ok); // FP4 its magnitude-cell path
+  CHECK(kernels::nf4_codebook().lut_ok);       // and both the byte-table path (AVX512-VBMI)
+  CHECK(kernels::fp4_codebook().lut_ok);
   for (const kernels::codebook4* cb : {&kernels::nf4_codebook(), &kernels::fp4_codebook()}) {
     // values around every threshold and every 1/16 cell edge, a few ulps either side, plus ±1
     std::vector<float> v;
@@ -219,6 +221,10 @@ LOWMEM_ARCH_TEST_CASE("4-bit packed codes equal the scalar nearest-level count a
     for (int j = 0; j <= 16; ++j) { // FP4's magnitude cell edges (j - 1/2)/16, both signs
       around(float((j - 0.5) / 16.0));
       around(float(-(j - 0.5) / 16.0));
+    }
+    for (int j = 0; j <= 32; ++j) { // byte-table cell edges (j - offset)/scale, both signs
+      around((float(j) - cb->lut_offset) / cb->lut_scale);
+      around(-(float(j) - cb->lut_offset) / cb->lut_scale);
     }
     v.push_back(-0.f); // sign-magnitude: -0 takes the code of +0
     auto r = ref::uniform_data(997, 77, -1.f, 1.f);
@@ -592,6 +598,39 @@ LOWMEM_ARCH_TEST_CASE("large outputs (streaming stores) equal the small-output p
                              r.data() + e);
       same("fp8 dequantize");
     }
+  }
+}
+
+LOWMEM_ARCH_TEST_CASE("large 4-bit quantize and FP8 encode (interleaved parts) equal the "
+                      "small-input path bitwise, with tails",
+                      "[quant][stream]") {
+  using Arch = TestType;
+  LOWMEM_SKIP_IF_UNSUPPORTED();
+  // above kernels::interleave_min_bytes of input; the tail is not a multiple of a step or block
+  const std::size_t n = kernels::interleave_min_bytes / sizeof(float) + 64 * 37 + 9;
+  const std::size_t piece = 64 * 1024; // the reference: small calls (one contiguous pass)
+  REQUIRE(piece * sizeof(float) < kernels::interleave_min_bytes);
+  auto x = test_data(n, 79);
+  x[n / 3] = NAN, x[n / 2 + 5] = -INFINITY, x[3 * n / 4] = 1e-42f; // special blocks in parts
+  for (fourbit t : {fourbit::nf4, fourbit::fp4}) {
+    INFO("type " << int(t));
+    const std::size_t nb = fourbit_num_blocks(n, 64);
+    std::vector<std::uint8_t> p((n + 1) / 2), rp((n + 1) / 2);
+    std::vector<float> am(nb), ram(nb);
+    fourbit_quantize<Arch>(x.data(), n, t, 64, p.data(), am.data());
+    for (std::size_t e = 0; e < n; e += piece)
+      fourbit_quantize<Arch>(x.data() + e, std::min(piece, n - e), t, 64, rp.data() + e / 2,
+                             ram.data() + e / 64);
+    REQUIRE(std::memcmp(p.data(), rp.data(), p.size()) == 0);
+    REQUIRE(std::memcmp(am.data(), ram.data(), nb * sizeof(float)) == 0);
+  }
+  for (fp8_format f : {fp8_format::e4m3, fp8_format::e5m2}) {
+    INFO("fp8 " << int(f));
+    std::vector<std::uint8_t> c(n), rc(n);
+    fp8_encode<Arch>(x.data(), n, f, c.data(), 0.01f);
+    for (std::size_t e = 0; e < n; e += piece)
+      fp8_encode<Arch>(x.data() + e, std::min(piece, n - e), f, rc.data() + e, 0.01f);
+    REQUIRE(std::memcmp(c.data(), rc.data(), n) == 0);
   }
 }
 

@@ -513,6 +513,29 @@ inline void prefetch_ahead(const float* p) noexcept {
   simd::prefetch<3>(c + 192);
 }
 
+/// Interleaved reading of large inputs: one thread streaming one contiguous array reads ~9.4 GiB/s
+/// here (BM_machine_read), 4 streams ~11.6 (12.7 with the prefetch above): the L2 streamers
+/// track a few lines ahead per stream, so more streams keep more lines in flight. Quantizers of
+/// at least interleave_min_bytes of input run their loop over 4 equal contiguous parts, one step
+/// of each in turn (outputs are independent per element / block, so the results are the same).
+inline constexpr std::size_t interleave_parts = 4;
+inline constexpr std::size_t interleave_min_bytes = simd::stream_min_bytes;
+
+/// Calls f(first, count) to cover [0, n) once: n < min_n: f(0, n); otherwise interleave_parts
+/// contiguous parts of part = n / 4 rounded down to `step`, steps of `step` taken from each part in
+/// turn, then the rest [4·part, n) in one call.
+template <class Fn>
+inline void for_interleaved_parts(std::size_t n, std::size_t step, std::size_t min_n, Fn&& f) {
+  const std::size_t part = n / interleave_parts / step * step;
+  if (n < min_n || part == 0) {
+    f(std::size_t(0), n);
+    return;
+  }
+  for (std::size_t c = 0; c < part; c += step)
+    for (std::size_t k = 0; k < interleave_parts; ++k) f(k * part + c, step);
+  if (interleave_parts * part < n) f(interleave_parts * part, n - interleave_parts * part);
+}
+
 #if XSIMD_WITH_AVX512BW
 /// AVX-512: absmax_bits of B floats, B % 64 == 0 (the largest |x| as integer bits, two running
 /// integer maxima of the masked bits; >= inf_bits when the block holds a NaN or an Inf). The loop

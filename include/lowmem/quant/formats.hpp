@@ -100,26 +100,34 @@ template <class Arch, class Fn> inline void dequant_out(std::size_t n, float* x,
 
 /// Output driver of the block quantizers: f(b, k, out) quantizes blocks [b, b + k) and writes
 /// their codes (bpb bytes per block) to out. Small outputs: one call, f(0, nb, codes). Outputs of
-/// at least simd::stream_min_bytes: pieces of whole blocks (up to 1 KiB of codes) through a
-/// simd::stream_writer, so the code lines are not read from DRAM before being written (int8:
-/// 6 -> 5 B/value of traffic). Used for int8 only: 100M floats, int8 block-64 quantize 44 -> 41
-/// ms, but NF4 / FP4 (0.5 B/value of codes, more compute per value) and FP8 encode measured no
-/// better or worse (FP4 44 -> 48 ms).
+/// at least simd::stream_min_bytes: pieces of whole blocks (up to 1 KiB of codes) through
+/// simd::stream_writers, so the code lines are not read from DRAM before being written (int8:
+/// 6 -> 5 B/value of traffic), taken in turn from kernels::interleave_parts contiguous parts (one
+/// writer each; the last also writes the rest), which keeps 4 input streams in flight. Used for
+/// int8 only: 100M floats, int8 block-64 quantize 44 -> 41 ms (streaming stores alone), but NF4 /
+/// FP4 (0.5 B/value of codes, more compute per value) and FP8 encode measured no better or worse
+/// with streaming stores (FP4 44 -> 48 ms).
 template <class Arch, class Fn>
 inline void quant_blocks_out(std::size_t nb, std::size_t bpb, std::uint8_t* codes, Fn&& f) {
   using W = simd::stream_writer<Arch, std::uint8_t>;
+  constexpr std::size_t S = kernels::interleave_parts;
+  static_assert(S == 4, "one writer per part below");
   if (nb * bpb < simd::stream_min_bytes || bpb > W::max_piece) {
     f(std::size_t(0), nb, codes);
     return;
   }
-  W w(codes);
   const std::size_t per = W::max_piece / bpb;
-  for (std::size_t b = 0; b < nb; b += per) {
-    const std::size_t k = std::min(per, nb - b);
-    f(b, k, w.next(k * bpb));
-    w.advance(k * bpb);
-  }
-  w.finish();
+  const std::size_t part = nb / S / per * per; // blocks per part, whole pieces (> 0 here)
+  W w0(codes), w1(codes + part * bpb), w2(codes + 2 * part * bpb), w3(codes + 3 * part * bpb);
+  W* w[S] = {&w0, &w1, &w2, &w3};
+  auto piece = [&](W& wk, std::size_t b, std::size_t k) {
+    f(b, k, wk.next(k * bpb));
+    wk.advance(k * bpb);
+  };
+  for (std::size_t c = 0; c < part; c += per)
+    for (std::size_t k = 0; k < S; ++k) piece(*w[k], k * part + c, per);
+  for (std::size_t b = S * part; b < nb; b += per) piece(w3, b, std::min(per, nb - b));
+  for (W* wk : w) wk->finish();
 }
 } // namespace detail
 
@@ -266,7 +274,13 @@ inline void fourbit_quantize(const float* x, std::size_t n, fourbit t, index_t b
   if (block % 64 == 0 && kernels::has_codebook_blocks_path<Arch>(cb)) {
     // whole blocks through the fused one-pass kernel (bitwise the same), the partial last one below
     b0 = n / std::size_t(block);
-    kernels::codebook_blocks64<Arch>(x, b0, std::size_t(block), cb, packed, absmax);
+    const std::size_t B = std::size_t(block);
+    // large inputs: 4 interleaved parts (kernels::for_interleaved_parts), 4 KiB+ steps
+    kernels::for_interleaved_parts(b0, (1023 + B) / B, kernels::interleave_min_bytes / (4 * B),
+                                   [&](std::size_t b, std::size_t k) {
+                                     kernels::codebook_blocks64<Arch>(
+                                         x + b * B, k, B, cb, packed + b * B / 2, absmax + b);
+                                   });
   }
   alignas(64) std::uint8_t tmp[256];
   for (std::size_t b = b0; b < nb; ++b) {
@@ -345,10 +359,14 @@ inline void fp8_encode(const float* x, std::size_t n, fp8_format f, std::uint8_t
   require_data(fn, "x", x, n);
   require_data(fn, "out", out, n);
   const float inv = 1.0f / scale;
-  if (f == fp8_format::e4m3)
-    kernels::fp8_encode_array<Arch, 3>(x, n, inv, saturate, out);
-  else
-    kernels::fp8_encode_array<Arch, 2>(x, n, inv, saturate, out);
+  // large inputs: 4 interleaved parts (kernels::for_interleaved_parts), steps of 1024 values
+  kernels::for_interleaved_parts(
+      n, 1024, kernels::interleave_min_bytes / 4, [&](std::size_t i, std::size_t m) {
+        if (f == fp8_format::e4m3)
+          kernels::fp8_encode_array<Arch, 3>(x + i, m, inv, saturate, out + i);
+        else
+          kernels::fp8_encode_array<Arch, 2>(x + i, m, inv, saturate, out + i);
+      });
 }
 
 /// Array conversion x_i = fp32(code_i)·scale (exact for scale 1). Memory: none.
