@@ -1263,6 +1263,40 @@ inline void fp8_encode_array(const float* x, std::size_t n, float inv_scale, boo
   for (; i < n; ++i) out[i] = fp8_encode<M>(x[i] * inv_scale, saturate);
 }
 
+/// fp16 bits of every e4m3 magnitude m (0..127) as two byte tables (hi, lo), and the vpermb
+/// order of fp8_decode_array's 64-code step: vpunpcklbw / vpunpckhbw take bytes 0-7 / 8-15 of
+/// each 128-bit lane, so lane L gets codes 8L..8L+7 in bytes 0-7 and 32+8L..32+8L+7 in bytes 8-15
+/// (the low words are then elements 0..31 in order, the high words 32..63).
+struct fp8_half_tables {
+  alignas(64) std::uint8_t hi[128];
+  alignas(64) std::uint8_t lo[128];
+  alignas(64) std::uint8_t order[64];
+};
+inline fp8_half_tables make_e4m3_half_tables() noexcept {
+  fp8_half_tables t{};
+  for (int m = 0; m < 128; ++m) {
+    const int e = m >> 3, f = m & 7;
+    std::uint32_t h = 0;
+    if (m == 0x7F) {
+      h = 0x7E00; // NaN
+    } else if (e > 0) {
+      h = std::uint32_t((e + 8) << 10 | f << 7); // 2^(e - 7)·1.f: fp16 exponent e - 7 + 15
+    } else if (f > 0) { // subnormal f·2^-9 = 2^(k - 9)·(f / 2^k), k = floor(log2 f)
+      const int k = f >= 4 ? 2 : (f >= 2 ? 1 : 0);
+      h = std::uint32_t((k + 6) << 10 | (f - (1 << k)) << (10 - k));
+    }
+    t.hi[m] = std::uint8_t(h >> 8), t.lo[m] = std::uint8_t(h & 0xFF);
+  }
+  for (int L = 0; L < 4; ++L)
+    for (int p = 0; p < 16; ++p)
+      t.order[16 * L + p] = std::uint8_t(p < 8 ? 8 * L + p : 32 + 8 * L + p - 8);
+  return t;
+}
+inline const fp8_half_tables& e4m3_half_tables() noexcept {
+  static const fp8_half_tables t = make_e4m3_half_tables();
+  return t;
+}
+
 /// out[i] = fp32(code[i])·scale, i < n (exact decode, then one multiply).
 /// Normal codes: the magnitude bits shifted under the fp32 exponent plus the exponent rebias, in
 /// integer arithmetic; subnormal codes (exponent 0): float(mantissa)·2^(1 − bias − M). Both exact,
@@ -1288,6 +1322,35 @@ inline void fp8_decode_array(const std::uint8_t* codes, std::size_t n, float sca
     const __m512i min_normal = _mm512_set1_epi32(1 << M), vspecial = _mm512_set1_epi32(special);
     const __m512i qnan = _mm512_set1_epi32(0x7FC00000), inf = _mm512_set1_epi32(inf_bits);
     const __m512i signbit = _mm512_set1_epi32(std::int32_t(0x80000000u));
+#if defined(__AVX512VBMI__) && defined(__F16C__)
+    if constexpr (M == 3) {
+      // e4m3, 64 codes per step: every e4m3 value (2^-9 .. 448, NaN) is a normal fp16 (or
+      // zero, NaN), so two 128-entry byte tables (vpermi2b on the 7 magnitude bits) give its fp16
+      // high and low bytes, the sign bit joins the high byte, vpunpck{l,h}bw make the words and
+      // vcvtph2ps the floats: exact, ~20 vector ops per 64 codes instead of ~56, no fp16 or fp32
+      // subnormal on the way. NaN: fp16 0x7E00 -> fp32 0x7FC00000 (| sign), as above.
+      const fp8_half_tables& h = e4m3_half_tables();
+      const __m512i hi0 = _mm512_load_si512(h.hi), hi1 = _mm512_load_si512(h.hi + 64);
+      const __m512i lo0 = _mm512_load_si512(h.lo), lo1 = _mm512_load_si512(h.lo + 64);
+      const __m512i sign8 = _mm512_set1_epi8(-128), order = _mm512_load_si512(h.order);
+      const std::size_t n64 = n - n % 64;
+      for (; i < n64; i += 64) {
+        const __m512i c = _mm512_permutexvar_epi8(order, _mm512_loadu_si512(codes + i));
+        const __m512i hb = _mm512_ternarylogic_epi32(_mm512_permutex2var_epi8(hi0, c, hi1), c,
+                                                     sign8, 0xF8); // A | (B & C)
+        const __m512i lb = _mm512_permutex2var_epi8(lo0, c, lo1);
+        const __m512i w0 = _mm512_unpacklo_epi8(lb, hb), w1 = _mm512_unpackhi_epi8(lb, hb);
+        const __m512 f0 = _mm512_cvtph_ps(_mm512_castsi512_si256(w0));
+        const __m512 f1 = _mm512_cvtph_ps(_mm512_extracti64x4_epi64(w0, 1));
+        const __m512 f2 = _mm512_cvtph_ps(_mm512_castsi512_si256(w1));
+        const __m512 f3 = _mm512_cvtph_ps(_mm512_extracti64x4_epi64(w1, 1));
+        _mm512_storeu_ps(out + i, _mm512_mul_ps(f0, vscale));
+        _mm512_storeu_ps(out + i + 16, _mm512_mul_ps(f1, vscale));
+        _mm512_storeu_ps(out + i + 32, _mm512_mul_ps(f2, vscale));
+        _mm512_storeu_ps(out + i + 48, _mm512_mul_ps(f3, vscale));
+      }
+    }
+#endif
     for (; i < nv; i += 16) {
       const __m512i c =
           _mm512_cvtepu8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(codes + i)));
