@@ -823,8 +823,12 @@ inline void codebook_blocks64_lut(const float* x, std::size_t nb, std::size_t B,
   const std::uint8_t zc = codebook_code_scalar(0.0f, cb);
   const __m512i pair_weights = _mm512_set1_epi16(0x0110); // bytes (16, 1)
   const __m512i lut = _mm512_load_si512(cb.lut_code), order = nibble_pair_order();
+  // software-pipelined: block b + 1's absmax is issued before block b's codes, so its loads and
+  // reduction overlap the codes instead of waiting behind them in the scheduler
+  std::int32_t next = nb ? absmax_bits64(x, B) : 0;
   for (std::size_t b = 0; b < nb; ++b, x += B, packed += B / 2) {
-    const std::int32_t bits = absmax_bits64(x, B);
+    const std::int32_t bits = next;
+    if (b + 1 < nb) next = absmax_bits64(x + B, B);
     if (bits >= inf_bits) {
       absmax[b] = std::numeric_limits<float>::quiet_NaN();
       std::memset(packed, (zc << 4) | zc, B / 2);
