@@ -10,7 +10,8 @@
 // writes a with streaming (non-temporal) stores, which skip that write-allocate read: the figure
 // STREAM reports on most x86 builds.
 // Read: s += b[i] over one 256 MiB array (4 vector accumulators, no stores): this core's pure read
-// bandwidth, the bound of a kernel that reads fp32 and writes much less (quantize, FP8 encode).
+// bandwidth, the bound of a kernel that reads fp32 and writes much less (quantize, FP8 encode);
+// `read_4parts` reads 4 contiguous quarters in turn (4 streams: more lines in flight per core).
 //
 // Each case is timed twice: `/real_time` (wall clock: what a dedicated machine shows) and
 // `/manual_time` = the largest per-thread CPU time of the iteration (CLOCK_THREAD_CPUTIME_ID).
@@ -190,21 +191,25 @@ BENCHMARK_TEMPLATE(BM_machine_triad, true)
     ->UseManualTime()
     ->Unit(benchmark::kMillisecond);
 
-/// Sum of b[lo, hi): 4 independent vector accumulators (the adds are not the bottleneck).
-float read_sum(const float* b, std::ptrdiff_t lo, std::ptrdiff_t hi) {
+/// Sum of b[lo, hi): 4 independent vector accumulators (the adds are not the bottleneck). Parts
+/// > 1: [lo, hi) cut into Parts contiguous parts read 4 vectors of each in turn (Parts streams,
+/// as the large quantizers read their input: kernels::for_interleaved_parts).
+template <int Parts> float read_sum(const float* b, std::ptrdiff_t lo, std::ptrdiff_t hi) {
   constexpr std::ptrdiff_t W = std::ptrdiff_t(lowmem::simd::width<Arch>);
+  const std::ptrdiff_t part = (hi - lo) / Parts / (4 * W) * (4 * W);
   F s0(0.f), s1(0.f), s2(0.f), s3(0.f);
-  std::ptrdiff_t i = lo;
-  for (; i + 4 * W <= hi; i += 4 * W) {
-    s0 += F::load_unaligned(b + i), s1 += F::load_unaligned(b + i + W);
-    s2 += F::load_unaligned(b + i + 2 * W), s3 += F::load_unaligned(b + i + 3 * W);
-  }
+  for (std::ptrdiff_t i = 0; i < part; i += 4 * W)
+    for (int k = 0; k < Parts; ++k) {
+      const float* p = b + lo + k * part + i;
+      s0 += F::load_unaligned(p), s1 += F::load_unaligned(p + W);
+      s2 += F::load_unaligned(p + 2 * W), s3 += F::load_unaligned(p + 3 * W);
+    }
   float s = lowmem::simd::reduce_add((s0 + s1) + (s2 + s3));
-  for (; i < hi; ++i) s += b[i];
+  for (std::ptrdiff_t i = lo + Parts * part; i < hi; ++i) s += b[i];
   return s;
 }
 
-void BM_machine_read(benchmark::State& state) {
+template <int Parts> void BM_machine_read(benchmark::State& state) {
   const int threads = int(state.range(0));
   const std::size_t n = lowmem::bench::smoke() ? (1 << 20) : (64u << 20); // 256 MiB
   const buffer b = aligned_floats(n);
@@ -218,15 +223,37 @@ void BM_machine_read(benchmark::State& state) {
   for (auto _ : state) {
     const double cpu =
         timed_parallel(std::ptrdiff_t(n), threads, [&](std::ptrdiff_t lo, std::ptrdiff_t hi) {
-          sink[std::size_t(lo * threads / std::ptrdiff_t(n))] += read_sum(b.get(), lo, hi);
+          sink[std::size_t(lo * threads / std::ptrdiff_t(n))] += read_sum<Parts>(b.get(), lo, hi);
         });
     state.SetIterationTime(cpu);
   }
   benchmark::DoNotOptimize(sink.data());
   state.SetBytesProcessed(std::int64_t(state.iterations()) * std::int64_t(n) * 4);
 }
-BENCHMARK(BM_machine_read)->Arg(1)->Arg(2)->UseRealTime()->Unit(benchmark::kMillisecond);
-BENCHMARK(BM_machine_read)->Arg(1)->Arg(2)->UseManualTime()->Unit(benchmark::kMillisecond);
+BENCHMARK_TEMPLATE(BM_machine_read, 1)
+    ->Name("BM_machine_read")
+    ->Arg(1)
+    ->Arg(2)
+    ->UseRealTime()
+    ->Unit(benchmark::kMillisecond);
+BENCHMARK_TEMPLATE(BM_machine_read, 1)
+    ->Name("BM_machine_read")
+    ->Arg(1)
+    ->Arg(2)
+    ->UseManualTime()
+    ->Unit(benchmark::kMillisecond);
+BENCHMARK_TEMPLATE(BM_machine_read, 4)
+    ->Name("BM_machine_read_4parts")
+    ->Arg(1)
+    ->Arg(2)
+    ->UseRealTime()
+    ->Unit(benchmark::kMillisecond);
+BENCHMARK_TEMPLATE(BM_machine_read, 4)
+    ->Name("BM_machine_read_4parts")
+    ->Arg(1)
+    ->Arg(2)
+    ->UseManualTime()
+    ->Unit(benchmark::kMillisecond);
 } // namespace
 
 BENCHMARK_MAIN();
