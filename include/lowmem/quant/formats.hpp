@@ -100,33 +100,34 @@ template <class Arch, class Fn> inline void dequant_out(std::size_t n, float* x,
 
 /// Output driver of the block quantizers: f(b, k, out) quantizes blocks [b, b + k) and writes
 /// their codes (bpb bytes per block) to out. Small outputs: one call, f(0, nb, codes). Outputs of
-/// at least simd::stream_min_bytes: pieces of whole blocks (up to 1 KiB of codes) through
-/// simd::stream_writers, so the code lines are not read from DRAM before being written (int8:
-/// 6 -> 5 B/value of traffic), taken in turn from kernels::interleave_parts contiguous parts (one
-/// writer each; the last also writes the rest), which keeps 4 input streams in flight. Used for
-/// int8 only: 100M floats, int8 block-64 quantize 44 -> 41 ms (streaming stores alone), but NF4 /
-/// FP4 (0.5 B/value of codes, more compute per value) and FP8 encode measured no better or worse
-/// with streaming stores (FP4 44 -> 48 ms).
+/// at least simd::stream_min_bytes: the blocks are visited as kernels::for_interleaved_parts lays
+/// them out (4 contiguous parts taken in turn, which keeps 4 input streams in flight), in pieces of
+/// up to 1 KiB of codes, each part written through its own simd::stream_writer so the code lines
+/// are not read from DRAM before being written (int8: 6 -> 5 B/value of traffic); the last part's
+/// writer also writes the rest. Used for int8 only: 100M floats, int8 block-64 quantize 44 -> 41
+/// ms (streaming stores alone), but NF4 / FP4 (0.5 B/value of codes, more compute per value) and
+/// FP8 encode measured no better or worse with streaming stores (FP4 44 -> 48 ms).
 template <class Arch, class Fn>
 inline void quant_blocks_out(std::size_t nb, std::size_t bpb, std::uint8_t* codes, Fn&& f) {
   using W = simd::stream_writer<Arch, std::uint8_t>;
   constexpr std::size_t S = kernels::interleave_parts;
   static_assert(S == 4, "one writer per part below");
-  if (nb * bpb < simd::stream_min_bytes || bpb > W::max_piece) {
+  const std::size_t per = bpb <= W::max_piece ? W::max_piece / bpb : 0; // blocks per piece
+  const std::size_t part = per ? nb / S / per * per : 0; // for_interleaved_parts' part length
+  if (nb * bpb < simd::stream_min_bytes || part == 0) {
     f(std::size_t(0), nb, codes);
     return;
   }
-  const std::size_t per = W::max_piece / bpb;
-  const std::size_t part = nb / S / per * per; // blocks per part, whole pieces (> 0 here)
   W w0(codes), w1(codes + part * bpb), w2(codes + 2 * part * bpb), w3(codes + 3 * part * bpb);
   W* w[S] = {&w0, &w1, &w2, &w3};
-  auto piece = [&](W& wk, std::size_t b, std::size_t k) {
-    f(b, k, wk.next(k * bpb));
-    wk.advance(k * bpb);
-  };
-  for (std::size_t c = 0; c < part; c += per)
-    for (std::size_t k = 0; k < S; ++k) piece(*w[k], k * part + c, per);
-  for (std::size_t b = S * part; b < nb; b += per) piece(w3, b, std::min(per, nb - b));
+  kernels::for_interleaved_parts(nb, per, 0, [&](std::size_t b, std::size_t count) {
+    W& wk = *w[std::min(b / part, S - 1)]; // the rest [4·part, nb) continues part 3's output
+    for (const std::size_t end = b + count; b < end; b += per) {
+      const std::size_t k = std::min(per, end - b);
+      f(b, k, wk.next(k * bpb));
+      wk.advance(k * bpb);
+    }
+  });
   for (W* wk : w) wk->finish();
 }
 } // namespace detail
