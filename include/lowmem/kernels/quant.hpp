@@ -1307,6 +1307,8 @@ inline const fp8_half_tables& e4m3_half_tables() noexcept {
 /// and no fp32 subnormal ever enters an FP operation: the former "shift, then multiply by
 /// 2^(127 − bias)" made fp8 subnormals fp32 subnormals first, and each such vector took a
 /// microcode assist (~1% of normal data in e4m3: fp8_decode ran at 4.4 GiB/s even L2-resident).
+/// AVX-512 with F16C takes both formats through fp16 instead, 64 codes per step (blocks below):
+/// L1-resident e5m2 decode 18.0 -> 47.4 GiB/s of fp32 output, the same bits.
 template <class Arch, int M>
 inline void fp8_decode_array(const std::uint8_t* codes, std::size_t n, float scale, float* out) {
   using F = simd::fbatch<Arch>;
@@ -1344,6 +1346,37 @@ inline void fp8_decode_array(const std::uint8_t* codes, std::size_t n, float sca
                                                      sign8, 0xF8); // A | (B & C)
         const __m512i lb = _mm512_permutex2var_epi8(lo0, c, lo1);
         const __m512i w0 = _mm512_unpacklo_epi8(lb, hb), w1 = _mm512_unpackhi_epi8(lb, hb);
+        const __m512 f0 = _mm512_cvtph_ps(_mm512_castsi512_si256(w0));
+        const __m512 f1 = _mm512_cvtph_ps(_mm512_extracti64x4_epi64(w0, 1));
+        const __m512 f2 = _mm512_cvtph_ps(_mm512_castsi512_si256(w1));
+        const __m512 f3 = _mm512_cvtph_ps(_mm512_extracti64x4_epi64(w1, 1));
+        _mm512_storeu_ps(out + i, _mm512_mul_ps(f0, vscale));
+        _mm512_storeu_ps(out + i + 16, _mm512_mul_ps(f1, vscale));
+        _mm512_storeu_ps(out + i + 32, _mm512_mul_ps(f2, vscale));
+        _mm512_storeu_ps(out + i + 48, _mm512_mul_ps(f3, vscale));
+      }
+    }
+#endif
+#if defined(__F16C__)
+    if constexpr (M == 2) {
+      // e5m2, 64 codes per step: an e5m2 code is the high byte of the fp16 with the same value
+      // (same sign, exponent bias 15 and Inf; the 2 mantissa bits on top of fp16's 10), so a
+      // zero low byte (vpunpck{l,h}bw) and vcvtph2ps decode it exactly; fp16 subnormals become
+      // normal fp32, no fp32 subnormal on the way. The NaN codes S.11111.{01,10,11} are first
+      // replaced by S.11111.10 (fp16 0x7E00 -> fp32 0x7FC00000 | sign, the scalar NaN). The qword
+      // permute puts codes 8L..8L+7 and 32+8L..32+8L+7 in lane L, so the unpacks' words come
+      // out as elements 0..31 (low) and 32..63 (high) in order.
+      const __m512i order = _mm512_set_epi64(7, 3, 6, 2, 5, 1, 4, 0);
+      const __m512i mag8 = _mm512_set1_epi8(0x7F), inf8 = _mm512_set1_epi8(0x7C);
+      const __m512i qnan8 = _mm512_set1_epi8(0x7E), sign8 = _mm512_set1_epi8(-128);
+      const __m512i zero = _mm512_setzero_si512();
+      const std::size_t n64 = n - n % 64;
+      for (; i < n64; i += 64) {
+        __m512i c = _mm512_permutexvar_epi64(order, _mm512_loadu_si512(codes + i));
+        const __mmask64 nan = _mm512_cmpgt_epu8_mask(_mm512_and_si512(c, mag8), inf8);
+        c = _mm512_mask_blend_epi8(
+            nan, c, _mm512_ternarylogic_epi32(c, sign8, qnan8, 0xEA)); // (c & 0x80) | 0x7E
+        const __m512i w0 = _mm512_unpacklo_epi8(zero, c), w1 = _mm512_unpackhi_epi8(zero, c);
         const __m512 f0 = _mm512_cvtph_ps(_mm512_castsi512_si256(w0));
         const __m512 f1 = _mm512_cvtph_ps(_mm512_extracti64x4_epi64(w0, 1));
         const __m512 f2 = _mm512_cvtph_ps(_mm512_castsi512_si256(w1));
