@@ -8,6 +8,11 @@
 //    APOLLO-Mini at r = 1, step time without the projection refresh, the GaLore randomized-SVD
 //    refresh timed alone (amortised over T = 200 steps in practice), fused AdamW on the same
 //    matrix; counter state_MiB.
+//  * adamw8bit_part/<part> (AVX512-VBMI builds): the pieces of one 8-bit AdamW group step on
+//    one L1-resident group of 2048 values, so the step's compute can be split without a profiler
+//    (this VM exposes no PMU): encode_signed / encode_unsigned (encode256, m and v codes),
+//    decode (decode256), update (adam_span, the fp32 AdamW arithmetic incl. vsqrtps / vdivps);
+//    items/s counts values.
 // Counters: bytes/s (SetBytesProcessed), peak_MiB (heap growth inside the timed loop).
 #include "bench_support.hpp"
 
@@ -191,6 +196,57 @@ void BM_adamw_bf16_lowmem(benchmark::State& state) {
   peak.report(state);
   finish(state, 24);
 }
+
+#if defined(__AVX512VBMI__)
+// part: 0 encode_signed, 1 encode_unsigned, 2 decode, 3 update
+void BM_adamw8bit_part(benchmark::State& state, int part) {
+  namespace k = lowmem::optim::kernels;
+  constexpr std::size_t G = k::group_size;
+  alignas(64) static float m[G], v[G], p[G], g[G], out[G];
+  alignas(64) static std::uint8_t codes[G];
+  const lowmem::random::stream s{3, 0};
+  lowmem::random::fill_uniform(s, 0, m, G); // [0, 1)
+  lowmem::random::fill_uniform(s, G, v, G);
+  lowmem::random::fill_uniform(s, 2 * G, g, G);
+  for (std::size_t i = 0; i < G; ++i) { // m, g in [-1, 1); v = u^4 spans several decades
+    m[i] = 2 * m[i] - 1, g[i] = 2 * g[i] - 1, v[i] *= v[i] * v[i] * v[i], p[i] = 0.5f;
+  }
+  const k::codebook &sm = k::signed_dynamic8(), &um = k::unsigned_dynamic8();
+  const k::avx512::encode256 enc_m(sm), enc_v(um);
+  const k::avx512::decode256 dec(sm);
+  const __m512 one = _mm512_set1_ps(1.0f);
+  for (std::size_t j = 0; j < G; j += 64) enc_m.store64<true>(m + j, one, codes + j);
+  const auto c = lowmem::optim::detail::adam_coeffs(1e-3, 0.9, 0.999, 1e-8, 0.01, true, 10);
+  lowmem::bench::peak_memory peak;
+  for (auto _ : state) {
+    if (part == 0) {
+      for (std::size_t j = 0; j < G; j += 64) enc_m.store64<true>(m + j, one, codes + j);
+    } else if (part == 1) {
+      for (std::size_t j = 0; j < G; j += 64) enc_v.store64<false>(v + j, one, codes + j);
+    } else if (part == 2) {
+      for (std::size_t j = 0; j < G; j += 64) {
+        __m512 o[4];
+        dec.get(codes + j, one, o);
+        for (int r = 0; r < 4; ++r) _mm512_store_ps(out + j + 16 * r, o[r]);
+      }
+    } else {
+      // p, m, v drift by ~1e-3 per call; the values stay finite and normal for any run length
+      k::adam_span<lowmem::simd::default_arch, false>(p, g, m, v, G, c);
+    }
+    benchmark::DoNotOptimize(codes);
+    benchmark::DoNotOptimize(out);
+    benchmark::ClobberMemory();
+  }
+  peak.report(state);
+  state.SetItemsProcessed(std::int64_t(state.iterations()) * std::int64_t(G));
+}
+BENCHMARK_CAPTURE(BM_adamw8bit_part, encode_signed, 0)
+    ->Name("BM_optimizers_adamw8bit_part/lowmem/encode_signed");
+BENCHMARK_CAPTURE(BM_adamw8bit_part, encode_unsigned, 1)
+    ->Name("BM_optimizers_adamw8bit_part/lowmem/encode_unsigned");
+BENCHMARK_CAPTURE(BM_adamw8bit_part, decode, 2)->Name("BM_optimizers_adamw8bit_part/lowmem/decode");
+BENCHMARK_CAPTURE(BM_adamw8bit_part, update, 3)->Name("BM_optimizers_adamw8bit_part/lowmem/update");
+#endif
 
 // ---- projected methods on one matrix [m, n] ------------------------------------------------
 
