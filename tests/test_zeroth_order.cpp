@@ -635,8 +635,11 @@ LOWMEM_ARCH_TEST_CASE("EGGROLL batched forward equals forming E_j explicitly", "
   struct shape {
     index_t pop, rows, in, out, rank;
   };
+  // x·Wᵀ tails: rows 70 = one packed pass of 64 + 6, 39 = panels of 32 + 7 (one width or less
+  // left); out 31 / 50 = groups of 12 (AVX-512) or 6, then 4, then single columns; odd in.
   for (const shape s : {shape{3, 1, 1, 1, 1}, shape{5, 2, 37, 19, 1}, shape{4, 3, 600, 9, 2},
-                        shape{2, 5, 17, 1030, 3}, shape{8, 1, 64, 64, 1}}) {
+                        shape{2, 5, 17, 1030, 3}, shape{8, 1, 64, 64, 1}, shape{10, 7, 301, 31, 1},
+                        shape{3, 13, 129, 50, 2}}) {
     const auto x = ref::uniform_data(std::size_t(s.pop * s.rows * s.in), 1);
     const auto w = ref::uniform_data(std::size_t(s.out * s.in), 2);
     std::vector<float> y(std::size_t(s.pop * s.rows * s.out), -7.f);
@@ -690,7 +693,7 @@ TEST_CASE("EGGROLL update equals the explicit sum of coeff_j B_j A_j^T", "[zo][e
 }
 
 TEST_CASE("EGGROLL forward: threads, bad shapes, no allocation", "[zo][eggroll]") {
-  const index_t pop = 8, rows = 2, in = 130, out = 70, rank = 1;
+  const index_t pop = 8, rows = 9, in = 130, out = 70, rank = 1; // x: 72 rows = 2 packed passes
   const auto x = ref::uniform_data(std::size_t(pop * rows * in), 1);
   const auto w = ref::uniform_data(std::size_t(out * in), 2);
   std::vector<float> y1(std::size_t(pop * rows * out)), y2(y1.size());
@@ -707,7 +710,7 @@ TEST_CASE("EGGROLL forward: threads, bad shapes, no allocation", "[zo][eggroll]"
   CHECK(ref::bitwise_equal(y1.data(), y2.data(), y1.size()));
   std::vector<float> y3(y1.size(), 5.f);
   CHECK_THROWS_AS(zo::eggroll_forward(make_view(x.data(), pop * rows, in),
-                                      make_view(w.data(), out, in), 3 /* 16 % 3 != 0 */, 0.1f, rank,
+                                      make_view(w.data(), out, in), 5 /* 72 % 5 != 0 */, 0.1f, rank,
                                       1, 0, make_view(y3.data(), pop * rows, out), ws.get()),
                   lowmem::invalid_argument);
   CHECK_THROWS_AS(zo::eggroll_forward(make_view(x.data(), pop * rows, in - 1),

@@ -702,7 +702,9 @@ inline void eggroll_factors(std::uint64_t seed, std::uint64_t matrix_id, std::ui
 namespace detail {
 template <class WS>
 void eggroll_forward_carve(WS& ws, std::size_t in, std::size_t out, std::size_t rank,
-                           std::size_t rows, float*& a, float*& at, float*& b, float*& t) {
+                           std::size_t rows, float*& xt, float*& a, float*& at, float*& b,
+                           float*& t) {
+  xt = ws.template take<float>(kernels::nt_pack_floats(in));
   a = ws.template take<float>(in * rank);
   at = ws.template take<float>(in * rank);
   b = ws.template take<float>(out * rank);
@@ -718,23 +720,27 @@ void eggroll_update_carve(WS& ws, std::size_t in, std::size_t out, std::size_t r
 }
 } // namespace detail
 
-/// Workspace bytes of eggroll_forward: (2·in + out)·r + rows·r floats (+ alignment).
+/// Workspace bytes of eggroll_forward: 64·in floats (x packed 64 rows at a time: 1 MiB at
+/// in = 4096) + (2·in + out)·r + rows·r floats (+ alignment). Independent of the thread count.
 inline std::size_t eggroll_forward_workspace_bytes(index_t in, index_t out, index_t rank,
                                                    index_t rows_per_member) {
   workspace_planner p;
-  float *a, *at, *b, *t;
+  float *xt, *a, *at, *b, *t;
   detail::eggroll_forward_carve(p, std::size_t(in), std::size_t(out), std::size_t(rank),
-                                std::size_t(rows_per_member), a, at, b, t);
+                                std::size_t(rows_per_member), xt, a, at, b, t);
   return p.bytes();
 }
 
 /// Batched EGGROLL forward: for member j < population and its rows x_j = x[j·rows .. (j+1)·rows):
 ///   y_j = x_j·Wᵀ + σ·(x_j·A_j)·B_jᵀ            (= x_j·(W + σ B_j A_jᵀ)ᵀ without forming E_j)
 /// Shapes: x [population·rows, in], w [out, in], y [population·rows, out], row-major views (any
-/// leading dimension). One pass over W for the whole population (register-blocked x·Wᵀ, threads
-/// over 4-column blocks of y), then per member O((in + out)·r + rows·in·r) for the low-rank term.
+/// leading dimension). x·Wᵀ: x packed 64 rows at a time into the workspace, then one pass over
+/// W per 64 rows (an outer-product micro-kernel, 32 rows of x × 12 rows of W on AVX-512; threads
+/// over groups of 12 columns of y), then per member O((in + out)·r + rows·in·r) for the low-rank
+/// term.
 /// Memory: workspace of eggroll_forward_workspace_bytes(in, out, rank, rows); no heap.
-/// Numerics: fp32 accumulation, sum order independent of the thread count.
+/// Numerics: fp32 accumulation; each x·Wᵀ element is one fma chain over k in order, so results
+/// are bitwise independent of the thread count.
 /// Preconditions: rows·population == x.rows, shapes match, rank >= 1, σ finite, workspace large
 /// enough; throws lowmem::invalid_argument before writing y otherwise.
 template <class Arch = simd::default_arch>
@@ -756,19 +762,25 @@ inline void eggroll_forward(matrix_view<const float> x, matrix_view<const float>
   detail::check(y.cols == out, f, "y.cols", "== w.rows", y.cols);
   detail::check_view(f, "y", y);
   require_workspace(f, ws, eggroll_forward_workspace_bytes(in, out, rank, rows));
-  // 1) y = x·Wᵀ for the whole population: W streamed once.
-  const index_t blocks = (out + 3) / 4; // a block: 4 columns of y, 4·x.rows·in multiply-adds
-  parallel_for(
-      0, blocks, item_work{4 * x.rows * in},
-      [&](std::ptrdiff_t b0, std::ptrdiff_t b1, int) {
-        kernels::gemm_nt<Arch>(x.data, x.ld, w.data, w.ld, y.data, y.ld, x.rows, 4 * b0,
-                               std::min<index_t>(out, 4 * b1), in, false);
-      },
-      threads);
-  // 2) + σ·(x_j·A_j)·B_jᵀ per member.
-  float *a, *at, *b, *t;
+  float *xt, *a, *at, *b, *t;
   detail::eggroll_forward_carve(ws, std::size_t(in), std::size_t(out), std::size_t(rank),
-                                std::size_t(rows), a, at, b, t);
+                                std::size_t(rows), xt, a, at, b, t);
+  // 1) y = x·Wᵀ, 64 rows of x at a time: pack them, then stream W once for all 64.
+  constexpr index_t mr = kernels::nt_mr<Arch>; // a group: mr columns of y, mr·np·in mul-adds
+  const index_t groups = (out + mr - 1) / mr;
+  for (index_t p0 = 0; p0 < x.rows; p0 += kernels::nt_pack_rows) {
+    const index_t np = std::min<index_t>(kernels::nt_pack_rows, x.rows - p0);
+    kernels::gemm_nt_pack(x.data + p0 * x.ld, x.ld, np, in, xt);
+    float* yp = y.data + p0 * y.ld;
+    parallel_for(
+        0, groups, item_work{mr * np * in},
+        [&](std::ptrdiff_t g0, std::ptrdiff_t g1, int) {
+          kernels::gemm_nt_packed<Arch>(xt, np, w.data, w.ld, yp, y.ld, mr * g0,
+                                        std::min<index_t>(out, mr * g1), in);
+        },
+        threads);
+  }
+  // 2) + σ·(x_j·A_j)·B_jᵀ per member.
   const std::size_t r = std::size_t(rank);
   for (index_t j = 0; j < population; ++j) {
     eggroll_factors<Arch>(seed, matrix_id, std::uint64_t(j), std::size_t(in), std::size_t(out), r,

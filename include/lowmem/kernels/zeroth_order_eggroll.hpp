@@ -1,19 +1,113 @@
 // lowmem/kernels/zeroth_order_eggroll.hpp — the dense products behind EGGROLL's batched forward
-// and low-rank update (lowmem/zeroth_order.hpp): a register-blocked Y = X·Wᵀ ("NT", both
-// row-major, dot products along rows) and a multi-axpy W += B·A.
+// and low-rank update (lowmem/zeroth_order.hpp):
+//  * gemm_nt_pack + gemm_nt_packed: Y = X·Wᵀ for the whole population (X [P, K], W [O, K], both
+//    row-major) as an outer-product micro-kernel without horizontal reductions. X is packed once
+//    into column panels (adapters' layout, xt[k·32 + t] = X[p0 + t, k]), 64 rows at a time; W is
+//    read in place: a micro-tile of NV·width rows of X × MR rows of W keeps NV·MR accumulators
+//    acc[v][c] += xt[k, v-th vector] · broadcast(W[o + c, k]) for k = 0..K-1. Each W row segment
+//    is read once per 32 rows of X (from DRAM once, then from L2), each packed X vector once per
+//    MR columns (the 64-row panel pair, K·64 floats = 1 MiB at K = 4096, stays in L2).
+//  * gemm_nt: dot-product form of the same product for the small per-member terms (x_j·A_j:
+//    a few rows, rank columns), a 4×4 register tile of dot products with a horizontal reduce.
+//  * add_low_rank: the multi-axpy W += B·A.
 //
-// Numerics: fp32 accumulation; each output's sum order is fixed by (k-tile, register lane) and
-// does not depend on threads (threads split whole 4-column blocks). No heap allocation.
+// Numerics: fp32 accumulation. gemm_nt_packed: every Y element is one fma chain over k = 0..K-1
+// in order, starting from 0 — independent of the blocking, the tails and the thread split
+// (threads split whole MR-column groups), so 1 thread == N threads bitwise. gemm_nt: each sum's
+// order is fixed by (k-tile, register lane). No heap allocation.
 #pragma once
 
 #include <algorithm>
 #include <cstddef>
 
 #include "../simd/simd.hpp"
+#include "adapters.hpp"
 
 namespace lowmem::zo::kernels {
 
 inline constexpr std::ptrdiff_t nt_k_tile = 512; // 2 KiB of a row: 4 W rows + 4 X rows in L1
+
+/// Rows of X per packed panel (the adapters' column-panel width, a multiple of every width).
+inline constexpr std::ptrdiff_t nt_panel = std::ptrdiff_t(adapters::kernels::panel);
+/// Rows of X packed per pass over W: two panels, so a W row segment read from DRAM serves 64
+/// rows of X (2·64 flops per 4 bytes of W: compute-bound) and the K·64-float pack stays in L2.
+inline constexpr std::ptrdiff_t nt_pack_rows = 2 * nt_panel;
+
+/// Columns of Y (rows of W, broadcast) per micro-tile: 2·MR accumulators + 2 X vectors + 1
+/// broadcast fit the register file (32 registers on AVX-512: MR = 12; 16 elsewhere: MR = 6).
+template <class Arch> inline constexpr std::ptrdiff_t nt_mr = simd::width<Arch> >= 16 ? 12 : 6;
+
+/// Floats gemm_nt_pack writes for K columns: nt_pack_rows·K.
+inline constexpr std::size_t nt_pack_floats(std::size_t K) noexcept {
+  return std::size_t(nt_pack_rows) * K;
+}
+
+/// Packs rows [0, np) of X (np <= nt_pack_rows; ld ldx) into ceil(np / 32) column panels of K
+/// columns: xt[q·K·32 + k·32 + t] = X[32q + t, k], zero for rows >= np. xt: 64-byte aligned.
+inline void gemm_nt_pack(const float* x, std::ptrdiff_t ldx, std::ptrdiff_t np, std::ptrdiff_t K,
+                         float* xt) noexcept {
+  for (std::ptrdiff_t q = 0; q * nt_panel < np; ++q)
+    adapters::kernels::rows_to_panel(x + q * nt_panel * ldx, std::size_t(ldx),
+                                     std::size_t(std::min(nt_panel, np - q * nt_panel)),
+                                     std::size_t(K), xt + q * K * nt_panel);
+}
+
+/// Micro-tile: Y[t, c] = Σ_{k<K} xt[k·32 + t]·W[c, k] for t < np (<= NV·width), c < MR.
+/// xt: a panel offset by a multiple of NV·width rows (aligned); W rows ldw apart; Y ld ldy.
+template <class Arch, int NV, int MR>
+inline void gemm_nt_micro(const float* xt, const float* w, std::ptrdiff_t ldw, std::ptrdiff_t K,
+                          float* y, std::ptrdiff_t ldy, std::ptrdiff_t np) {
+  using F = simd::fbatch<Arch>;
+  constexpr std::ptrdiff_t Wd = std::ptrdiff_t(simd::width<Arch>);
+  F acc[NV][MR];
+  for (auto& r : acc)
+    for (auto& a : r) a = F(0.f);
+  for (std::ptrdiff_t k = 0; k < K; ++k) {
+    F xv[NV];
+    for (int v = 0; v < NV; ++v) xv[v] = F::load_aligned(xt + k * nt_panel + v * Wd);
+    for (int c = 0; c < MR; ++c) {
+      const F wb(w[c * ldw + k]);
+      for (int v = 0; v < NV; ++v) acc[v][c] = simd::fma<Arch>(xv[v], wb, acc[v][c]);
+    }
+  }
+  // acc[v][c] lane l is Y[v·Wd + l, c]: transpose through an L1 tile (once per K multiply-adds)
+  alignas(64) float tile[MR][NV * Wd];
+  for (int c = 0; c < MR; ++c)
+    for (int v = 0; v < NV; ++v) acc[v][c].store_aligned(&tile[c][v * Wd]);
+  for (std::ptrdiff_t t = 0; t < np; ++t)
+    for (int c = 0; c < MR; ++c) y[t * ldy + c] = tile[c][t];
+}
+
+/// MR columns of Y (W rows w[0..MR)) for all np packed rows: per panel, blocks of 2·width rows
+/// (one width when no more remain).
+template <class Arch, int MR>
+inline void gemm_nt_columns(const float* xt, std::ptrdiff_t np, const float* w, std::ptrdiff_t ldw,
+                            float* y, std::ptrdiff_t ldy, std::ptrdiff_t K) {
+  constexpr std::ptrdiff_t Wd = std::ptrdiff_t(simd::width<Arch>);
+  for (std::ptrdiff_t p = 0; p < np; p += 2 * Wd) {
+    // p is a multiple of 2·Wd, which divides the panel width: the block never straddles panels
+    const float* blk = xt + (p / nt_panel) * K * nt_panel + p % nt_panel;
+    const std::ptrdiff_t n = std::min(2 * Wd, np - p);
+    if (n > Wd)
+      gemm_nt_micro<Arch, 2, MR>(blk, w, ldw, K, y + p * ldy, ldy, n);
+    else
+      gemm_nt_micro<Arch, 1, MR>(blk, w, ldw, K, y + p * ldy, ldy, n);
+  }
+}
+
+/// Y[p, o] = Σ_{k<K} X[p, k]·W[o, k] for p < np, o in [o0, o1), X packed by gemm_nt_pack.
+/// W: O×K (ld ldw), Y: np×O (ld ldy), row-major. Columns in groups of nt_mr, then 4, then 1.
+template <class Arch>
+inline void gemm_nt_packed(const float* xt, std::ptrdiff_t np, const float* w, std::ptrdiff_t ldw,
+                           float* y, std::ptrdiff_t ldy, std::ptrdiff_t o0, std::ptrdiff_t o1,
+                           std::ptrdiff_t K) {
+  constexpr std::ptrdiff_t MR = nt_mr<Arch>;
+  std::ptrdiff_t o = o0;
+  for (; o + MR <= o1; o += MR)
+    gemm_nt_columns<Arch, int(MR)>(xt, np, w + o * ldw, ldw, y + o, ldy, K);
+  for (; o + 4 <= o1; o += 4) gemm_nt_columns<Arch, 4>(xt, np, w + o * ldw, ldw, y + o, ldy, K);
+  for (; o < o1; ++o) gemm_nt_columns<Arch, 1>(xt, np, w + o * ldw, ldw, y + o, ldy, K);
+}
 
 /// Y[p, o] = Σ_{k<K} X[p, k]·W[o, k] + (accumulate ? Y[p, o] : 0), for p < P, o in [o0, o1),
 /// o0 a multiple of 4. X: P×K (ld ldx), W: O×K (ld ldw), Y: P×O (ld ldy); row-major.
