@@ -656,40 +656,56 @@ LOWMEM_ARCH_TEST_CASE("EGGROLL batched forward equals forming E_j explicitly", "
   }
 }
 
-TEST_CASE("EGGROLL update equals the explicit sum of coeff_j B_j A_j^T", "[zo][eggroll]") {
-  const index_t pop = 6, in = 45, out = 23, rank = 2;
-  auto w = ref::uniform_data(std::size_t(out * in), 9);
-  std::vector<double> expect(w.begin(), w.end());
-  std::vector<float> coeff = {0.3f, -0.1f, 0.05f, 0.0f, -0.2f, 0.7f};
-  std::vector<float> a(std::size_t(in * rank)), b(std::size_t(out * rank));
-  for (index_t j = 0; j < pop; ++j) {
-    zo::eggroll_factors(5, 1, std::uint64_t(j), std::size_t(in), std::size_t(out),
-                        std::size_t(rank), a.data(), b.data());
-    for (index_t o = 0; o < out; ++o)
-      for (index_t k = 0; k < in; ++k)
-        for (index_t c = 0; c < rank; ++c)
-          expect[std::size_t(o * in + k)] += double(coeff[std::size_t(j)]) *
-                                             b[std::size_t(o * rank + c)] *
-                                             a[std::size_t(k * rank + c)];
+LOWMEM_ARCH_TEST_CASE("EGGROLL update equals the explicit sum of coeff_j B_j A_j^T",
+                      "[zo][eggroll]") {
+  using Arch = TestType;
+  LOWMEM_SKIP_IF_UNSUPPORTED();
+  struct shape {
+    index_t pop, in, out, rank;
+  };
+  // in: tails inside the first / second register of a tile (45 = 32 + 13, 7, 301 = 9·32 + 13 on
+  // AVX-512; 16 = exactly one tile there); out: row groups of 12 (6), then 4, then single rows.
+  // 70 rows × 301 columns × 10 terms is enough work for two threads.
+  for (const shape s : {shape{6, 45, 23, 2}, shape{3, 7, 5, 1}, shape{1, 16, 1, 1},
+                        shape{5, 301, 70, 2}, shape{6, 40, 17, 1}}) {
+    const index_t pop = s.pop, in = s.in, out = s.out, rank = s.rank;
+    INFO("pop " << pop << " in " << in << " out " << out << " rank " << rank);
+    auto w = ref::uniform_data(std::size_t(out * in), 9);
+    std::vector<double> expect(w.begin(), w.end());
+    std::vector<float> coeff = {0.3f, -0.1f, 0.05f, 0.0f, -0.2f, 0.7f};
+    coeff.resize(std::size_t(pop));
+    std::vector<float> a(std::size_t(in * rank)), b(std::size_t(out * rank));
+    for (index_t j = 0; j < pop; ++j) {
+      zo::eggroll_factors(5, 1, std::uint64_t(j), std::size_t(in), std::size_t(out),
+                          std::size_t(rank), a.data(), b.data());
+      for (index_t o = 0; o < out; ++o)
+        for (index_t k = 0; k < in; ++k)
+          for (index_t c = 0; c < rank; ++c)
+            expect[std::size_t(o * in + k)] += double(coeff[std::size_t(j)]) *
+                                               b[std::size_t(o * rank + c)] *
+                                               a[std::size_t(k * rank + c)];
+    }
+    owned_workspace ws(zo::eggroll_update_workspace_bytes(in, out, rank, pop));
+    const auto w1 = w;
+    auto w2 = w;
+    zo::eggroll_update<Arch>(make_view(w.data(), out, in), coeff.data(), pop, rank, 5, 1, ws.get(),
+                             1);
+    zo::eggroll_update<Arch>(make_view(w2.data(), out, in), coeff.data(), pop, rank, 5, 1, ws.get(),
+                             2);
+    CHECK(ref::bitwise_equal(w.data(), w2.data(), w.size()));
+    CHECK(ref::max_rel_error(w.data(), expect.data(), w.size()) < 1e-6);
+    // bad input: workspace too small, non-finite coefficient -> nothing written
+    auto w3 = w1;
+    owned_workspace small(16);
+    CHECK_THROWS_AS(zo::eggroll_update<Arch>(make_view(w3.data(), out, in), coeff.data(), pop, rank,
+                                             5, 1, small.get()),
+                    lowmem::invalid_argument);
+    coeff[std::size_t(pop - 1)] = NAN;
+    CHECK_THROWS_AS(zo::eggroll_update<Arch>(make_view(w3.data(), out, in), coeff.data(), pop, rank,
+                                             5, 1, ws.get()),
+                    lowmem::invalid_argument);
+    CHECK(ref::bitwise_equal(w3.data(), w1.data(), w1.size()));
   }
-  owned_workspace ws(zo::eggroll_update_workspace_bytes(in, out, rank, pop));
-  const auto w1 = w;
-  auto w2 = w;
-  zo::eggroll_update(make_view(w.data(), out, in), coeff.data(), pop, rank, 5, 1, ws.get(), 1);
-  zo::eggroll_update(make_view(w2.data(), out, in), coeff.data(), pop, rank, 5, 1, ws.get(), 2);
-  CHECK(ref::bitwise_equal(w.data(), w2.data(), w.size()));
-  CHECK(ref::max_rel_error(w.data(), expect.data(), w.size()) < 1e-6);
-  // bad input: workspace too small, non-finite coefficient -> nothing written
-  auto w3 = w1;
-  owned_workspace small(16);
-  CHECK_THROWS_AS(
-      zo::eggroll_update(make_view(w3.data(), out, in), coeff.data(), pop, rank, 5, 1, small.get()),
-      lowmem::invalid_argument);
-  coeff[2] = NAN;
-  CHECK_THROWS_AS(
-      zo::eggroll_update(make_view(w3.data(), out, in), coeff.data(), pop, rank, 5, 1, ws.get()),
-      lowmem::invalid_argument);
-  CHECK(ref::bitwise_equal(w3.data(), w1.data(), w1.size()));
 }
 
 TEST_CASE("EGGROLL forward: threads, bad shapes, no allocation", "[zo][eggroll]") {

@@ -9,7 +9,8 @@
 //    MR columns (the 64-row panel pair, K·64 floats = 1 MiB at K = 4096, stays in L2).
 //  * gemm_nt: dot-product form of the same product for the small per-member terms (x_j·A_j:
 //    a few rows, rank columns), a 4×4 register tile of dot products with a horizontal reduce.
-//  * add_low_rank: the multi-axpy W += B·A.
+//  * add_low_rank: W += B·A (T = population·rank terms): W streamed once, row groups of 12 (6)
+//    rows × 2 registers held in registers for all T terms, A packed in column panels (L2).
 //
 // Numerics: fp32 accumulation. gemm_nt_packed: every Y element is one fma chain over k = 0..K-1
 // in order, starting from 0 — independent of the blocking, the tails and the thread split
@@ -165,58 +166,76 @@ inline void gemm_nt(const float* x, std::ptrdiff_t ldx, const float* w, std::ptr
   }
 }
 
-/// R rows × a 4-register column chunk [k, k + kn) of W += B·A (kn <= 4·width).
+/// Column-panel width of the packed A of add_low_rank: two registers (32 floats on AVX-512).
+template <class Arch>
+inline constexpr std::ptrdiff_t lr_panel = 2 * std::ptrdiff_t(simd::width<Arch>);
+
+/// Floats of add_low_rank's packed A for T rows and K columns on any arch: T·roundup(K, 32).
+inline constexpr std::size_t lr_pack_floats(std::size_t T, std::size_t K) noexcept {
+  return T * ((K + 31) / 32 * 32);
+}
+
+/// Index of A[t, k] in the packed A (T rows): panels of lr_panel columns, each T×lr_panel
+/// row-major, so a tile's T×lr_panel slice is one contiguous stream; columns past K are zero.
+template <class Arch>
+inline constexpr std::size_t lr_pack_index(std::size_t t, std::size_t k, std::size_t T) noexcept {
+  constexpr std::size_t pw = std::size_t(lr_panel<Arch>);
+  return (k / pw) * T * pw + t * pw + k % pw;
+}
+
+/// R rows of W += B·A along the whole row: tiles of R rows × lr_panel columns stay in registers
+/// for all T terms (acc[r][v] += B[r, t]·A[t, k + v·width]), so W streams through once.
 template <class Arch, int R>
-inline void add_low_rank_tile(float* w, std::ptrdiff_t ldw, const float* b, std::ptrdiff_t ldb,
-                              const float* a, std::ptrdiff_t lda, std::ptrdiff_t k,
-                              std::ptrdiff_t kn, std::ptrdiff_t T) {
+inline void add_low_rank_rows(float* w, std::ptrdiff_t ldw, const float* b, std::ptrdiff_t ldb,
+                              const float* ap, std::ptrdiff_t K, std::ptrdiff_t T) {
   using F = simd::fbatch<Arch>;
-  constexpr std::ptrdiff_t Wd = std::ptrdiff_t(simd::width<Arch>);
-  const int V = int((kn + Wd - 1) / Wd);
-  auto ld = [&](const float* p, int v) {
-    const std::ptrdiff_t m = std::min(Wd, kn - v * Wd);
-    return m == Wd ? F::load_unaligned(p + v * Wd)
-                   : simd::load_partial<Arch>(p + v * Wd, std::size_t(m));
-  };
-  F acc[R][4];
-  for (int r = 0; r < R; ++r)
-    for (int v = 0; v < V; ++v) acc[r][v] = ld(w + r * ldw + k, v);
-  for (std::ptrdiff_t t = 0; t < T; ++t) {
-    F av[4];
-    for (int v = 0; v < V; ++v) av[v] = ld(a + t * lda + k, v);
-    for (int r = 0; r < R; ++r) {
-      const F bv(b[r * ldb + t]);
-      for (int v = 0; v < V; ++v) acc[r][v] = simd::fma<Arch>(bv, av[v], acc[r][v]);
+  constexpr std::ptrdiff_t Wd = std::ptrdiff_t(simd::width<Arch>), PW = lr_panel<Arch>;
+  for (std::ptrdiff_t k = 0; k < K; k += PW) {
+    const std::ptrdiff_t m[2] = {std::clamp<std::ptrdiff_t>(K - k, 0, Wd),
+                                 std::clamp<std::ptrdiff_t>(K - k - Wd, 0, Wd)};
+    const float* a = ap + k * T; // panel k / PW starts at (k / PW)·T·PW = k·T
+    F acc[R][2];
+    for (int r = 0; r < R; ++r)
+      for (int v = 0; v < 2; ++v) {
+        const float* p = w + r * ldw + k + v * Wd;
+        acc[r][v] = m[v] == Wd  ? F::load_unaligned(p)
+                    : m[v] == 0 ? F(0.f)
+                                : simd::load_partial<Arch>(p, std::size_t(m[v]));
+      }
+    for (std::ptrdiff_t t = 0; t < T; ++t) {
+      const F a0 = F::load_aligned(a + t * PW), a1 = F::load_aligned(a + t * PW + Wd);
+      for (int r = 0; r < R; ++r) {
+        const F bv(b[r * ldb + t]);
+        acc[r][0] = simd::fma<Arch>(bv, a0, acc[r][0]);
+        acc[r][1] = simd::fma<Arch>(bv, a1, acc[r][1]);
+      }
     }
+    for (int r = 0; r < R; ++r)
+      for (int v = 0; v < 2; ++v) {
+        float* p = w + r * ldw + k + v * Wd;
+        if (m[v] == Wd)
+          acc[r][v].store_unaligned(p);
+        else if (m[v] > 0)
+          simd::store_partial<Arch>(p, acc[r][v], std::size_t(m[v]));
+      }
   }
-  for (int r = 0; r < R; ++r)
-    for (int v = 0; v < V; ++v) {
-      const std::ptrdiff_t m = std::min(Wd, kn - v * Wd);
-      float* p = w + r * ldw + k + v * Wd;
-      if (m == Wd)
-        acc[r][v].store_unaligned(p);
-      else
-        simd::store_partial<Arch>(p, acc[r][v], std::size_t(m));
-    }
 }
 
 /// W[o, :] += Σ_{t<T} B[o, t]·A[t, :] for o in [o0, o1): W O×K (ld ldw), B O×T (ld ldb),
-/// A T×K (ld lda), row-major. Each element gets the terms in t order, one fma each, so the
-/// blocking (4 rows × 4 registers; column chunks outer so a T×4·width slice of A stays in L1)
-/// does not change any bit.
+/// row-major; A T×K packed at ap (lr_pack_index, 64-byte aligned). Each element gets the terms
+/// in t order, one fma each, starting from W: the blocking (row groups of nt_mr, 4, 1; tiles of
+/// lr_panel columns) and the thread split do not change any bit.
 template <class Arch>
 inline void add_low_rank(float* w, std::ptrdiff_t ldw, const float* b, std::ptrdiff_t ldb,
-                         const float* a, std::ptrdiff_t lda, std::ptrdiff_t o0, std::ptrdiff_t o1,
-                         std::ptrdiff_t K, std::ptrdiff_t T) {
-  constexpr std::ptrdiff_t chunk = 4 * std::ptrdiff_t(simd::width<Arch>);
-  for (std::ptrdiff_t k = 0; k < K; k += chunk) {
-    const std::ptrdiff_t kn = std::min(chunk, K - k);
-    std::ptrdiff_t o = o0;
-    for (; o + 4 <= o1; o += 4)
-      add_low_rank_tile<Arch, 4>(w + o * ldw, ldw, b + o * ldb, ldb, a, lda, k, kn, T);
-    for (; o < o1; ++o)
-      add_low_rank_tile<Arch, 1>(w + o * ldw, ldw, b + o * ldb, ldb, a, lda, k, kn, T);
-  }
+                         const float* ap, std::ptrdiff_t o0, std::ptrdiff_t o1, std::ptrdiff_t K,
+                         std::ptrdiff_t T) {
+  constexpr std::ptrdiff_t R = nt_mr<Arch>;
+  std::ptrdiff_t o = o0;
+  for (; o + R <= o1; o += R)
+    add_low_rank_rows<Arch, int(R)>(w + o * ldw, ldw, b + o * ldb, ldb, ap, K, T);
+  for (; o + 4 <= o1; o += 4)
+    add_low_rank_rows<Arch, 4>(w + o * ldw, ldw, b + o * ldb, ldb, ap, K, T);
+  for (; o < o1; ++o) add_low_rank_rows<Arch, 1>(w + o * ldw, ldw, b + o * ldb, ldb, ap, K, T);
 }
 
 } // namespace lowmem::zo::kernels
