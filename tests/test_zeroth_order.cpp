@@ -636,10 +636,11 @@ LOWMEM_ARCH_TEST_CASE("EGGROLL batched forward equals forming E_j explicitly", "
     index_t pop, rows, in, out, rank;
   };
   // x·Wᵀ tails: rows 70 = one packed pass of 64 + 6, 39 = panels of 32 + 7 (one width or less
-  // left); out 31 / 50 = groups of 12 (AVX-512) or 6, then 4, then single columns; odd in.
+  // left); out 31 / 50 = groups of 12 (AVX-512) or 6, then 4, then single columns; odd in, 529
+  // and 600 = two k-blocks of 512.
   for (const shape s : {shape{3, 1, 1, 1, 1}, shape{5, 2, 37, 19, 1}, shape{4, 3, 600, 9, 2},
                         shape{2, 5, 17, 1030, 3}, shape{8, 1, 64, 64, 1}, shape{10, 7, 301, 31, 1},
-                        shape{3, 13, 129, 50, 2}}) {
+                        shape{3, 13, 529, 50, 2}}) {
     const auto x = ref::uniform_data(std::size_t(s.pop * s.rows * s.in), 1);
     const auto w = ref::uniform_data(std::size_t(s.out * s.in), 2);
     std::vector<float> y(std::size_t(s.pop * s.rows * s.out), -7.f);
