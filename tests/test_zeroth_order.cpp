@@ -666,15 +666,17 @@ LOWMEM_ARCH_TEST_CASE("EGGROLL update equals the explicit sum of coeff_j B_j A_j
   };
   // in: tails inside the first / second register of a tile (45 = 32 + 13, 7, 301 = 9·32 + 13 on
   // AVX-512; 16 = exactly one tile there); out: row groups of 12 (6), then 4, then single rows.
-  // 70 rows × 301 columns × 10 terms is enough work for two threads.
+  // 70 rows × 301 columns × 10 terms is enough work for two threads in the product; 40 members
+  // at 900 × 850 also split the factor generation and the packing.
   for (const shape s : {shape{6, 45, 23, 2}, shape{3, 7, 5, 1}, shape{1, 16, 1, 1},
-                        shape{5, 301, 70, 2}, shape{6, 40, 17, 1}}) {
+                        shape{5, 301, 70, 2}, shape{6, 40, 17, 1}, shape{40, 900, 850, 1}}) {
     const index_t pop = s.pop, in = s.in, out = s.out, rank = s.rank;
     INFO("pop " << pop << " in " << in << " out " << out << " rank " << rank);
     auto w = ref::uniform_data(std::size_t(out * in), 9);
     std::vector<double> expect(w.begin(), w.end());
     std::vector<float> coeff = {0.3f, -0.1f, 0.05f, 0.0f, -0.2f, 0.7f};
     coeff.resize(std::size_t(pop));
+    for (std::size_t j = 6; j < coeff.size(); ++j) coeff[j] = 0.02f * float(j % 5) - 0.045f;
     std::vector<float> a(std::size_t(in * rank)), b(std::size_t(out * rank));
     for (index_t j = 0; j < pop; ++j) {
       zo::eggroll_factors(5, 1, std::uint64_t(j), std::size_t(in), std::size_t(out),
@@ -691,8 +693,17 @@ LOWMEM_ARCH_TEST_CASE("EGGROLL update equals the explicit sum of coeff_j B_j A_j
     auto w2 = w;
     zo::eggroll_update<Arch>(make_view(w.data(), out, in), coeff.data(), pop, rank, 5, 1, ws.get(),
                              1);
-    zo::eggroll_update<Arch>(make_view(w2.data(), out, in), coeff.data(), pop, rank, 5, 1, ws.get(),
-                             2);
+    // a second workspace full of NaN: the 2-thread call must write every scratch value it reads
+    owned_workspace ws2(ws.capacity());
+    std::memset(ws2.get().take<unsigned char>(ws.capacity() - workspace_alignment), 0xFF,
+                ws.capacity() - workspace_alignment);
+    warm_up_threads(2); // the OpenMP runtime allocates its team on first use
+    {
+      memory::region region;
+      zo::eggroll_update<Arch>(make_view(w2.data(), out, in), coeff.data(), pop, rank, 5, 1,
+                               ws2.get(), 2);
+      CHECK(region.allocations() == 0);
+    }
     CHECK(ref::bitwise_equal(w.data(), w2.data(), w.size()));
     CHECK(ref::max_rel_error(w.data(), expect.data(), w.size()) < 1e-6);
     // bad input: workspace too small, non-finite coefficient -> nothing written

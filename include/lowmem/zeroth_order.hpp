@@ -712,9 +712,8 @@ void eggroll_forward_carve(WS& ws, std::size_t in, std::size_t out, std::size_t 
 }
 template <class WS>
 void eggroll_update_carve(WS& ws, std::size_t in, std::size_t out, std::size_t rank,
-                          std::size_t population, float*& a, float*& b, float*& at, float*& bs) {
-  a = ws.template take<float>(in * rank);
-  b = ws.template take<float>(out * rank);
+                          std::size_t population, float*& ab, float*& at, float*& bs) {
+  ab = ws.template take<float>(population * (in + out) * rank); // member j: A_j then B_j
   at = ws.template take<float>(kernels::lr_pack_floats(population * rank, in));
   bs = ws.template take<float>(out * population * rank);
 }
@@ -801,14 +800,15 @@ inline void eggroll_forward(matrix_view<const float> x, matrix_view<const float>
   }
 }
 
-/// Workspace bytes of eggroll_update: (in + out)·r + population·r·(roundup(in, 32) + out) floats
-/// (+ alignment).
+/// Workspace bytes of eggroll_update: population·r·(in + out) floats of factors, then
+/// population·r·(roundup(in, 32) + out) of their packed copies (+ alignment): 4 MiB at
+/// in = out = 4096, population·r = 64.
 inline std::size_t eggroll_update_workspace_bytes(index_t in, index_t out, index_t rank,
                                                   index_t population) {
   workspace_planner p;
-  float *a, *b, *at, *bs;
+  float *ab, *at, *bs;
   detail::eggroll_update_carve(p, std::size_t(in), std::size_t(out), std::size_t(rank),
-                               std::size_t(population), a, b, at, bs);
+                               std::size_t(population), ab, at, bs);
   return p.bytes();
 }
 
@@ -836,22 +836,47 @@ inline void eggroll_update(matrix_view<float> w, const float* coeff, index_t pop
     require(std::isfinite(coeff[j]), f, "coeff", "finite values", coeff[j]);
   const index_t in = w.cols, out = w.rows;
   require_workspace(f, ws, eggroll_update_workspace_bytes(in, out, rank, population));
-  float *a, *b, *at, *bs;
+  float *ab, *at, *bs;
   detail::eggroll_update_carve(ws, std::size_t(in), std::size_t(out), std::size_t(rank),
-                               std::size_t(population), a, b, at, bs);
-  // Aᵀ [T, in] in column panels (kernels::lr_pack_index, zero past in), B·coeff [out, T].
+                               std::size_t(population), ab, at, bs);
+  // Every member's factors (threads over members), then Aᵀ [T, in] in column panels
+  // (kernels::lr_pack_index, zero past in; threads over panels) and B·coeff [out, T] (threads
+  // over rows), all plain copies: the thread count changes no value.
   const std::size_t r = std::size_t(rank), T = std::size_t(population) * r;
-  const std::size_t in_pad = kernels::lr_pack_floats(1, std::size_t(in));
-  for (index_t j = 0; j < population; ++j) {
-    eggroll_factors<Arch>(seed, matrix_id, std::uint64_t(j), std::size_t(in), std::size_t(out), r,
-                          a, b);
-    for (std::size_t c = 0; c < r; ++c) {
-      const std::size_t tcol = std::size_t(j) * r + c;
-      for (std::size_t k = 0; k < in_pad; ++k)
-        at[kernels::lr_pack_index<Arch>(tcol, k, T)] = k < std::size_t(in) ? a[k * r + c] : 0.f;
-      for (std::size_t o = 0; o < std::size_t(out); ++o) bs[o * T + tcol] = coeff[j] * b[o * r + c];
-    }
-  }
+  const std::size_t nin = std::size_t(in), nout = std::size_t(out), per = (nin + nout) * r;
+  parallel_for(
+      0, population, item_work{8 * std::ptrdiff_t(per)}, // a normal: ~8 work units
+      [&](std::ptrdiff_t j0, std::ptrdiff_t j1, int) {
+        for (std::ptrdiff_t j = j0; j < j1; ++j)
+          eggroll_factors<Arch>(seed, matrix_id, std::uint64_t(j), nin, nout, r,
+                                ab + std::size_t(j) * per, ab + std::size_t(j) * per + nin * r);
+      },
+      threads);
+  constexpr std::size_t pw = std::size_t(kernels::lr_panel<Arch>);
+  const std::size_t panels = kernels::lr_pack_floats(1, nin) / pw;
+  parallel_for(
+      0, std::ptrdiff_t(panels), item_work{2 * std::ptrdiff_t(T * pw)},
+      [&](std::ptrdiff_t q0, std::ptrdiff_t q1, int) {
+        for (std::size_t q = std::size_t(q0); q < std::size_t(q1); ++q)
+          for (std::size_t j = 0; j < std::size_t(population); ++j)
+            for (std::size_t c = 0; c < r; ++c) {
+              const float* aj = ab + j * per; // A_j [in, r]
+              float* dst = at + kernels::lr_pack_index<Arch>(j * r + c, q * pw, T);
+              for (std::size_t kk = 0, k = q * pw; kk < pw; ++kk, ++k)
+                dst[kk] = k < nin ? aj[k * r + c] : 0.f;
+            }
+      },
+      threads);
+  parallel_for(
+      0, out, item_work{2 * std::ptrdiff_t(T)},
+      [&](std::ptrdiff_t o0, std::ptrdiff_t o1, int) {
+        for (std::size_t o = std::size_t(o0); o < std::size_t(o1); ++o)
+          for (std::size_t j = 0; j < std::size_t(population); ++j) {
+            const float* bj = ab + j * per + nin * r; // B_j [out, r]
+            for (std::size_t c = 0; c < r; ++c) bs[o * T + j * r + c] = coeff[j] * bj[o * r + c];
+          }
+      },
+      threads);
   // W streamed once, threads over groups of rows (each element's sum order is fixed).
   constexpr index_t mr = kernels::nt_mr<Arch>;
   const index_t groups = (out + mr - 1) / mr;
