@@ -13,9 +13,10 @@
 //  * add_low_rank: W += B·A (T = population·rank terms): W streamed once, row groups of 12 (6)
 //    rows × 2 registers held in registers for all T terms, A packed in column panels (L2).
 //
-// Numerics: fp32 accumulation. gemm_nt_packed: every Y element is one fma chain over k = 0..K-1
-// in order, starting from 0 — independent of the blocking, the tails and the thread split
-// (threads split whole MR-column groups), so 1 thread == N threads bitwise. gemm_nt: each sum's
+// Numerics: fp32 accumulation. gemm_nt_packed: every Y element is one fma chain (multiply-add
+// where the arch has no fma) over k = 0..K-1 in order, starting from 0 — independent of the
+// blocking, the tails and the thread split (threads split whole MR-column groups), so 1 thread
+// == N threads bitwise. gemm_nt: each sum's
 // order is fixed by (k-tile, register lane). No heap allocation.
 #pragma once
 
