@@ -635,8 +635,12 @@ LOWMEM_ARCH_TEST_CASE("EGGROLL batched forward equals forming E_j explicitly", "
   struct shape {
     index_t pop, rows, in, out, rank;
   };
+  // x·Wᵀ tails: rows 70 = one packed pass of 64 + 6, 39 = panels of 32 + 7 (one width or less
+  // left); out 31 / 50 = groups of 12 (AVX-512) or 6, then 4, then single columns; odd in, 529
+  // and 600 = two k-blocks of 512.
   for (const shape s : {shape{3, 1, 1, 1, 1}, shape{5, 2, 37, 19, 1}, shape{4, 3, 600, 9, 2},
-                        shape{2, 5, 17, 1030, 3}, shape{8, 1, 64, 64, 1}}) {
+                        shape{2, 5, 17, 1030, 3}, shape{8, 1, 64, 64, 1}, shape{10, 7, 301, 31, 1},
+                        shape{3, 13, 529, 50, 2}}) {
     const auto x = ref::uniform_data(std::size_t(s.pop * s.rows * s.in), 1);
     const auto w = ref::uniform_data(std::size_t(s.out * s.in), 2);
     std::vector<float> y(std::size_t(s.pop * s.rows * s.out), -7.f);
@@ -653,44 +657,71 @@ LOWMEM_ARCH_TEST_CASE("EGGROLL batched forward equals forming E_j explicitly", "
   }
 }
 
-TEST_CASE("EGGROLL update equals the explicit sum of coeff_j B_j A_j^T", "[zo][eggroll]") {
-  const index_t pop = 6, in = 45, out = 23, rank = 2;
-  auto w = ref::uniform_data(std::size_t(out * in), 9);
-  std::vector<double> expect(w.begin(), w.end());
-  std::vector<float> coeff = {0.3f, -0.1f, 0.05f, 0.0f, -0.2f, 0.7f};
-  std::vector<float> a(std::size_t(in * rank)), b(std::size_t(out * rank));
-  for (index_t j = 0; j < pop; ++j) {
-    zo::eggroll_factors(5, 1, std::uint64_t(j), std::size_t(in), std::size_t(out),
-                        std::size_t(rank), a.data(), b.data());
-    for (index_t o = 0; o < out; ++o)
-      for (index_t k = 0; k < in; ++k)
-        for (index_t c = 0; c < rank; ++c)
-          expect[std::size_t(o * in + k)] += double(coeff[std::size_t(j)]) *
-                                             b[std::size_t(o * rank + c)] *
-                                             a[std::size_t(k * rank + c)];
+LOWMEM_ARCH_TEST_CASE("EGGROLL update equals the explicit sum of coeff_j B_j A_j^T",
+                      "[zo][eggroll]") {
+  using Arch = TestType;
+  LOWMEM_SKIP_IF_UNSUPPORTED();
+  struct shape {
+    index_t pop, in, out, rank;
+  };
+  // in: tails inside the first / second register of a tile (45 = 32 + 13, 7, 301 = 9·32 + 13 on
+  // AVX-512; 16 = exactly one tile there); out: row groups of 12 (6), then 4, then single rows.
+  // 70 rows × 301 columns × 10 terms is enough work for two threads in the product; 40 members
+  // at 900 × 850 also split the factor generation and the packing.
+  for (const shape s : {shape{6, 45, 23, 2}, shape{3, 7, 5, 1}, shape{1, 16, 1, 1},
+                        shape{5, 301, 70, 2}, shape{6, 40, 17, 1}, shape{40, 900, 850, 1}}) {
+    const index_t pop = s.pop, in = s.in, out = s.out, rank = s.rank;
+    INFO("pop " << pop << " in " << in << " out " << out << " rank " << rank);
+    auto w = ref::uniform_data(std::size_t(out * in), 9);
+    std::vector<double> expect(w.begin(), w.end());
+    std::vector<float> coeff = {0.3f, -0.1f, 0.05f, 0.0f, -0.2f, 0.7f};
+    coeff.resize(std::size_t(pop));
+    for (std::size_t j = 6; j < coeff.size(); ++j) coeff[j] = 0.02f * float(j % 5) - 0.045f;
+    std::vector<float> a(std::size_t(in * rank)), b(std::size_t(out * rank));
+    for (index_t j = 0; j < pop; ++j) {
+      zo::eggroll_factors(5, 1, std::uint64_t(j), std::size_t(in), std::size_t(out),
+                          std::size_t(rank), a.data(), b.data());
+      for (index_t o = 0; o < out; ++o)
+        for (index_t k = 0; k < in; ++k)
+          for (index_t c = 0; c < rank; ++c)
+            expect[std::size_t(o * in + k)] += double(coeff[std::size_t(j)]) *
+                                               b[std::size_t(o * rank + c)] *
+                                               a[std::size_t(k * rank + c)];
+    }
+    owned_workspace ws(zo::eggroll_update_workspace_bytes(in, out, rank, pop));
+    const auto w1 = w;
+    auto w2 = w;
+    zo::eggroll_update<Arch>(make_view(w.data(), out, in), coeff.data(), pop, rank, 5, 1, ws.get(),
+                             1);
+    // a second workspace full of NaN: the 2-thread call must write every scratch value it reads
+    owned_workspace ws2(ws.capacity());
+    std::memset(ws2.get().take<unsigned char>(ws.capacity() - workspace_alignment), 0xFF,
+                ws.capacity() - workspace_alignment);
+    warm_up_threads(2); // the OpenMP runtime allocates its team on first use
+    {
+      memory::region region;
+      zo::eggroll_update<Arch>(make_view(w2.data(), out, in), coeff.data(), pop, rank, 5, 1,
+                               ws2.get(), 2);
+      CHECK(region.allocations() == 0);
+    }
+    CHECK(ref::bitwise_equal(w.data(), w2.data(), w.size()));
+    CHECK(ref::max_rel_error(w.data(), expect.data(), w.size()) < 1e-6);
+    // bad input: workspace too small, non-finite coefficient -> nothing written
+    auto w3 = w1;
+    owned_workspace small(16);
+    CHECK_THROWS_AS(zo::eggroll_update<Arch>(make_view(w3.data(), out, in), coeff.data(), pop, rank,
+                                             5, 1, small.get()),
+                    lowmem::invalid_argument);
+    coeff[std::size_t(pop - 1)] = NAN;
+    CHECK_THROWS_AS(zo::eggroll_update<Arch>(make_view(w3.data(), out, in), coeff.data(), pop, rank,
+                                             5, 1, ws.get()),
+                    lowmem::invalid_argument);
+    CHECK(ref::bitwise_equal(w3.data(), w1.data(), w1.size()));
   }
-  owned_workspace ws(zo::eggroll_update_workspace_bytes(in, out, rank, pop));
-  const auto w1 = w;
-  auto w2 = w;
-  zo::eggroll_update(make_view(w.data(), out, in), coeff.data(), pop, rank, 5, 1, ws.get(), 1);
-  zo::eggroll_update(make_view(w2.data(), out, in), coeff.data(), pop, rank, 5, 1, ws.get(), 2);
-  CHECK(ref::bitwise_equal(w.data(), w2.data(), w.size()));
-  CHECK(ref::max_rel_error(w.data(), expect.data(), w.size()) < 1e-6);
-  // bad input: workspace too small, non-finite coefficient -> nothing written
-  auto w3 = w1;
-  owned_workspace small(16);
-  CHECK_THROWS_AS(
-      zo::eggroll_update(make_view(w3.data(), out, in), coeff.data(), pop, rank, 5, 1, small.get()),
-      lowmem::invalid_argument);
-  coeff[2] = NAN;
-  CHECK_THROWS_AS(
-      zo::eggroll_update(make_view(w3.data(), out, in), coeff.data(), pop, rank, 5, 1, ws.get()),
-      lowmem::invalid_argument);
-  CHECK(ref::bitwise_equal(w3.data(), w1.data(), w1.size()));
 }
 
 TEST_CASE("EGGROLL forward: threads, bad shapes, no allocation", "[zo][eggroll]") {
-  const index_t pop = 8, rows = 2, in = 130, out = 70, rank = 1;
+  const index_t pop = 8, rows = 9, in = 130, out = 70, rank = 1; // x: 72 rows = 2 packed passes
   const auto x = ref::uniform_data(std::size_t(pop * rows * in), 1);
   const auto w = ref::uniform_data(std::size_t(out * in), 2);
   std::vector<float> y1(std::size_t(pop * rows * out)), y2(y1.size());
@@ -707,7 +738,7 @@ TEST_CASE("EGGROLL forward: threads, bad shapes, no allocation", "[zo][eggroll]"
   CHECK(ref::bitwise_equal(y1.data(), y2.data(), y1.size()));
   std::vector<float> y3(y1.size(), 5.f);
   CHECK_THROWS_AS(zo::eggroll_forward(make_view(x.data(), pop * rows, in),
-                                      make_view(w.data(), out, in), 3 /* 16 % 3 != 0 */, 0.1f, rank,
+                                      make_view(w.data(), out, in), 5 /* 72 % 5 != 0 */, 0.1f, rank,
                                       1, 0, make_view(y3.data(), pop * rows, out), ws.get()),
                   lowmem::invalid_argument);
   CHECK_THROWS_AS(zo::eggroll_forward(make_view(x.data(), pop * rows, in - 1),

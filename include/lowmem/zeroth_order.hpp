@@ -702,7 +702,9 @@ inline void eggroll_factors(std::uint64_t seed, std::uint64_t matrix_id, std::ui
 namespace detail {
 template <class WS>
 void eggroll_forward_carve(WS& ws, std::size_t in, std::size_t out, std::size_t rank,
-                           std::size_t rows, float*& a, float*& at, float*& b, float*& t) {
+                           std::size_t rows, float*& xt, float*& a, float*& at, float*& b,
+                           float*& t) {
+  xt = ws.template take<float>(kernels::nt_pack_floats(in));
   a = ws.template take<float>(in * rank);
   at = ws.template take<float>(in * rank);
   b = ws.template take<float>(out * rank);
@@ -710,31 +712,34 @@ void eggroll_forward_carve(WS& ws, std::size_t in, std::size_t out, std::size_t 
 }
 template <class WS>
 void eggroll_update_carve(WS& ws, std::size_t in, std::size_t out, std::size_t rank,
-                          std::size_t population, float*& a, float*& b, float*& at, float*& bs) {
-  a = ws.template take<float>(in * rank);
-  b = ws.template take<float>(out * rank);
-  at = ws.template take<float>(population * rank * in);
+                          std::size_t population, float*& ab, float*& at, float*& bs) {
+  ab = ws.template take<float>(population * (in + out) * rank); // member j: A_j then B_j
+  at = ws.template take<float>(kernels::lr_pack_floats(population * rank, in));
   bs = ws.template take<float>(out * population * rank);
 }
 } // namespace detail
 
-/// Workspace bytes of eggroll_forward: (2·in + out)·r + rows·r floats (+ alignment).
+/// Workspace bytes of eggroll_forward: 64·in floats (x packed 64 rows at a time: 1 MiB at
+/// in = 4096) + (2·in + out)·r + rows·r floats (+ alignment). Independent of the thread count.
 inline std::size_t eggroll_forward_workspace_bytes(index_t in, index_t out, index_t rank,
                                                    index_t rows_per_member) {
   workspace_planner p;
-  float *a, *at, *b, *t;
+  float *xt, *a, *at, *b, *t;
   detail::eggroll_forward_carve(p, std::size_t(in), std::size_t(out), std::size_t(rank),
-                                std::size_t(rows_per_member), a, at, b, t);
+                                std::size_t(rows_per_member), xt, a, at, b, t);
   return p.bytes();
 }
 
 /// Batched EGGROLL forward: for member j < population and its rows x_j = x[j·rows .. (j+1)·rows):
 ///   y_j = x_j·Wᵀ + σ·(x_j·A_j)·B_jᵀ            (= x_j·(W + σ B_j A_jᵀ)ᵀ without forming E_j)
 /// Shapes: x [population·rows, in], w [out, in], y [population·rows, out], row-major views (any
-/// leading dimension). One pass over W for the whole population (register-blocked x·Wᵀ, threads
-/// over 4-column blocks of y), then per member O((in + out)·r + rows·in·r) for the low-rank term.
+/// leading dimension). x·Wᵀ: x packed 64 rows at a time into the workspace, then one pass over
+/// W per 64 rows (an outer-product micro-kernel, 32 rows of x × 12 rows of W on AVX-512; threads
+/// over groups of 12 columns of y), then per member O((in + out)·r + rows·in·r) for the low-rank
+/// term.
 /// Memory: workspace of eggroll_forward_workspace_bytes(in, out, rank, rows); no heap.
-/// Numerics: fp32 accumulation, sum order independent of the thread count.
+/// Numerics: fp32 accumulation; each x·Wᵀ element is one fma chain over k in order, so results
+/// are bitwise independent of the thread count.
 /// Preconditions: rows·population == x.rows, shapes match, rank >= 1, σ finite, workspace large
 /// enough; throws lowmem::invalid_argument before writing y otherwise.
 template <class Arch = simd::default_arch>
@@ -756,19 +761,25 @@ inline void eggroll_forward(matrix_view<const float> x, matrix_view<const float>
   detail::check(y.cols == out, f, "y.cols", "== w.rows", y.cols);
   detail::check_view(f, "y", y);
   require_workspace(f, ws, eggroll_forward_workspace_bytes(in, out, rank, rows));
-  // 1) y = x·Wᵀ for the whole population: W streamed once.
-  const index_t blocks = (out + 3) / 4; // a block: 4 columns of y, 4·x.rows·in multiply-adds
-  parallel_for(
-      0, blocks, item_work{4 * x.rows * in},
-      [&](std::ptrdiff_t b0, std::ptrdiff_t b1, int) {
-        kernels::gemm_nt<Arch>(x.data, x.ld, w.data, w.ld, y.data, y.ld, x.rows, 4 * b0,
-                               std::min<index_t>(out, 4 * b1), in, false);
-      },
-      threads);
-  // 2) + σ·(x_j·A_j)·B_jᵀ per member.
-  float *a, *at, *b, *t;
+  float *xt, *a, *at, *b, *t;
   detail::eggroll_forward_carve(ws, std::size_t(in), std::size_t(out), std::size_t(rank),
-                                std::size_t(rows), a, at, b, t);
+                                std::size_t(rows), xt, a, at, b, t);
+  // 1) y = x·Wᵀ, 64 rows of x at a time: pack them, then stream W once for all 64.
+  constexpr index_t mr = kernels::nt_mr<Arch>; // a group: mr columns of y, mr·np·in mul-adds
+  const index_t groups = (out + mr - 1) / mr;
+  for (index_t p0 = 0; p0 < x.rows; p0 += kernels::nt_pack_rows) {
+    const index_t np = std::min<index_t>(kernels::nt_pack_rows, x.rows - p0);
+    kernels::gemm_nt_pack(x.data + p0 * x.ld, x.ld, np, in, xt);
+    float* yp = y.data + p0 * y.ld;
+    parallel_for(
+        0, groups, item_work{mr * np * in},
+        [&](std::ptrdiff_t g0, std::ptrdiff_t g1, int) {
+          kernels::gemm_nt_packed<Arch>(xt, np, w.data, w.ld, yp, y.ld, mr * g0,
+                                        std::min<index_t>(out, mr * g1), in);
+        },
+        threads);
+  }
+  // 2) + σ·(x_j·A_j)·B_jᵀ per member.
   const std::size_t r = std::size_t(rank);
   for (index_t j = 0; j < population; ++j) {
     eggroll_factors<Arch>(seed, matrix_id, std::uint64_t(j), std::size_t(in), std::size_t(out), r,
@@ -789,21 +800,27 @@ inline void eggroll_forward(matrix_view<const float> x, matrix_view<const float>
   }
 }
 
-/// Workspace bytes of eggroll_update: (in + out)·r·(population + 1) floats (+ alignment).
+/// Workspace bytes of eggroll_update: population·r·(in + out) floats of factors, then
+/// population·r·(roundup(in, 32) + out) of their packed copies (+ alignment): 4 MiB at
+/// in = out = 4096, population·r = 64.
 inline std::size_t eggroll_update_workspace_bytes(index_t in, index_t out, index_t rank,
                                                   index_t population) {
   workspace_planner p;
-  float *a, *b, *at, *bs;
+  float *ab, *at, *bs;
   detail::eggroll_update_carve(p, std::size_t(in), std::size_t(out), std::size_t(rank),
-                               std::size_t(population), a, b, at, bs);
+                               std::size_t(population), ab, at, bs);
   return p.bytes();
 }
 
 /// EGGROLL update: W ← W + Σ_{j<population} coeff[j]·B_j·A_jᵀ, as one rank-(population·r)
 /// product (the factors are regenerated; no E_j is formed). coeff[j] is the caller's scaled
 /// fitness, e.g. η·(f_j − mean f)/(population·σ). Shapes: w [out, in] row-major view, coeff
-/// [population]. Memory: workspace of eggroll_update_workspace_bytes(in, out, rank, population);
-/// no heap. Numerics: fp32, terms summed in (j, c) order per element, thread-count independent.
+/// [population]. W is streamed once: tiles of 12 rows (6 below AVX-512) × 2 registers stay in
+/// registers for all population·r terms, Aᵀ packed in column panels (L2-resident at in = 4096,
+/// population·r = 64); threads over groups of rows.
+/// Memory: workspace of eggroll_update_workspace_bytes(in, out, rank, population); no heap.
+/// Numerics: fp32, terms summed in (j, c) order per element (one fma each, starting from W),
+/// thread-count independent.
 /// Preconditions: finite coefficients, rank >= 1; throws lowmem::invalid_argument before writing.
 template <class Arch = simd::default_arch>
 inline void eggroll_update(matrix_view<float> w, const float* coeff, index_t population,
@@ -819,25 +836,55 @@ inline void eggroll_update(matrix_view<float> w, const float* coeff, index_t pop
     require(std::isfinite(coeff[j]), f, "coeff", "finite values", coeff[j]);
   const index_t in = w.cols, out = w.rows;
   require_workspace(f, ws, eggroll_update_workspace_bytes(in, out, rank, population));
-  float *a, *b, *at, *bs;
+  float *ab, *at, *bs;
   detail::eggroll_update_carve(ws, std::size_t(in), std::size_t(out), std::size_t(rank),
-                               std::size_t(population), a, b, at, bs);
+                               std::size_t(population), ab, at, bs);
+  // Every member's factors (threads over members), then Aᵀ [T, in] in column panels
+  // (kernels::lr_pack_index, zero past in; threads over panels) and B·coeff [out, T] (threads
+  // over rows), all plain copies: the thread count changes no value.
   const std::size_t r = std::size_t(rank), T = std::size_t(population) * r;
-  for (index_t j = 0; j < population; ++j) {
-    eggroll_factors<Arch>(seed, matrix_id, std::uint64_t(j), std::size_t(in), std::size_t(out), r,
-                          a, b);
-    for (std::size_t c = 0; c < r; ++c) {
-      const std::size_t tcol = std::size_t(j) * r + c;
-      for (std::size_t k = 0; k < std::size_t(in); ++k)
-        at[tcol * std::size_t(in) + k] = a[k * r + c];
-      for (std::size_t o = 0; o < std::size_t(out); ++o) bs[o * T + tcol] = coeff[j] * b[o * r + c];
-    }
-  }
+  const std::size_t nin = std::size_t(in), nout = std::size_t(out), per = (nin + nout) * r;
   parallel_for(
-      0, out, item_work{in * std::ptrdiff_t(T)}, // a row of W: in·T multiply-adds
+      0, population, item_work{8 * std::ptrdiff_t(per)}, // a normal: ~8 work units
+      [&](std::ptrdiff_t j0, std::ptrdiff_t j1, int) {
+        for (std::ptrdiff_t j = j0; j < j1; ++j)
+          eggroll_factors<Arch>(seed, matrix_id, std::uint64_t(j), nin, nout, r,
+                                ab + std::size_t(j) * per, ab + std::size_t(j) * per + nin * r);
+      },
+      threads);
+  constexpr std::size_t pw = std::size_t(kernels::lr_panel<Arch>);
+  const std::size_t panels = kernels::lr_pack_floats(1, nin) / pw;
+  parallel_for(
+      0, std::ptrdiff_t(panels), item_work{2 * std::ptrdiff_t(T * pw)},
+      [&](std::ptrdiff_t q0, std::ptrdiff_t q1, int) {
+        for (std::size_t q = std::size_t(q0); q < std::size_t(q1); ++q)
+          for (std::size_t j = 0; j < std::size_t(population); ++j)
+            for (std::size_t c = 0; c < r; ++c) {
+              const float* aj = ab + j * per; // A_j [in, r]
+              float* dst = at + kernels::lr_pack_index<Arch>(j * r + c, q * pw, T);
+              for (std::size_t kk = 0, k = q * pw; kk < pw; ++kk, ++k)
+                dst[kk] = k < nin ? aj[k * r + c] : 0.f;
+            }
+      },
+      threads);
+  parallel_for(
+      0, out, item_work{2 * std::ptrdiff_t(T)},
       [&](std::ptrdiff_t o0, std::ptrdiff_t o1, int) {
-        kernels::add_low_rank<Arch>(w.data, w.ld, bs, std::ptrdiff_t(T), at, in, o0, o1, in,
-                                    std::ptrdiff_t(T));
+        for (std::size_t o = std::size_t(o0); o < std::size_t(o1); ++o)
+          for (std::size_t j = 0; j < std::size_t(population); ++j) {
+            const float* bj = ab + j * per + nin * r; // B_j [out, r]
+            for (std::size_t c = 0; c < r; ++c) bs[o * T + j * r + c] = coeff[j] * bj[o * r + c];
+          }
+      },
+      threads);
+  // W streamed once, threads over groups of rows (each element's sum order is fixed).
+  constexpr index_t mr = kernels::nt_mr<Arch>;
+  const index_t groups = (out + mr - 1) / mr;
+  parallel_for(
+      0, groups, item_work{mr * in * std::ptrdiff_t(T)}, // mr rows of W: mr·in·T multiply-adds
+      [&](std::ptrdiff_t g0, std::ptrdiff_t g1, int) {
+        kernels::add_low_rank<Arch>(w.data, w.ld, bs, std::ptrdiff_t(T), at, mr * g0,
+                                    std::min<index_t>(out, mr * g1), in, std::ptrdiff_t(T));
       },
       threads);
 }
