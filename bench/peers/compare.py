@@ -4,7 +4,8 @@
     /usr/bin/python3 bench/peers/compare.py core [--build build-bench] [--threads 1] [--smoke]
 
 Runs build/bench/bench_<family> (Google Benchmark, JSON output, pinned with taskset to the first
-`threads` cores) and bench/peers/peer_<family>.py (system python3 with Debian's python3-torch,
+`threads` cores; cases named threads:N with N > `threads` are dropped, since they would run
+oversubscribed) and bench/peers/peer_<family>.py (system python3 with Debian's python3-torch,
 OPENBLAS_CORETYPE and thread counts set), then prints one table: for each case name with its
 `<impl>` part removed, the time of each implementation and the ratios to lowmem."""
 import argparse
@@ -34,6 +35,9 @@ def run_bench(binary, threads, smoke, extra):
         if b.get("aggregate_name") != "median":
             continue
         scale = {"ns": 1e-9, "us": 1e-6, "ms": 1e-3, "s": 1.0}[b["time_unit"]]
+        m = re.search(r"/threads:(\d+)", b["run_name"])
+        if m and int(m.group(1)) > threads:
+            continue  # would run oversubscribed on the `threads` pinned cores: not a fair figure
         rows[b["run_name"]] = {"seconds": b["real_time"] * scale,
                                "peak_MiB": b.get("peak_MiB"), "flops": b.get("flops")}
     return rows
