@@ -1267,14 +1267,10 @@ inline void fp8_encode_array(const float* x, std::size_t n, float inv_scale, boo
   for (; i < n; ++i) out[i] = fp8_encode<M>(x[i] * inv_scale, saturate);
 }
 
-/// fp16 bits of every e4m3 magnitude m (0..127) as two byte tables (hi, lo), and the vpermb
-/// order of fp8_decode_array's 64-code step: vpunpcklbw / vpunpckhbw take bytes 0-7 / 8-15 of
-/// each 128-bit lane, so lane L gets codes 8L..8L+7 in bytes 0-7 and 32+8L..32+8L+7 in bytes 8-15
-/// (the low words are then elements 0..31 in order, the high words 32..63).
+/// fp16 bits of every e4m3 magnitude m (0..127) as two byte tables (hi, lo).
 struct fp8_half_tables {
   alignas(64) std::uint8_t hi[128];
   alignas(64) std::uint8_t lo[128];
-  alignas(64) std::uint8_t order[64];
 };
 inline fp8_half_tables make_e4m3_half_tables() noexcept {
   fp8_half_tables t{};
@@ -1291,15 +1287,33 @@ inline fp8_half_tables make_e4m3_half_tables() noexcept {
     }
     t.hi[m] = std::uint8_t(h >> 8), t.lo[m] = std::uint8_t(h & 0xFF);
   }
-  for (int L = 0; L < 4; ++L)
-    for (int p = 0; p < 16; ++p)
-      t.order[16 * L + p] = std::uint8_t(p < 8 ? 8 * L + p : 32 + 8 * L + p - 8);
   return t;
 }
 inline const fp8_half_tables& e4m3_half_tables() noexcept {
   static const fp8_half_tables t = make_e4m3_half_tables();
   return t;
 }
+
+#if XSIMD_WITH_AVX512BW && defined(__F16C__)
+/// The two ends of fp8_decode_array's 64-code fp16 step. fp8_load64 permutes qwords so that lane
+/// L holds codes 8L..8L+7 in bytes 0-7 and 32+8L..32+8L+7 in bytes 8-15: vpunpck{l,h}bw, which
+/// take bytes 0-7 / 8-15 of each 128-bit lane, then give the fp16 words of elements 0..31 (low)
+/// and 32..63 (high) in order. fp8_store64_halves makes the words from their low and high bytes,
+/// converts them (vcvtph2ps, exact) and stores out[0..64) = value·scale.
+inline __m512i fp8_load64(const std::uint8_t* codes) noexcept {
+  return _mm512_permutexvar_epi64(_mm512_set_epi64(7, 3, 6, 2, 5, 1, 4, 0),
+                                  _mm512_loadu_si512(codes));
+}
+inline void fp8_store64_halves(__m512i lo, __m512i hi, __m512 scale, float* out) noexcept {
+  const __m512i w0 = _mm512_unpacklo_epi8(lo, hi), w1 = _mm512_unpackhi_epi8(lo, hi);
+  _mm512_storeu_ps(out, _mm512_mul_ps(_mm512_cvtph_ps(_mm512_castsi512_si256(w0)), scale));
+  _mm512_storeu_ps(out + 16,
+                   _mm512_mul_ps(_mm512_cvtph_ps(_mm512_extracti64x4_epi64(w0, 1)), scale));
+  _mm512_storeu_ps(out + 32, _mm512_mul_ps(_mm512_cvtph_ps(_mm512_castsi512_si256(w1)), scale));
+  _mm512_storeu_ps(out + 48,
+                   _mm512_mul_ps(_mm512_cvtph_ps(_mm512_extracti64x4_epi64(w1, 1)), scale));
+}
+#endif
 
 /// out[i] = fp32(code[i])·scale, i < n (exact decode, then one multiply).
 /// Normal codes: the magnitude bits shifted under the fp32 exponent plus the exponent rebias, in
@@ -1338,22 +1352,13 @@ inline void fp8_decode_array(const std::uint8_t* codes, std::size_t n, float sca
       const fp8_half_tables& h = e4m3_half_tables();
       const __m512i hi0 = _mm512_load_si512(h.hi), hi1 = _mm512_load_si512(h.hi + 64);
       const __m512i lo0 = _mm512_load_si512(h.lo), lo1 = _mm512_load_si512(h.lo + 64);
-      const __m512i sign8 = _mm512_set1_epi8(-128), order = _mm512_load_si512(h.order);
+      const __m512i sign8 = _mm512_set1_epi8(-128);
       const std::size_t n64 = n - n % 64;
       for (; i < n64; i += 64) {
-        const __m512i c = _mm512_permutexvar_epi8(order, _mm512_loadu_si512(codes + i));
+        const __m512i c = fp8_load64(codes + i);
         const __m512i hb = _mm512_ternarylogic_epi32(_mm512_permutex2var_epi8(hi0, c, hi1), c,
                                                      sign8, 0xF8); // A | (B & C)
-        const __m512i lb = _mm512_permutex2var_epi8(lo0, c, lo1);
-        const __m512i w0 = _mm512_unpacklo_epi8(lb, hb), w1 = _mm512_unpackhi_epi8(lb, hb);
-        const __m512 f0 = _mm512_cvtph_ps(_mm512_castsi512_si256(w0));
-        const __m512 f1 = _mm512_cvtph_ps(_mm512_extracti64x4_epi64(w0, 1));
-        const __m512 f2 = _mm512_cvtph_ps(_mm512_castsi512_si256(w1));
-        const __m512 f3 = _mm512_cvtph_ps(_mm512_extracti64x4_epi64(w1, 1));
-        _mm512_storeu_ps(out + i, _mm512_mul_ps(f0, vscale));
-        _mm512_storeu_ps(out + i + 16, _mm512_mul_ps(f1, vscale));
-        _mm512_storeu_ps(out + i + 32, _mm512_mul_ps(f2, vscale));
-        _mm512_storeu_ps(out + i + 48, _mm512_mul_ps(f3, vscale));
+        fp8_store64_halves(_mm512_permutex2var_epi8(lo0, c, lo1), hb, vscale, out + i);
       }
     }
 #endif
@@ -1363,28 +1368,17 @@ inline void fp8_decode_array(const std::uint8_t* codes, std::size_t n, float sca
       // (same sign, exponent bias 15 and Inf; the 2 mantissa bits on top of fp16's 10), so a
       // zero low byte (vpunpck{l,h}bw) and vcvtph2ps decode it exactly; fp16 subnormals become
       // normal fp32, no fp32 subnormal on the way. The NaN codes S.11111.{01,10,11} are first
-      // replaced by S.11111.10 (fp16 0x7E00 -> fp32 0x7FC00000 | sign, the scalar NaN). The qword
-      // permute puts codes 8L..8L+7 and 32+8L..32+8L+7 in lane L, so the unpacks' words come
-      // out as elements 0..31 (low) and 32..63 (high) in order.
-      const __m512i order = _mm512_set_epi64(7, 3, 6, 2, 5, 1, 4, 0);
+      // replaced by S.11111.10 (fp16 0x7E00 -> fp32 0x7FC00000 | sign, the vector NaN above).
       const __m512i mag8 = _mm512_set1_epi8(0x7F), inf8 = _mm512_set1_epi8(0x7C);
       const __m512i qnan8 = _mm512_set1_epi8(0x7E), sign8 = _mm512_set1_epi8(-128);
       const __m512i zero = _mm512_setzero_si512();
       const std::size_t n64 = n - n % 64;
       for (; i < n64; i += 64) {
-        __m512i c = _mm512_permutexvar_epi64(order, _mm512_loadu_si512(codes + i));
+        __m512i c = fp8_load64(codes + i);
         const __mmask64 nan = _mm512_cmpgt_epu8_mask(_mm512_and_si512(c, mag8), inf8);
         c = _mm512_mask_blend_epi8(
             nan, c, _mm512_ternarylogic_epi32(c, sign8, qnan8, 0xEA)); // (c & 0x80) | 0x7E
-        const __m512i w0 = _mm512_unpacklo_epi8(zero, c), w1 = _mm512_unpackhi_epi8(zero, c);
-        const __m512 f0 = _mm512_cvtph_ps(_mm512_castsi512_si256(w0));
-        const __m512 f1 = _mm512_cvtph_ps(_mm512_extracti64x4_epi64(w0, 1));
-        const __m512 f2 = _mm512_cvtph_ps(_mm512_castsi512_si256(w1));
-        const __m512 f3 = _mm512_cvtph_ps(_mm512_extracti64x4_epi64(w1, 1));
-        _mm512_storeu_ps(out + i, _mm512_mul_ps(f0, vscale));
-        _mm512_storeu_ps(out + i + 16, _mm512_mul_ps(f1, vscale));
-        _mm512_storeu_ps(out + i + 32, _mm512_mul_ps(f2, vscale));
-        _mm512_storeu_ps(out + i + 48, _mm512_mul_ps(f3, vscale));
+        fp8_store64_halves(zero, c, vscale, out + i);
       }
     }
 #endif
